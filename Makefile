@@ -1,0 +1,29 @@
+# molm-ds: `make demo` trains the demo job, `make test` runs the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: venv test demo clean
+
+# The venv is refreshed when pyproject.toml changes. torch goes in first (the CPU wheel here), so
+# no dependency can pull the CUDA build; then the project with its dev extra.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: venv
+	DS_ACCELERATOR=cpu PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh
+
+clean:
+	rm -rf $(VENV) runs/ .pytest_cache

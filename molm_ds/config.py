@@ -1,0 +1,182 @@
+"""Model configuration: typed, validated, with presets and derived sizes.
+
+Legend: D = d_model, E = experts, K = experts per token, H = expert hidden width, R = router width.
+
+`ModelConfig` is the single source of truth for a model's shape. Presets reproduce the released MoLM
+shapes (ModuleFormer, arXiv 2306.04640) and add tiny models that train in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = ["ModelConfig", "PRESETS", "preset_names"]
+
+
+class ModelConfig(BaseModel):
+    """Shape and options of one MoLM model. Unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    vocab_size: int = Field(50295, ge=2, description="Vocabulary size (rows of wte and lm_head).")
+    n_layer: int = Field(24, ge=1, description="Number of transformer blocks.")
+    d_model: int = Field(1024, ge=1, description="Residual stream width D.")
+
+    # Mixture of attention experts (MoA).
+    n_att_experts: int = Field(16, ge=1, description="Attention experts per layer.")
+    k_att: int = Field(2, ge=1, description="Attention experts chosen per token.")
+    att_hidden: int = Field(1024, ge=1, description="Query width of one attention expert (all its heads).")
+    n_head: int = Field(1, ge=1, description="Heads per attention expert; head dim = att_hidden / n_head.")
+    kv_proj: bool = Field(
+        False, description="Shared K/V projections D->att_hidden. MoLM has none: K = V = LN1(x) (needs att_hidden == d_model)."
+    )
+    stickbreaking_include_current: bool = Field(
+        True,
+        description="True: MoLM variant (token i attends j <= i, leftover mass dropped). "
+        "False: arXiv 2410.17980 variant (j < i, leftover mass goes to the current token's value).",
+    )
+
+    # Mixture of MLP experts.
+    n_mlp_experts: int = Field(32, ge=1, description="MLP experts per layer.")
+    k_mlp: int = Field(2, ge=1, description="MLP experts chosen per token.")
+    ffd_hidden: int = Field(2048, ge=1, description="Hidden width H of one MLP expert.")
+    mlp_activation: Literal["gelu_tanh", "swiglu"] = Field(
+        "gelu_tanh", description="MoLM: W2 gelu_tanh(W1 x). swiglu: W2 (silu(W1 x) * W3 x)."
+    )
+
+    # Routers (one per MoE sub-layer).
+    gating_size: int = Field(256, ge=1, description="Router width R: logits = A gelu(B x + b), B: D->R.")
+    router_type: Literal["molm", "linear"] = Field("molm", description="molm: two-layer router; linear: logits = A x.")
+    renormalize_topk: bool = Field(
+        False, description="Renormalise the chosen gates to sum to 1. MoLM checkpoints need False."
+    )
+    sample_topk: int = Field(
+        0, ge=0, description="While training, sample this many of the k experts from the softmax (Gumbel); 0 = plain top-k."
+    )
+    routing: Literal["token_choice", "expert_choice"] = Field(
+        "token_choice",
+        description="token_choice: each token takes its top-k. expert_choice: each expert takes its top-c tokens "
+        "(non-causal: training only; inference falls back to token_choice).",
+    )
+    capacity_factor: Optional[float] = Field(
+        None, gt=0, description="Expert capacity = factor * tokens * k / E; overflow tokens are dropped. None = dropless."
+    )
+
+    layer_norm_eps: float = Field(1e-5, gt=0, description="LayerNorm epsilon.")
+    init_std: float = Field(0.02, gt=0, description="Std of the normal initialiser.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the residual branches (0 in MoLM pretraining).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if self.k_att > self.n_att_experts:
+            raise ValueError(
+                f"k_att={self.k_att} is larger than n_att_experts={self.n_att_experts}: lower k_att or add experts"
+            )
+        if self.k_mlp > self.n_mlp_experts:
+            raise ValueError(
+                f"k_mlp={self.k_mlp} is larger than n_mlp_experts={self.n_mlp_experts}: lower k_mlp or add experts"
+            )
+        if self.att_hidden % self.n_head:
+            raise ValueError(f"att_hidden={self.att_hidden} must be divisible by n_head={self.n_head}")
+        if not self.kv_proj and self.att_hidden != self.d_model:
+            raise ValueError(
+                f"without kv_proj, K = V = LN(x) so att_hidden ({self.att_hidden}) must equal d_model "
+                f"({self.d_model}): set att_hidden={self.d_model} or kv_proj: true"
+            )
+        if self.sample_topk > min(self.k_att, self.k_mlp):
+            raise ValueError(f"sample_topk={self.sample_topk} must be <= k_att and k_mlp")
+        return self
+
+    # ---- derived sizes -------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.att_hidden // self.n_head
+
+    @property
+    def _mlp_in_width(self) -> int:
+        return 2 * self.ffd_hidden if self.mlp_activation == "swiglu" else self.ffd_hidden
+
+    def _router_params(self, n_experts: int) -> int:
+        if self.router_type == "linear":
+            return self.d_model * n_experts
+        return self.d_model * self.gating_size + self.gating_size + self.gating_size * n_experts
+
+    @property
+    def att_expert_params(self) -> int:
+        """Parameters of one attention expert (its W_q and W_o)."""
+        return 2 * self.d_model * self.att_hidden
+
+    @property
+    def mlp_expert_params(self) -> int:
+        """Parameters of one MLP expert (W1 [and W3], W2)."""
+        return self.d_model * self._mlp_in_width + self.ffd_hidden * self.d_model
+
+    def _layer_shared_params(self) -> int:
+        kv = 2 * self.d_model * self.att_hidden if self.kv_proj else 0
+        ln = 2 * 2 * self.d_model
+        return kv + ln + self._router_params(self.n_att_experts) + self._router_params(self.n_mlp_experts)
+
+    @property
+    def embedding_params(self) -> int:
+        """wte + untied lm_head."""
+        return 2 * self.vocab_size * self.d_model
+
+    @property
+    def total_params(self) -> int:
+        per_layer = (
+            self._layer_shared_params()
+            + self.n_att_experts * self.att_expert_params
+            + self.n_mlp_experts * self.mlp_expert_params
+        )
+        return self.n_layer * per_layer + self.embedding_params + 2 * self.d_model  # + ln_f
+
+    @property
+    def active_params(self) -> int:
+        """Parameters touched by one token (k experts of each kind, all routers, embeddings)."""
+        per_layer = (
+            self._layer_shared_params()
+            + self.k_att * self.att_expert_params
+            + self.k_mlp * self.mlp_expert_params
+        )
+        return self.n_layer * per_layer + self.embedding_params + 2 * self.d_model
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward): 6 x active matmul params (the wte lookup is
+        free) + attention scores and values, 12 * layers * k_att * att_hidden * seq_len (PaLM's
+        convention; the causal half is not subtracted)."""
+        matmul_params = self.active_params - self.vocab_size * self.d_model
+        return 6 * matmul_params + 12 * self.n_layer * self.k_att * self.att_hidden * seq_len
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; valid presets: {', '.join(preset_names())}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+_MOLM = dict(
+    vocab_size=50295, d_model=1024, n_att_experts=16, att_hidden=1024, n_head=1,
+    n_mlp_experts=32, ffd_hidden=2048, gating_size=256,
+)
+
+PRESETS: dict[str, dict] = {
+    # Trains in seconds on a CPU; used by tests and the demo.
+    "tiny": dict(
+        vocab_size=512, n_layer=2, d_model=64, n_att_experts=4, k_att=2, att_hidden=64, n_head=2,
+        n_mlp_experts=4, k_mlp=2, ffd_hidden=128, gating_size=32,
+    ),
+    # A little larger, for the demo and CPU benchmarks.
+    "small": dict(
+        vocab_size=4096, n_layer=4, d_model=128, n_att_experts=4, k_att=2, att_hidden=128, n_head=4,
+        n_mlp_experts=8, k_mlp=2, ffd_hidden=256, gating_size=64,
+    ),
+    "molm-350m-4b": dict(_MOLM, n_layer=24, k_att=2, k_mlp=2),
+    "molm-700m-4b": dict(_MOLM, n_layer=24, k_att=4, k_mlp=4),
+    "molm-700m-8b": dict(_MOLM, n_layer=48, k_att=2, k_mlp=2),
+}
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS)
