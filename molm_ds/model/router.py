@@ -1,0 +1,152 @@
+"""Routers: which experts each token uses, and with what gate.
+
+Legend: T tokens (flattened batch), D d_model, R router width, E experts, K experts per token.
+
+MoLM router: `logits_TE = A . gelu(B x + b)` (exact erf GELU), `probs_TE = softmax(logits_TE)` over all
+E experts, top-k; the gate of a chosen expert is its full-softmax probability (NOT renormalised over
+the top-k: MoLM checkpoints depend on this). `A = w_gate` [E, R]; its rows are the module embeddings.
+
+Options (see `ModelConfig`): renormalised top-k, a linear router (`logits = A x`, A [E, D]),
+`sample_topk` (training only), expert-choice routing (training only; in eval the router falls back to
+token choice, because expert choice looks at future tokens and is not causal), and a capacity
+factor that drops overflow slots (idx -1, weight 0). Default: dropless token choice.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RouterOutput(NamedTuple):
+    weights_TK: Tensor  # gates, 0 for dropped slots
+    idx_TK: Tensor  # int64 expert ids in [0, E), -1 for a dropped slot
+    probs_TE: Tensor  # full softmax (for the aux losses)
+    logits_TE: Tensor  # router logits (for the z-loss)
+
+
+class Router(nn.Module):
+    """Token-choice top-k router with the MoLM options. Knows nothing of experts."""
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        router_type: str = "molm",
+        gating_size: int = 256,
+        renormalize_topk: bool = False,
+        sample_topk: int = 0,
+        routing: str = "token_choice",
+        capacity_factor: Optional[float] = None,
+    ) -> None:
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"Router: top_k={top_k} must be in [1, num_experts={num_experts}]")
+        if sample_topk > top_k:
+            raise ValueError(f"Router: sample_topk={sample_topk} must be <= top_k={top_k}")
+        if router_type not in ("molm", "linear"):
+            raise ValueError(f"Router: router_type must be 'molm' or 'linear', got {router_type!r}")
+        if routing not in ("token_choice", "expert_choice"):
+            raise ValueError(f"Router: routing must be 'token_choice' or 'expert_choice', got {routing!r}")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.router_type = router_type
+        self.renormalize_topk = renormalize_topk
+        self.sample_topk = sample_topk
+        self.routing = routing
+        self.capacity_factor = capacity_factor
+        if router_type == "molm":
+            self.proj = nn.Linear(d_model, gating_size)  # B, b
+            self.w_gate = nn.Parameter(torch.empty(num_experts, gating_size))  # A
+        else:
+            self.proj = None
+            self.w_gate = nn.Parameter(torch.empty(num_experts, d_model))  # A
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        # The released model initialises every nn.Linear with N(0, 0.02) and zero bias.
+        if self.proj is not None:
+            nn.init.normal_(self.proj.weight, std=std)
+            nn.init.zeros_(self.proj.bias)
+        nn.init.normal_(self.w_gate, std=std)
+
+    def extra_repr(self) -> str:
+        return (f"E={self.num_experts}, k={self.top_k}, type={self.router_type}, routing={self.routing}, "
+                f"renormalize={self.renormalize_topk}, sample_topk={self.sample_topk}, capacity={self.capacity_factor}")
+
+    def logits(self, x_TD: Tensor) -> Tensor:
+        h = x_TD if self.proj is None else F.gelu(self.proj(x_TD))
+        return h @ self.w_gate.t()
+
+    def forward(self, x_TD: Tensor, mask_T: Optional[Tensor] = None) -> RouterOutput:
+        """Route T tokens. `mask_T` (bool, True = real token): padded tokens get idx -1 and weight 0."""
+        logits_TE = self.logits(x_TD)
+        probs_TE = torch.softmax(logits_TE.float(), dim=-1).to(logits_TE.dtype)
+        if self.training and self.routing == "expert_choice":
+            weights_TK, idx_TK = expert_choice(probs_TE, self.top_k, self.capacity_factor or 1.0, mask_T)
+        else:
+            if self.training and self.sample_topk > 0:
+                idx_TK = sampled_topk(probs_TE, self.top_k, self.sample_topk)
+            else:
+                idx_TK = probs_TE.topk(self.top_k, dim=-1).indices
+            weights_TK = probs_TE.gather(1, idx_TK)
+            if mask_T is not None:
+                idx_TK = idx_TK.masked_fill(~mask_T[:, None], -1)
+            if self.capacity_factor is not None:
+                n_real = int(mask_T.sum()) if mask_T is not None else x_TD.shape[0]
+                capacity = max(1, math.ceil(self.capacity_factor * n_real * self.top_k / self.num_experts))
+                idx_TK = drop_over_capacity(idx_TK, self.num_experts, capacity)
+            weights_TK = weights_TK.masked_fill(idx_TK < 0, 0.0)
+        if self.renormalize_topk:
+            weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-9)
+        return RouterOutput(weights_TK, idx_TK, probs_TE, logits_TE)
+
+
+def sampled_topk(probs_TE: Tensor, k: int, n_sample: int) -> Tensor:
+    """Keep the top (k - n_sample) experts; sample the other n_sample without replacement from the
+    softmax over the remaining experts (Gumbel top-n). Returns idx_TK."""
+    with torch.no_grad():
+        fixed = probs_TE.topk(k - n_sample, dim=-1).indices
+        gumbel = -torch.log(-torch.log(torch.rand_like(probs_TE, dtype=torch.float32).clamp(1e-20, 1.0)))
+        scores = torch.log(probs_TE.float() + 1e-9) + gumbel
+        scores = scores.scatter(1, fixed, float("-inf"))
+        sampled = scores.topk(n_sample, dim=-1).indices
+        return torch.cat([fixed, sampled], dim=-1)
+
+
+def drop_over_capacity(idx_TK: Tensor, num_experts: int, capacity: int) -> Tensor:
+    """Drop (set to -1) the slots that overflow an expert's capacity. Priority: first choices of all
+    tokens before second choices, and earlier tokens first within a choice rank."""
+    T, K = idx_TK.shape
+    flat = idx_TK.t().reshape(-1)  # slot-major order [K*T]
+    onehot = F.one_hot(flat.clamp_min(0), num_experts) * (flat >= 0)[:, None]
+    position = (onehot.cumsum(0) * onehot).sum(-1) - 1  # 0-based arrival rank at its expert
+    keep = (flat >= 0) & (position < capacity)
+    return flat.masked_fill(~keep, -1).reshape(K, T).t().contiguous()
+
+
+def expert_choice(probs_TE: Tensor, k: int, capacity_factor: float, mask_T: Optional[Tensor]):
+    """Expert-choice routing (training only): each expert takes its top-c tokens,
+    c = ceil(capacity_factor * T * k / E). Returns (weights_TK', idx_TK') where K' is the largest
+    number of experts any token got (>= 1), chosen experts first in each row, -1 padding."""
+    T, E = probs_TE.shape
+    scores = probs_TE if mask_T is None else probs_TE.masked_fill(~mask_T[:, None], -1.0)
+    n_real = T if mask_T is None else int(mask_T.sum())
+    c = min(T, max(1, math.ceil(capacity_factor * n_real * k / E)))
+    tok_CE = scores.detach().topk(c, dim=0).indices  # [c, E]
+    chosen_TE = torch.zeros(T, E, dtype=torch.bool, device=probs_TE.device)
+    chosen_TE[tok_CE, torch.arange(E, device=probs_TE.device)[None, :].expand_as(tok_CE)] = True
+    if mask_T is not None:
+        chosen_TE &= mask_T[:, None]
+    k_eff = max(1, int(chosen_TE.sum(-1).max()))
+    expert_ids = torch.arange(E, device=probs_TE.device).expand(T, E)
+    order = torch.argsort((~chosen_TE).to(torch.int8), dim=-1, stable=True)[:, :k_eff]
+    idx_TK = torch.where(chosen_TE.gather(1, order), expert_ids.gather(1, order), -1)
+    weights_TK = probs_TE.gather(1, idx_TK.clamp_min(0)).masked_fill(idx_TK < 0, 0.0)
+    return weights_TK, idx_TK
