@@ -30,7 +30,7 @@ class ModelConfig(BaseModel):
     att_hidden: int = Field(1024, ge=1, description="Query width of one attention expert (all its heads).")
     n_head: int = Field(1, ge=1, description="Heads per attention expert; head dim = att_hidden / n_head.")
     kv_proj: bool = Field(
-        False, description="Shared K/V projections D->att_hidden. MoLM has none: K = V = LN1(x) (needs att_hidden == d_model)."
+        False, description="Shared K/V projections D->att_hidden (with bias, as in the released code). MoLM has none: K = V = LN1(x) (needs att_hidden == d_model)."
     )
     stickbreaking_include_current: bool = Field(
         True,
@@ -114,7 +114,7 @@ class ModelConfig(BaseModel):
         return self.d_model * self._mlp_in_width + self.ffd_hidden * self.d_model
 
     def _layer_shared_params(self) -> int:
-        kv = 2 * self.d_model * self.att_hidden if self.kv_proj else 0
+        kv = 2 * (self.d_model + 1) * self.att_hidden if self.kv_proj else 0  # with bias, as released
         ln = 2 * 2 * self.d_model
         return kv + ln + self._router_params(self.n_att_experts) + self._router_params(self.n_mlp_experts)
 

@@ -1,0 +1,77 @@
+"""MoE MLP sub-layer and the routing bookkeeping shared with the attention sub-layer.
+
+Legend: B batch, T tokens (B*T flattened inside the layer), D d_model, E experts, K experts per token.
+Stages: route -> dispatch (permute) -> experts -> undispatch (unpermute) -> gate-weighted combine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from molm_ds import losses
+from molm_ds.config import ModelConfig
+from molm_ds.model.dispatch import LocalDispatcher
+from molm_ds.model.experts import MLPExperts
+from molm_ds.model.router import Router, RouterOutput
+
+AUX_KEYS = ("mi", "load_concentration", "switch", "z")
+
+
+@dataclass
+class RoutingRecord:
+    """What a sub-layer's last forward routed (detached): for monitoring, pruning and aux statistics."""
+
+    probs_TE: Tensor
+    idx_TK: Tensor
+    mask_T: Optional[Tensor]  # True = real token; None = all real
+
+
+def make_router(config: ModelConfig, num_experts: int, top_k: int) -> Router:
+    return Router(
+        config.d_model, num_experts, top_k,
+        router_type=config.router_type, gating_size=config.gating_size,
+        renormalize_topk=config.renormalize_topk, sample_topk=config.sample_topk,
+        routing=config.routing, capacity_factor=config.capacity_factor,
+    )
+
+
+def aux_terms(r: RouterOutput, mask_T: Optional[Tensor]) -> dict[str, Tensor]:
+    """The four aux terms of one sub-layer (p(m) pooled over this micro-batch's real tokens)."""
+    return {
+        "mi": losses.mi_loss(probs_TE=r.probs_TE, mask_T=mask_T),
+        "load_concentration": losses.load_concentration_loss(probs_TE=r.probs_TE, mask_T=mask_T),
+        "switch": losses.switch_loss(probs_TE=r.probs_TE, idx_TK=r.idx_TK, mask_T=mask_T),
+        "z": losses.z_loss(logits_TE=r.logits_TE, mask_T=mask_T),
+    }
+
+
+def combine(weights_TK: Tensor, y_TKD: Tensor) -> Tensor:
+    """y_TD = sum_k w_TK * y_TKD."""
+    return torch.einsum("tk,tkd->td", weights_TK.to(y_TKD.dtype), y_TKD)
+
+
+class MoEMLP(nn.Module):
+    """Mixture of MLP experts: y = sum_{m in topk(x)} g_m(x) f_m(x)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_experts = config.n_mlp_experts
+        self.router = make_router(config, config.n_mlp_experts, config.k_mlp)
+        self.experts = MLPExperts(config.n_mlp_experts, config.d_model, config.ffd_hidden, config.mlp_activation)
+        self.dispatcher = LocalDispatcher(config.n_mlp_experts)
+        self.last_routing: Optional[RoutingRecord] = None
+
+    def forward(self, x_BTD: Tensor, mask_BT: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
+        B, T, D = x_BTD.shape
+        x_TD = x_BTD.reshape(B * T, D)
+        mask_T = None if mask_BT is None else mask_BT.reshape(B * T).bool()
+        r = self.router(x_TD, mask_T)
+        x_ND, counts_E, ctx = self.dispatcher.dispatch(x_TD, r.idx_TK)
+        y_TKD = self.dispatcher.undispatch(self.experts(x_ND, counts_E), ctx)
+        y_TD = combine(r.weights_TK, y_TKD)
+        self.last_routing = RoutingRecord(r.probs_TE.detach(), r.idx_TK.detach(), mask_T)
+        return y_TD.view(B, T, D), aux_terms(r, mask_T)
