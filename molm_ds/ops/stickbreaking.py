@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from molm_ds.ops.backend import use_triton
+from molm_ds.ops.stickbreaking_cpu import stickbreaking_blockwise
+
 
 def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
@@ -72,6 +75,17 @@ def stickbreaking_attention(
     include_current: bool = True,
     key_padding_mask: Optional[Tensor] = None,
 ) -> Tensor:
-    """Stick-breaking attention; same contract as `stickbreaking_reference` (fast paths are added by
-    the kernels work: block-wise on the CPU, Triton on CUDA)."""
-    return stickbreaking_reference(q, k, v, include_current=include_current, key_padding_mask=key_padding_mask)
+    """Stick-breaking attention; same contract as `stickbreaking_reference`.
+
+    Triton kernels for CUDA tensors (MOLM_DS_KERNELS=auto|triton; a one-query decode kernel when
+    Tq = 1 and no gradient is needed), otherwise the block-wise PyTorch path with a hand-written
+    backward (`stickbreaking_cpu`), which never builds a [Tq, Tk] tensor.
+    """
+    _check(q, k, v)
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (q.shape[0], k.shape[2]):
+        raise ValueError(f"stickbreaking: key_padding_mask must be [B, Tk] = [{q.shape[0]}, {k.shape[2]}], got {tuple(key_padding_mask.shape)}")
+    if use_triton(q):
+        from kernels.stickbreaking import stickbreaking_triton
+
+        return stickbreaking_triton(q, k, v, include_current=include_current, key_padding_mask=key_padding_mask)
+    return stickbreaking_blockwise(q, k, v, include_current=include_current, key_padding_mask=key_padding_mask)

@@ -1,0 +1,190 @@
+"""Block-wise stick-breaking attention in PyTorch (the fast path off CUDA), with a hand-written backward.
+
+Legend: B batch, Hk key heads, g = Hq // Hk query heads per key head, Tq/Tk queries/keys, d head dim,
+bq/bk block sizes. Queries are tiled in blocks; for each query block the key blocks are visited from
+the diagonal backwards, carrying the log-stick prefix `carry_i = sum_{l in later blocks, l <= i}
+softplus(z_il)`; no [Tq, Tk] tensor is ever built (tiles are [bq, bk]).
+
+    log A_ij = z_ij - R_ij - carry_i,   R_ij = sum_{l >= j in block} softplus(z_il)
+
+Backward (g_ij = A_ij * dA_ij, dA_ij = do_i . v_j  [ - do_i . v_i for include_current=False]):
+
+    dz_ij = g_ij (1 - beta_ij) - beta_ij * sum_{j' < j} g_ij'
+          = g_ij - beta_ij * (g_ij + G_i - S_ij),   S_ij = sum_{j' >= j} g_ij',  G_i = sum_j g_ij
+
+with G_i = do_i . o_i (include_current) or do_i . (o_i - v_i) (remainder to the current token), so
+S runs right to left like the forward carry and the pass needs nothing but o from the forward.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+BLOCK_Q = 128
+BLOCK_K = 128
+
+
+def _tri(n: int, device, dtype) -> Tensor:
+    """M[l, j] = 1 if l >= j: (x @ M)[..., j] = sum_{l >= j} x[..., l] (inclusive suffix sum)."""
+    return torch.ones(n, n, device=device, dtype=dtype).tril_()
+
+
+def _allowed(qpos: Tensor, ks: int, ke: int, include_current: bool, kpm_B1k: Optional[Tensor]) -> Optional[Tensor]:
+    """Bool mask [.., bq, bk] of allowed (query, key) pairs in a tile, or None when all are allowed."""
+    kpos = torch.arange(ks, ke, device=qpos.device)
+    need_causal = (ke - 1) > (int(qpos[0]) - (0 if include_current else 1))
+    m = None
+    if need_causal:
+        m = (kpos[None, :] <= qpos[:, None]) if include_current else (kpos[None, :] < qpos[:, None])
+    if kpm_B1k is not None:
+        pad = kpm_B1k[:, :, None, None, ks:ke]  # [B,1,1,1,bk]
+        m = pad if m is None else (m & pad)
+    return m
+
+
+def _tile_logits(q_blk: Tensor, k_blk: Tensor, qpos, ks, ke, include_current, kpm):
+    """z [B,Hk,g,bq,bk] (masked entries -inf) and the allowed mask (or None)."""
+    z = torch.matmul(q_blk, k_blk.transpose(-1, -2).unsqueeze(2))
+    m = _allowed(qpos, ks, ke, include_current, kpm)
+    if m is not None:
+        z = z.masked_fill(~m, float("-inf"))
+    return z, m
+
+
+def _key_blocks(kend: int, bk: int):
+    starts = list(range(0, kend, bk))
+    return [(s, min(s + bk, kend)) for s in reversed(starts)]
+
+
+def _forward(q5, k, v, include_current, kpm, bq, bk):
+    """q5 [B,Hk,g,Tq,d] pre-scaled by 1/sqrt(d), float; k, v [B,Hk,Tk,d] float. Returns o, rowsum(A)."""
+    B, Hk, g, Tq, d = q5.shape
+    Tk = k.shape[2]
+    off = Tk - Tq
+    o = torch.zeros_like(q5)
+    asum = q5.new_zeros(B, Hk, g, Tq, 1)
+    tri = _tri(bk, q5.device, q5.dtype)
+    for qs in range(0, Tq, bq):
+        qe = min(qs + bq, Tq)
+        qpos = torch.arange(off + qs, off + qe, device=q5.device)
+        kend = off + qe if include_current else off + qe - 1
+        q_blk = q5[:, :, :, qs:qe]
+        carry = q5.new_zeros(B, Hk, g, qe - qs, 1)
+        acc = o[:, :, :, qs:qe]
+        for ks, ke in _key_blocks(kend, bk):
+            z, _ = _tile_logits(q_blk, k[:, :, ks:ke], qpos, ks, ke, include_current, kpm)
+            r = torch.matmul(F.softplus(z), tri[: ke - ks, : ke - ks])  # inclusive suffix sums
+            r0 = r[..., :1].clone()
+            r.add_(carry)
+            a = torch.sub(z, r).exp_()  # exp(-inf) = 0 on masked entries
+            acc.add_(torch.matmul(a, v[:, :, None, ks:ke]))
+            asum[:, :, :, qs:qe].add_(a.sum(-1, keepdim=True))
+            carry.add_(r0)
+    return o, asum
+
+
+def _backward(q5, k, v, o5, do5, include_current, kpm, bq, bk):
+    B, Hk, g, Tq, d = q5.shape
+    Tk = k.shape[2]
+    off = Tk - Tq
+    dq = torch.zeros_like(q5)
+    dk = torch.zeros_like(k)
+    dv = torch.zeros_like(v)
+    tri = _tri(bk, q5.device, q5.dtype)
+    if include_current:
+        G = (do5 * o5).sum(-1, keepdim=True)
+    else:
+        v_cur = v[:, :, None, off:]
+        G = (do5 * (o5 - v_cur)).sum(-1, keepdim=True)
+        dov_cur = (do5 * v_cur).sum(-1, keepdim=True)  # do_i . v_i, subtracted from every dA_ij
+    for qs in range(0, Tq, bq):
+        qe = min(qs + bq, Tq)
+        n = qe - qs
+        qpos = torch.arange(off + qs, off + qe, device=q5.device)
+        kend = off + qe if include_current else off + qe - 1
+        q_blk, do_blk = q5[:, :, :, qs:qe], do5[:, :, :, qs:qe]
+        G_blk = G[:, :, :, qs:qe]
+        carry = q5.new_zeros(B, Hk, g, n, 1)
+        gcarry = q5.new_zeros(B, Hk, g, n, 1)
+        dq_blk = dq[:, :, :, qs:qe]
+        for ks, ke in _key_blocks(kend, bk):
+            t = tri[: ke - ks, : ke - ks]
+            k_blk, v_blk = k[:, :, ks:ke], v[:, :, ks:ke]
+            z, _ = _tile_logits(q_blk, k_blk, qpos, ks, ke, include_current, kpm)
+            r = torch.matmul(F.softplus(z), t)
+            r0 = r[..., :1].clone()
+            r.add_(carry)
+            a = torch.sub(z, r).exp_()
+            carry.add_(r0)
+            dA = torch.matmul(do_blk, v_blk.transpose(-1, -2).unsqueeze(2))
+            if not include_current:
+                dA.sub_(dov_cur[:, :, :, qs:qe])
+            gr = dA.mul_(a)  # g = A * dA (0 where masked)
+            s = torch.matmul(gr, t)
+            s0 = s[..., :1].clone()
+            s.add_(gcarry)  # S_ij = sum_{j' >= j} g_ij'
+            gcarry.add_(s0)
+            beta = torch.sigmoid(z)
+            # dz = g - beta * (g + G - S)
+            dz = torch.sub(gr, beta.mul_(s.neg_().add_(gr).add_(G_blk)))
+            dq_blk.add_(torch.matmul(dz, k_blk.unsqueeze(2)))
+            if g == 1:  # no sum over the query heads of a key head
+                dk[:, :, ks:ke].add_(torch.matmul(dz[:, :, 0].transpose(-1, -2), q_blk[:, :, 0]))
+                dv[:, :, ks:ke].add_(torch.matmul(a[:, :, 0].transpose(-1, -2), do_blk[:, :, 0]))
+            else:
+                dk[:, :, ks:ke].add_(torch.matmul(dz.transpose(-1, -2), q_blk).sum(2))
+                dv[:, :, ks:ke].add_(torch.matmul(a.transpose(-1, -2), do_blk).sum(2))
+    return dq, dk, dv
+
+
+class _StickBreakingBlockwise(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, include_current, kpm, bq, bk):
+        B, Hq, Tq, d = q.shape
+        Hk, Tk = k.shape[1], k.shape[2]
+        g = Hq // Hk
+        scale = 1.0 / math.sqrt(d)
+        cdt = torch.promote_types(q.dtype, torch.float32)  # fp32 math for bf16/fp16, fp64 stays fp64
+        q5 = (q.to(cdt) * scale).view(B, Hk, g, Tq, d)
+        kf, vf = k.to(cdt), v.to(cdt)
+        kpm_B1 = None if kpm is None else kpm.bool()[:, None]
+        o5, asum = _forward(q5, kf, vf, include_current, kpm_B1, bq, bk)
+        rem = None
+        if not include_current:
+            rem = (1.0 - asum).clamp_min(0.0)
+            o5 = o5 + rem * vf[:, :, None, Tk - Tq :]
+        ctx.save_for_backward(q5, kf, vf, o5, rem if rem is not None else o5.new_empty(0), kpm_B1 if kpm_B1 is not None else o5.new_empty(0))
+        ctx.cfg = (include_current, kpm is not None, bq, bk, q.dtype, k.dtype, v.dtype, scale)
+        return o5.reshape(B, Hq, Tq, d).to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, do):
+        q5, kf, vf, o5, rem, kpm_B1 = ctx.saved_tensors
+        include_current, has_kpm, bq, bk, qdt, kdt, vdt, scale = ctx.cfg
+        B, Hk, g, Tq, d = q5.shape
+        Tk = kf.shape[2]
+        do5 = do.to(q5.dtype).reshape(B, Hk, g, Tq, d)
+        dq5, dk, dv = _backward(q5, kf, vf, o5, do5, include_current, kpm_B1 if has_kpm else None, bq, bk)
+        if not include_current:
+            dv[:, :, Tk - Tq :].add_((rem * do5).sum(2))  # o_i += rem_i v_i
+        dq = (dq5 * scale).reshape(B, Hk * g, Tq, d).to(qdt)
+        return dq, dk.to(kdt), dv.to(vdt), None, None, None, None
+
+
+def stickbreaking_blockwise(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    include_current: bool = True,
+    key_padding_mask: Optional[Tensor] = None,
+    block_q: int = BLOCK_Q,
+    block_k: int = BLOCK_K,
+) -> Tensor:
+    """Same contract as `stickbreaking_reference`; block-wise forward and hand-written backward."""
+    return _StickBreakingBlockwise.apply(q, k, v, include_current, key_padding_mask, block_q, block_k)
