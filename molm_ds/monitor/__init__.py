@@ -1,0 +1,18 @@
+"""TensorBoard monitoring of expert load and training health (see docs/monitoring.md).
+
+The trainer builds one `TrainingMonitor` and calls `on_step(step, metrics)` on every rank after each
+optimizer step. Lower-level pieces: `ExpertLoadTracker` (hooks on the MoE sub-layers, additive
+`LoadSums`, one SUM all-reduce), `load_stats` (statistics from reduced sums), `reduce_metrics`
+(cross-rank reduction with a declared `ReduceOp` per metric).
+"""
+
+from molm_ds.monitor.config import PEAK_FLOPS, MonitorConfig
+from molm_ds.monitor.expert_load import ExpertLoadTracker, SubLayer, find_moe_sublayers
+from molm_ds.monitor.monitor import DEFAULT_OPS, TrainingMonitor, mfu, scalar_tag
+from molm_ds.monitor.reduce import ReduceOp, reduce_metrics
+from molm_ds.monitor.stats import STAT_NAMES, LoadSums, load_stats
+
+__all__ = [
+    "DEFAULT_OPS", "ExpertLoadTracker", "LoadSums", "MonitorConfig", "PEAK_FLOPS", "ReduceOp", "STAT_NAMES",
+    "SubLayer", "TrainingMonitor", "find_moe_sublayers", "load_stats", "mfu", "reduce_metrics", "scalar_tag",
+]

@@ -1,0 +1,72 @@
+"""Settings of the training monitor (the `monitoring` section of a job). Unknown keys are rejected."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = ["MonitorConfig", "PEAK_FLOPS"]
+
+# Dense peak FLOP/s per device for the usual training dtypes (vendor datasheets, no sparsity).
+PEAK_FLOPS: dict[str, float] = {
+    "h100-sxm-bf16": 989e12,
+    "h100-pcie-bf16": 756e12,
+    "h200-bf16": 989e12,
+    "a100-bf16": 312e12,
+    "a100-fp32": 19.5e12,
+    "v100-fp16": 125e12,
+    "mi300x-bf16": 1307e12,
+}
+
+
+class MonitorConfig(BaseModel):
+    """What the monitor writes and how often. Steps are optimizer steps (one step axis for all tags)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(True, description="Write TensorBoard monitoring at all.")
+    log_every: int = Field(1, ge=1, description="Reduce and write scalars (and expert-load statistics) every N steps.")
+    histogram_every: int = Field(10, ge=1, description="Per-layer histograms of expert shares every N steps.")
+    heatmap_every: int = Field(50, ge=1, description="Layer x expert heatmap images (and expert_load.jsonl rows) every N steps.")
+    per_expert_max: int = Field(
+        32,
+        ge=0,
+        description="Sub-layers with at most this many experts get one share scalar per expert; larger ones "
+        "get only the top/bottom `top_k` shares (ranked, with expert ids), so tag counts stay bounded.",
+    )
+    top_k: int = Field(4, ge=1, description="How many of the most and least loaded experts to log beyond per_expert_max.")
+    peak_flops: Optional[float] = Field(
+        None, gt=0, description="Peak FLOP/s of one device for MFU; None = do not log MFU."
+    )
+    peak_flops_name: Optional[str] = Field(
+        None, description=f"Alternative to peak_flops: a key of molm_ds.monitor.PEAK_FLOPS ({', '.join(PEAK_FLOPS)})."
+    )
+    tensorboard_dir: Optional[str] = Field(
+        None,
+        description="Where the SummaryWriter for expert-load detail writes. None = <ds tensorboard "
+        "output_path>/<job_name>/expert_load if the ds_config has a tensorboard block, else <run_dir>/tensorboard.",
+    )
+
+    @field_validator("peak_flops_name")
+    @classmethod
+    def _known_device(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and v not in PEAK_FLOPS:
+            raise ValueError(f"unknown peak_flops_name {v!r}; valid names: {', '.join(PEAK_FLOPS)} (or set peak_flops)")
+        return v
+
+    @model_validator(mode="after")
+    def _intervals(self) -> "MonitorConfig":
+        for name in ("histogram_every", "heatmap_every"):
+            if getattr(self, name) % self.log_every:
+                raise ValueError(
+                    f"{name}={getattr(self, name)} must be a multiple of log_every={self.log_every} "
+                    "(histograms and heatmaps are drawn from the statistics of a log step)"
+                )
+        return self
+
+    def resolved_peak_flops(self) -> Optional[float]:
+        """Peak FLOP/s of one device, or None when MFU is not wanted."""
+        if self.peak_flops is not None:
+            return self.peak_flops
+        return PEAK_FLOPS[self.peak_flops_name] if self.peak_flops_name else None

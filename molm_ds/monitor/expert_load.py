@@ -1,0 +1,154 @@
+"""Collect expert-load sums from the MoE sub-layers of a model, then reduce them across ranks.
+
+The statistics come from the MoE modules themselves: every MoE sub-layer (`MoEMLP`,
+`MixtureOfAttention`) keeps `last_routing` (detached probs_TE, idx_TK, token mask) after its forward;
+`ExpertLoadTracker` puts a forward hook on each one and adds that routing to per-sub-layer `LoadSums`
+(on the model's device, no host sync). The training loop only calls `reduce()` when it logs.
+
+Counted: forwards in training mode that are not activation-checkpoint recomputations inside backward.
+Not counted: eval/validation forwards, generation. Reduction: one SUM all-reduce of all sums over the
+group (default world = every data- and expert-parallel rank, each of which routes its own tokens over
+all global experts), so the result equals a single process counting the whole global batch.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from molm_ds.log import get_logger
+from molm_ds.monitor.reduce import all_reduce_sum
+from molm_ds.monitor.stats import LoadSums
+
+__all__ = ["SubLayer", "ExpertLoadTracker", "find_moe_sublayers"]
+
+log = get_logger("monitor")
+
+_KINDS = {"MixtureOfAttention": "attn", "MoEMLP": "mlp"}
+
+
+@dataclass(frozen=True, order=True)
+class SubLayer:
+    """One MoE sub-layer: transformer block index and kind ('attn' or 'mlp')."""
+
+    layer: int
+    kind: str
+
+    @property
+    def tag(self) -> str:
+        return f"L{self.layer:02d}/{self.kind}"
+
+
+def _kind_of(module: nn.Module) -> Optional[str]:
+    for cls in type(module).__mro__:
+        if cls.__name__ in _KINDS:
+            return _KINDS[cls.__name__]
+    return None
+
+
+def find_moe_sublayers(model: nn.Module) -> Iterator[tuple[SubLayer, nn.Module]]:
+    """(SubLayer, module) for every MoE sub-layer, in block order. The block index is the last integer
+    in the module's qualified name (`blocks.3.mlp` -> 3); kind comes from the class."""
+    seen: dict[SubLayer, str] = {}
+    for name, m in model.named_modules():
+        kind = _kind_of(m)
+        if kind is None:
+            continue
+        if not hasattr(m, "num_experts"):
+            raise TypeError(f"MoE sub-layer {name} ({type(m).__name__}) has no num_experts attribute")
+        nums = re.findall(r"(?:^|\.)(\d+)(?:\.|$)", name)
+        layer = int(nums[-1]) if nums else 0
+        key = SubLayer(layer, kind)
+        if key in seen:
+            raise ValueError(f"two MoE {kind} sub-layers map to layer {layer}: {seen[key]} and {name}")
+        seen[key] = name
+        yield key, m
+
+
+def _in_backward() -> bool:
+    """True while autograd runs backward (e.g. an activation-checkpoint recomputation)."""
+    fn = getattr(torch._C, "_current_graph_task_id", None)
+    return fn is not None and fn() != -1
+
+
+def _routing_sums(module: nn.Module) -> LoadSums:
+    r = module.last_routing
+    return LoadSums.from_routing(
+        probs_TE=r.probs_TE, idx_TK=r.idx_TK, mask_T=getattr(r, "mask_T", None), num_experts=module.num_experts
+    )
+
+
+class ExpertLoadTracker:
+    """Accumulates `LoadSums` per MoE sub-layer of `model` between `reset()` calls.
+
+    >>> tracker = ExpertLoadTracker(model)      # hooks every MoE sub-layer
+    >>> ... forward/backward/step ...           # sums accumulate on the model's device
+    >>> sums = tracker.reduce(group=None)       # {SubLayer: LoadSums}, all-reduced (SUM) over the group
+    >>> tracker.reset()
+    """
+
+    def __init__(self, model: nn.Module, *, hooks: bool = True):
+        self.modules: dict[SubLayer, nn.Module] = dict(find_moe_sublayers(model))
+        if not self.modules:
+            log.warning("ExpertLoadTracker: the model has no MoE sub-layers (MoEMLP / MixtureOfAttention)")
+        self._sums: dict[SubLayer, Optional[LoadSums]] = {k: None for k in self.modules}
+        self._handles = []
+        self.forwards = 0
+        if hooks:
+            for key, m in self.modules.items():
+                self._handles.append(m.register_forward_hook(self._make_hook(key)))
+
+    @property
+    def sublayers(self) -> list[SubLayer]:
+        return sorted(self.modules)
+
+    def _make_hook(self, key: SubLayer):
+        def hook(module, args, output):
+            if module.training and not _in_backward():
+                self.observe(key)
+
+        return hook
+
+    def observe(self, key: Optional[SubLayer] = None) -> None:
+        """Add the current `last_routing` of one sub-layer (or of all, when key is None)."""
+        for k in [key] if key is not None else self.sublayers:
+            s = _routing_sums(self.modules[k])
+            self._sums[k] = s if self._sums[k] is None else self._sums[k] + s
+        self.forwards += 1
+
+    def local_sums(self) -> dict[SubLayer, LoadSums]:
+        """This rank's sums (zeros for a sub-layer that has not run)."""
+        out = {}
+        for k in self.sublayers:
+            s = self._sums[k]
+            out[k] = s if s is not None else LoadSums.zeros(self.modules[k].num_experts)
+        return out
+
+    def reduce(self, group=None) -> dict[SubLayer, LoadSums]:
+        """All-reduce (SUM) every sub-layer's sums over `group` in one collective; every rank must call
+        it at the same step. Returns CPU float64 sums."""
+        local = self.local_sums()
+        keys = list(local)
+        if not keys:
+            return {}
+        flat = torch.cat([local[k].flatten().cpu() for k in keys])
+        flat = all_reduce_sum(flat, group=group)
+        out, offset = {}, 0
+        for k in keys:
+            E = local[k].num_experts
+            out[k] = LoadSums.unflatten(flat[offset : offset + 2 * E + 4], E)
+            offset += 2 * E + 4
+        return out
+
+    def reset(self) -> None:
+        self._sums = {k: None for k in self.modules}
+        self.forwards = 0
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()

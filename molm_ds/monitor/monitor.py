@@ -1,0 +1,220 @@
+"""`TrainingMonitor`: what the training loop calls once per optimizer step.
+
+    monitor = TrainingMonitor(engine.module, config=job.monitoring, run_dir=run_dir,
+                              ds_monitor=engine.monitor, flops_per_token=cfg.flops_per_token(seq_len))
+    for step in ...:
+        ... engine.backward(loss); engine.step()
+        monitor.on_step(step, {"loss": ..., "lr": ..., "tokens_per_s": ...})   # every rank
+    monitor.close()
+
+Every rank calls `on_step` with the same metric names (it runs collectives); rank 0 writes.
+Scalars go through DeepSpeed's monitor (the ds_config `tensorboard` block; `engine.monitor`), or through
+a plain SummaryWriter in <run_dir>/tensorboard when the ds_config has none. Per-expert shares,
+histograms and heatmap images go to a SummaryWriter (DeepSpeed's monitor only takes scalars) in the
+`expert_load` sub-directory of the same place, and the full share matrix goes to
+<run_dir>/expert_load.jsonl at every heatmap step (the report's heatmap over time). All tags use the
+optimizer step as their x axis (DeepSpeed's own `Train/Samples/*` tags use samples; ours never do).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Mapping, Optional
+
+from torch import nn
+
+from molm_ds.log import get_logger, is_rank0, warn_once
+from molm_ds.monitor.config import MonitorConfig
+from molm_ds.monitor.expert_load import ExpertLoadTracker, SubLayer
+from molm_ds.monitor.heatmap import render_heatmap, share_matrix
+from molm_ds.monitor.reduce import ReduceOp, reduce_metrics, world_size
+from molm_ds.monitor.stats import LoadSums, load_stats
+from molm_ds.monitor import tags
+
+__all__ = ["TrainingMonitor", "DEFAULT_OPS", "mfu", "scalar_tag"]
+
+log = get_logger("monitor")
+
+# How the trainer's per-step metrics reduce across ranks. Per-rank losses of equal micro-batches average;
+# lr / grad norm / loss scale / skipped steps are already identical on every rank (DeepSpeed computes the
+# global grad norm); tokens_per_s is the global throughput. Other names must be declared by the caller.
+DEFAULT_OPS: dict[str, ReduceOp] = {
+    "loss": ReduceOp.MEAN,
+    "lm_loss": ReduceOp.MEAN,
+    "val_loss": ReduceOp.MEAN,
+    "lr": ReduceOp.RANK0,
+    "grad_norm": ReduceOp.RANK0,
+    "loss_scale": ReduceOp.RANK0,
+    "skipped_steps": ReduceOp.RANK0,
+    "tokens_per_s": ReduceOp.RANK0,
+    "step_time_s": ReduceOp.MAX,
+}
+# Aux loss terms: any name with one of these prefixes averages.
+AUX_PREFIXES = ("aux/", "aux_")
+
+
+def _default_op(name: str) -> Optional[ReduceOp]:
+    if name in DEFAULT_OPS:
+        return DEFAULT_OPS[name]
+    if name.startswith(AUX_PREFIXES) or name.startswith("val_"):
+        return ReduceOp.MEAN
+    return None
+
+
+def scalar_tag(name: str) -> str:
+    """Trainer metric name -> tag: val_loss -> val/loss, aux/mi -> train/aux/mi, loss -> train/loss."""
+    if name.startswith("val_"):
+        return "val/" + name[len("val_"):]
+    return "train/" + name
+
+
+def mfu(*, tokens_per_s: float, flops_per_token: float, peak_flops: float, n_devices: int) -> float:
+    """Model FLOPs utilisation: achieved training FLOP/s over the peak of all devices."""
+    return tokens_per_s * flops_per_token / (peak_flops * n_devices)
+
+
+class _WriterSink:
+    """DeepSpeed-monitor-like `write_events([(tag, value, step)])` on a SummaryWriter (rank 0 only)."""
+
+    def __init__(self, writer):
+        self.writer = writer
+        self.enabled = True
+
+    def write_events(self, events) -> None:
+        for tag, value, step in events:
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
+
+
+class TrainingMonitor:
+    """Reduces per-step metrics and expert-load sums across ranks and writes them to TensorBoard."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        config: MonitorConfig = MonitorConfig(),
+        run_dir: str,
+        ds_monitor=None,
+        flops_per_token: Optional[float] = None,
+        group=None,
+    ):
+        self.config = config
+        self.run_dir = run_dir
+        self.group = group
+        self.flops_per_token = flops_per_token
+        self.peak_flops = config.resolved_peak_flops()
+        self.tracker = ExpertLoadTracker(model)
+        self.rank0 = is_rank0()
+        self._writer = None
+        self._scalar_sink = None
+        ds_tb = getattr(ds_monitor, "tb_monitor", None) if ds_monitor is not None else None
+        self._ds_monitor = ds_monitor if ds_monitor is not None and getattr(ds_monitor, "enabled", False) else None
+        if config.tensorboard_dir is not None:
+            self.tb_dir = config.tensorboard_dir
+        elif ds_tb is not None:
+            self.tb_dir = os.path.join(ds_tb.output_path, ds_tb.job_name)
+        else:
+            self.tb_dir = os.path.join(run_dir, "tensorboard")
+        self.detail_dir = os.path.join(self.tb_dir, "expert_load")
+        if self._ds_monitor is None and self.rank0:
+            warn_once("TrainingMonitor: DeepSpeed's monitor is off (no ds_config 'tensorboard' block); "
+                      f"scalars go to a SummaryWriter in {self.tb_dir}")
+        if self.peak_flops is not None and flops_per_token is None:
+            warn_once("TrainingMonitor: peak FLOPs set but no flops_per_token given: MFU is not logged")
+
+    # ---- writers (rank 0) -----------------------------------------------------------------------
+    def _detail_writer(self):
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            os.makedirs(self.detail_dir, exist_ok=True)
+            self._writer = SummaryWriter(log_dir=self.detail_dir)
+        return self._writer
+
+    def _scalars_out(self):
+        if self._ds_monitor is not None:
+            return self._ds_monitor
+        if self._scalar_sink is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            os.makedirs(self.tb_dir, exist_ok=True)
+            self._scalar_sink = _WriterSink(SummaryWriter(log_dir=self.tb_dir))
+        return self._scalar_sink
+
+    # ---- the per-step entry point -------------------------------------------------------------
+    def on_step(
+        self, step: int, metrics: Mapping[str, float], ops: Optional[Mapping[str, ReduceOp]] = None
+    ) -> dict[str, float]:
+        """Call on every rank after each optimizer step. Expert-load sums accumulate every step; every
+        `log_every` steps the metrics and sums are reduced and rank 0 writes them. Metrics named val_*
+        are written whenever given. Returns the scalars written ({} when nothing was), on every rank."""
+        if not self.config.enabled:
+            self.tracker.reset()
+            return {}
+        log_step = step % self.config.log_every == 0
+        if not log_step:
+            metrics = {k: v for k, v in metrics.items() if k.startswith("val_")}
+            if not metrics:
+                return {}
+        all_ops = {}
+        for k in metrics:
+            op = (ops or {}).get(k) or _default_op(k)
+            if op is not None:
+                all_ops[k] = ReduceOp(op)
+        reduced = reduce_metrics(metrics, all_ops, self.group)
+        scalars = {scalar_tag(k): v for k, v in reduced.items()}
+        if "val_loss" in reduced:
+            scalars["val/ppl"] = math.exp(min(reduced["val_loss"], 50.0))
+        if log_step and "tokens_per_s" in reduced and self.peak_flops and self.flops_per_token:
+            scalars["train/mfu"] = mfu(
+                tokens_per_s=reduced["tokens_per_s"], flops_per_token=self.flops_per_token,
+                peak_flops=self.peak_flops, n_devices=world_size(self.group),
+            )
+        sums = {}
+        if log_step:
+            sums = self.tracker.reduce(self.group)
+            self.tracker.reset()
+            for sub, s in sums.items():
+                for stat, v in load_stats(s).items():
+                    scalars[tags.stat_tag(sub, stat)] = v
+        if self.rank0:
+            self._scalars_out().write_events([(t, v, step) for t, v in scalars.items()])
+            if sums:
+                self._write_detail(step, sums)
+        return scalars
+
+    def _write_detail(self, step: int, sums: dict[SubLayer, LoadSums]) -> None:
+        cfg = self.config
+        w = self._detail_writer()
+        shares = {sub: s.shares() for sub, s in sums.items()}
+        for sub, sh in shares.items():
+            for tag, v in tags.per_expert_share_scalars(sub, sh, per_expert_max=cfg.per_expert_max, top_k=cfg.top_k).items():
+                w.add_scalar(tag, v, step)
+        if step % cfg.histogram_every == 0:
+            for sub, sh in shares.items():
+                if sums[sub].counts_E.sum() > 0:
+                    w.add_histogram(tags.hist_tag(sub), sh.numpy(), step)
+        if step % cfg.heatmap_every == 0:
+            for kind in sorted({sub.kind for sub in shares}):
+                subs = sorted(s for s in shares if s.kind == kind)
+                mat = share_matrix([shares[s].tolist() for s in subs])
+                img = render_heatmap(mat, title=f"{kind} expert load, step {step}")
+                w.add_image(tags.heatmap_tag(kind), img, step, dataformats="HWC")
+            os.makedirs(self.run_dir, exist_ok=True)
+            row = {"step": step, "shares": {sub.tag: [round(x, 6) for x in sh.tolist()] for sub, sh in sorted(shares.items())}}
+            with open(os.path.join(self.run_dir, "expert_load.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+        w.flush()
+
+    def close(self) -> None:
+        self.tracker.close()
+        for wr in (self._writer, getattr(self._scalar_sink, "writer", None)):
+            if wr is not None:
+                wr.close()
+        if self._ds_monitor is not None:
+            tb = getattr(self._ds_monitor, "tb_monitor", None)
+            if tb is not None and hasattr(tb, "flush"):
+                tb.flush()

@@ -1,0 +1,139 @@
+"""Expert-load statistics of one MoE sub-layer, from its routing decisions.
+
+Legend: T tokens, K slots per token, E experts (global).
+
+Statistics are computed in two stages so that a distributed run gives exactly what one process would
+count on the whole batch: `LoadSums` holds *additive* raw sums (slot counts per expert, summed router
+probabilities, summed per-token entropies, token and dropped-slot counts); sums from several
+micro-batches or ranks are added (all-reduce SUM) and only then turned into statistics by
+`load_stats`. Nothing here touches torch.distributed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["LoadSums", "load_stats", "STAT_NAMES"]
+
+# Scalar statistics per sub-layer, in the order `load_stats` returns them (tags use these names).
+STAT_NAMES = (
+    "max_over_mean_load",  # max_e n_e / mean_e n_e (1 = balanced, E = collapsed onto one expert)
+    "min_over_mean_load",  # min_e n_e / mean_e n_e
+    "cv",  # coefficient of variation of n_e: std / mean (population std)
+    "dead_experts",  # experts that received no slot in the window
+    "dropped_frac",  # dropped slots / all slots of real tokens
+    "H_m",  # entropy of p(m) = mean over tokens of p(m|x), nats
+    "H_m_given_x",  # mean over tokens of the entropy of p(m|x), nats
+    "mi",  # H(m) - H(m|x) (the MI load-balance loss is its negative)
+)
+
+
+@dataclass
+class LoadSums:
+    """Additive routing sums of one MoE sub-layer over a window of tokens.
+
+    counts_E: routed (not dropped) slots per expert; probs_E: sum over tokens of p(m|x);
+    ent: sum over tokens of H(p(.|x)); tokens: real tokens seen; slots: tokens * K; dropped: slots with
+    idx -1. All float64 so that sums stay exact (integers up to 2**53) and reduce in one tensor.
+    """
+
+    counts_E: Tensor
+    probs_E: Tensor
+    ent: Tensor
+    tokens: Tensor
+    slots: Tensor
+    dropped: Tensor
+
+    @property
+    def num_experts(self) -> int:
+        return self.counts_E.numel()
+
+    @classmethod
+    def zeros(cls, num_experts: int, device=None) -> "LoadSums":
+        z = lambda n: torch.zeros(n, dtype=torch.float64, device=device)  # noqa: E731
+        return cls(z(num_experts), z(num_experts), z(()), z(()), z(()), z(()))
+
+    @classmethod
+    def from_routing(
+        cls, *, probs_TE: Tensor, idx_TK: Tensor, num_experts: int, mask_T: Optional[Tensor] = None
+    ) -> "LoadSums":
+        """Sums of one forward: probs_TE [T, E] full softmax, idx_TK [T, K] int (-1 = dropped slot),
+        mask_T [T] bool (True = real token) or None (all real). Leading batch dims are flattened."""
+        E = num_experts
+        if probs_TE.shape[-1] != E:
+            raise ValueError(f"probs_TE has {probs_TE.shape[-1]} experts in its last dim but num_experts={E}")
+        probs_TE = probs_TE.reshape(-1, E)
+        idx_TK = idx_TK.reshape(probs_TE.shape[0], -1)
+        if mask_T is not None:
+            mask_T = mask_T.reshape(-1).bool()
+            if mask_T.numel() != probs_TE.shape[0]:
+                raise ValueError(f"mask_T has {mask_T.numel()} tokens, probs_TE has {probs_TE.shape[0]}")
+            probs_TE, idx_TK = probs_TE[mask_T], idx_TK[mask_T]
+        if idx_TK.numel() and (int(idx_TK.max()) >= E or int(idx_TK.min()) < -1):
+            raise ValueError(f"idx_TK holds ids outside [-1, {E}): got [{int(idx_TK.min())}, {int(idx_TK.max())}]")
+        routed = idx_TK[idx_TK >= 0]
+        f64 = torch.float64
+        return cls(
+            counts_E=torch.bincount(routed, minlength=E).to(f64),
+            probs_E=probs_TE.sum(0, dtype=f64),
+            ent=torch.special.entr(probs_TE.to(f64)).sum(),
+            tokens=torch.tensor(float(probs_TE.shape[0]), dtype=f64, device=probs_TE.device),
+            slots=torch.tensor(float(idx_TK.numel()), dtype=f64, device=probs_TE.device),
+            dropped=(idx_TK < 0).sum().to(f64),
+        )
+
+    def __add__(self, other: "LoadSums") -> "LoadSums":
+        if other.num_experts != self.num_experts:
+            raise ValueError(f"cannot add sums over {self.num_experts} and {other.num_experts} experts")
+        return LoadSums(*(a + b.to(a.device) for a, b in zip(self.as_tuple(), other.as_tuple())))
+
+    def as_tuple(self) -> tuple[Tensor, ...]:
+        return (self.counts_E, self.probs_E, self.ent, self.tokens, self.slots, self.dropped)
+
+    def flatten(self) -> Tensor:
+        """One float64 vector [2E + 4] (for a single all-reduce)."""
+        return torch.cat([t.reshape(-1) for t in self.as_tuple()])
+
+    @classmethod
+    def unflatten(cls, flat: Tensor, num_experts: int) -> "LoadSums":
+        E = num_experts
+        if flat.numel() != 2 * E + 4:
+            raise ValueError(f"expected {2 * E + 4} values for {E} experts, got {flat.numel()}")
+        return cls(flat[:E], flat[E : 2 * E], flat[2 * E], flat[2 * E + 1], flat[2 * E + 2], flat[2 * E + 3])
+
+    def shares(self) -> Tensor:
+        """Token share of every expert [E]: n_e / sum n (sums to 1 over the routed slots; zeros when none)."""
+        total = self.counts_E.sum()
+        return self.counts_E / total if total > 0 else torch.zeros_like(self.counts_E)
+
+
+def _entropy(p_E: Tensor) -> float:
+    return float(torch.special.entr(p_E).sum())
+
+
+def load_stats(sums: LoadSums) -> dict[str, float]:
+    """Statistics named in STAT_NAMES from (already reduced) sums. NaN where undefined (no tokens)."""
+    n_E = sums.counts_E.double().cpu()
+    E = n_E.numel()
+    mean = float(n_E.mean())
+    tokens, slots = float(sums.tokens), float(sums.slots)
+    nan = math.nan
+    out = {
+        "max_over_mean_load": float(n_E.max()) / mean if mean > 0 else nan,
+        "min_over_mean_load": float(n_E.min()) / mean if mean > 0 else nan,
+        "cv": float(n_E.std(unbiased=False)) / mean if mean > 0 and E > 1 else (0.0 if mean > 0 else nan),
+        "dead_experts": float((n_E == 0).sum()),
+        "dropped_frac": float(sums.dropped) / slots if slots > 0 else nan,
+    }
+    if tokens > 0:
+        h_m = _entropy(sums.probs_E.double().cpu() / tokens)
+        h_mx = float(sums.ent) / tokens
+        out.update(H_m=h_m, H_m_given_x=h_mx, mi=h_m - h_mx)
+    else:
+        out.update(H_m=nan, H_m_given_x=nan, mi=nan)
+    return out
