@@ -1,0 +1,135 @@
+"""The embedded default corpus: built from text that ships with every Python installation.
+
+    python -m data_prep.embedded --out data/embedded [--vocab-size 512]
+
+Two domains: ``prose`` (English: the help topics in ``pydoc_data.topics``) and ``code`` (Python
+source of the standard library's top-level modules, first ``--code-bytes`` bytes by file name).
+It writes, in the published formats, so the real-corpus recipes run unchanged on them:
+
+    DIR/pile/train/00.jsonl.zst   Pile format, both domains, meta.pile_set_name "pydoc_topics" / "python_stdlib"
+    DIR/cc100/en.txt.xz           CC-100 format (prose; documents separated by a blank line)
+    DIR/tokenizer.model           SentencePiece BPE + byte fallback trained on both domains
+    DIR/shards/prose, DIR/shards/code   shard directories (DataSource paths for molm_ds.data)
+    DIR/manifest.json             tokenizer ids, vocab size, per-domain documents and tokens
+
+Idempotent: every step is skipped when its output exists (and the manifest matches the options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import lzma
+import os
+import sys
+import sysconfig
+import time
+
+import zstandard
+
+from data_prep.build_shards import build_shards, tokenizer_record
+from data_prep.indexed_writer import atomic_write_bytes
+from data_prep.readers import SourceSpec
+from data_prep.train_tokenizer import train_tokenizer
+
+PROSE, CODE = "pydoc_topics", "python_stdlib"
+
+
+def prose_documents() -> list[str]:
+    """One document per pydoc help topic, sorted by topic name."""
+    import pydoc_data.topics
+
+    return [pydoc_data.topics.topics[k].strip("\n") for k in sorted(pydoc_data.topics.topics)]
+
+
+def code_documents(max_bytes: int) -> list[str]:
+    """Top-level standard-library modules (``Lib/*.py``), sorted by name, up to max_bytes in total."""
+    lib = sysconfig.get_paths()["stdlib"]
+    docs, total = [], 0
+    for name in sorted(os.listdir(lib)):
+        path = os.path.join(lib, name)
+        if not name.endswith(".py") or not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (UnicodeDecodeError, OSError):
+            continue
+        if total + len(text) > max_bytes and docs:
+            break
+        docs.append(text)
+        total += len(text)
+    return docs
+
+
+def _write_pile(path: str, prose: list[str], code: list[str]) -> None:
+    lines = [json.dumps({"text": t, "meta": {"pile_set_name": PROSE}}) for t in prose]
+    lines += [json.dumps({"text": t, "meta": {"pile_set_name": CODE}}) for t in code]
+    atomic_write_bytes(path, zstandard.ZstdCompressor(level=3).compress(("\n".join(lines) + "\n").encode()))
+
+
+def _write_cc100(path: str, prose: list[str]) -> None:
+    # A CC-100 document has no blank lines inside: drop them, keep the paragraphs' lines.
+    docs = ["\n".join(l for l in d.split("\n") if l.strip()) for d in prose]
+    atomic_write_bytes(path, lzma.compress(("\n\n".join(docs) + "\n\n").encode(), preset=3))
+
+
+def build_embedded(out: str, *, vocab_size: int = 512, code_bytes: int = 1_500_000, workers: int = 2,
+                   say=print) -> dict:
+    """Build (or finish) the embedded corpus in ``out``; returns the top-level manifest."""
+    options = {"vocab_size": vocab_size, "code_bytes": code_bytes, "python": sys.version.split()[0]}
+    man_path = os.path.join(out, "manifest.json")
+    if os.path.exists(man_path):
+        with open(man_path) as f:
+            man = json.load(f)
+        if man.get("options") == options:
+            say(f"embedded corpus in {out} is up to date ({man_path})")
+            return man
+        raise ValueError(f"{out} holds an embedded corpus built with {man.get('options')}, not {options}; "
+                         "use another --out or delete it")
+    pile = os.path.join(out, "pile", "train", "00.jsonl.zst")
+    cc100 = os.path.join(out, "cc100", "en.txt.xz")
+    os.makedirs(os.path.dirname(pile), exist_ok=True)
+    os.makedirs(os.path.dirname(cc100), exist_ok=True)
+    if not (os.path.exists(pile) and os.path.exists(cc100)):
+        prose, code = prose_documents(), code_documents(code_bytes)
+        _write_pile(pile, prose, code)
+        _write_cc100(cc100, prose)
+        say(f"samples: {pile} ({len(prose)} prose + {len(code)} code documents), {cc100}")
+    tok = os.path.join(out, "tokenizer.model")
+    if not os.path.exists(tok):
+        train_tokenizer([SourceSpec("pile", pile)], os.path.join(out, "tokenizer"), vocab_size=vocab_size,
+                        threads=workers)
+        say(f"tokenizer: {tok} (vocab {vocab_size})")
+    domains = {}
+    for domain, subset in (("prose", PROSE), ("code", CODE)):
+        shard_dir = os.path.join(out, "shards", domain)
+        m = build_shards([SourceSpec("pile", pile)], tok, shard_dir, workers=workers, subsets={subset},
+                         progress=False)
+        domains[domain] = {"shards": os.path.join("shards", domain), "pile_set_name": subset,
+                           "documents": m["documents"], "tokens": m["tokens"]}
+        say(f"shards: {shard_dir} ({m['documents']} documents, {m['tokens']} tokens)")
+    rec = tokenizer_record(tok)
+    rec["model_path"] = "tokenizer.model"  # relative to this directory
+    man = {"options": options, "tokenizer": rec, "domains": domains,
+           "samples": {"pile": [os.path.relpath(pile, out)], "cc100": [os.path.relpath(cc100, out)]}}
+    atomic_write_bytes(man_path, (json.dumps(man, indent=1) + "\n").encode())
+    say(f"manifest: {man_path}")
+    return man
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m data_prep.embedded", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--vocab-size", type=int, default=512, help="512 for the tiny preset, 4096 for small")
+    p.add_argument("--code-bytes", type=int, default=1_500_000, help="characters of stdlib source to include")
+    p.add_argument("--workers", type=int, default=2, help="tokenising processes")
+    a = p.parse_args(argv)
+    t0 = time.perf_counter()
+    build_embedded(a.out, vocab_size=a.vocab_size, code_bytes=a.code_bytes, workers=a.workers)
+    print(f"done in {time.perf_counter() - t0:.1f}s")
+
+
+if __name__ == "__main__":
+    main()
