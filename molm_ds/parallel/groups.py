@@ -1,0 +1,88 @@
+"""DeepSpeed process groups for expert parallelism, and the config checks that must fail before any work.
+
+Groups come from DeepSpeed (`deepspeed.utils.groups`, created by its own
+`_create_expert_and_data_parallel`): with world W and ep_size P, expert-parallel groups are
+consecutive ranks [0..P-1], [P..2P-1], ... (all-to-all runs inside one), and expert-data-parallel
+groups are the ranks with the same position in their expert-parallel group (expert gradients are
+reduced there). Name: `ep_size_{P}`.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Union
+
+import torch.distributed as dist
+
+from molm_ds.log import get_logger
+
+__all__ = ["check_expert_parallel", "check_zero_stage", "ensure_distributed", "expert_parallel_groups", "group_name"]
+
+log = get_logger("parallel")
+SUPPORTED_ZERO_STAGES = (0, 1, 2)
+
+
+def group_name(ep_size: int) -> str:
+    return f"ep_size_{ep_size}"
+
+
+def check_expert_parallel(*, ep_size: int, world_size: int, expert_counts: Mapping[str, int]) -> None:
+    """Raise ValueError (saying what to change) unless ep_size >= 1 divides world_size and every
+    expert-parallel expert count. `expert_counts`: name -> global experts of each EP'd kind/layer."""
+    if not isinstance(ep_size, int) or ep_size < 1:
+        raise ValueError(f"ep_size must be a positive integer, got {ep_size!r}")
+    if world_size % ep_size:
+        raise ValueError(
+            f"ep_size={ep_size} does not divide the world size {world_size}: expert-parallel groups must tile "
+            f"the ranks; use an ep_size among {[d for d in range(1, world_size + 1) if world_size % d == 0]} "
+            f"or launch a multiple of {ep_size} ranks"
+        )
+    for name, n in expert_counts.items():
+        if n % ep_size:
+            raise ValueError(
+                f"{name}: {n} experts cannot be split over ep_size={ep_size} ranks (must divide evenly); "
+                f"use an ep_size among {[d for d in range(1, n + 1) if n % d == 0 and world_size % d == 0]}"
+                " or change the expert count (or replicate the attention experts)"
+            )
+
+
+def check_zero_stage(ds_config_or_stage: Union[Mapping, int]) -> int:
+    """Return the ZeRO stage of a DeepSpeed config (dict) or stage number; ValueError for stage 3,
+    which DeepSpeed's native MoE path does not support."""
+    if isinstance(ds_config_or_stage, Mapping):
+        stage = int((ds_config_or_stage.get("zero_optimization") or {}).get("stage", 0))
+    else:
+        stage = int(ds_config_or_stage)
+    if stage not in SUPPORTED_ZERO_STAGES:
+        raise ValueError(
+            f"ZeRO stage {stage} is not supported with expert parallelism (MoE): DeepSpeed's MoE path supports "
+            f"ZeRO stages {', '.join(map(str, SUPPORTED_ZERO_STAGES))}; pick a ds_config with stage 0, 1 or 2 "
+            "(ZeRO-2 with optimizer CPU offload saves the most memory)"
+        )
+    return stage
+
+
+def ensure_distributed() -> None:
+    """Make sure torch.distributed and DeepSpeed's comm layer are initialised (DeepSpeed wraps an
+    existing torch process group; otherwise it discovers ranks from the launcher / MPI)."""
+    import deepspeed
+
+    if dist.is_available() and dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+    else:
+        deepspeed.init_distributed()
+
+
+def expert_parallel_groups(ep_size: int):
+    """Create (once) and return DeepSpeed's (expert-parallel group, expert-data-parallel group) for
+    ep_size on this rank."""
+    from deepspeed.utils import groups
+
+    ensure_distributed()
+    world = dist.get_world_size()
+    check_expert_parallel(ep_size=ep_size, world_size=world, expert_counts={})
+    name = group_name(ep_size)
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+        log.info("created DeepSpeed expert groups %s: ep ranks %s, edp ranks %s", name,
+                 groups._get_expert_parallel_group_ranks(name), groups._get_expert_data_parallel_group_ranks(name))
+    return groups._get_expert_parallel_group(name), groups._get_expert_data_parallel_group(name)
