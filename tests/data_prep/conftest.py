@@ -1,0 +1,27 @@
+import json
+import os
+
+import pytest
+
+from data_prep.readers import SourceSpec
+from data_prep.train_tokenizer import train_tokenizer
+
+DOCS = [
+    "Hello world. The quick brown fox jumps over the lazy dog.",
+    "Ünïcödé: naïve café, 你好世界, emoji 🙂 and a tab\there.",
+    "def f(x):\n    return x + 1\n\nclass A:\n    pass",
+    "Line one\nLine two\nLine three",
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    """A small BPE tokenizer (vocab 512) trained on pydoc prose plus the docs above."""
+    import pydoc_data.topics
+
+    d = tmp_path_factory.mktemp("tok")
+    corpus = d / "train.jsonl"
+    with open(corpus, "w") as f:
+        for t in list(pydoc_data.topics.topics.values())[:30] + DOCS:
+            f.write(json.dumps({"text": t}) + "\n")
+    return train_tokenizer([SourceSpec("jsonl", str(corpus))], os.path.join(d, "tok"), vocab_size=512, threads=1)
