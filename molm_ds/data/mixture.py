@@ -92,7 +92,11 @@ class MixtureLoader:
         self.streams = [TokenStream(os.fspath(s.path)) for s in sources]
         self.windows: list[np.ndarray] = []
         for s, st in zip(sources, self.streams):
-            train, val = split_windows(st.num_windows(seq_len), val_fraction)
+            try:
+                train, val = split_windows(st.num_windows(seq_len), val_fraction)
+            except ValueError as e:
+                raise ValueError(f"source {s.path}: {st.num_tokens} tokens give no {split} windows of "
+                                 f"seq_len={seq_len}: {e}") from None
             mine = train if split == "train" else val
             if len(mine) == 0:
                 raise ValueError(f"source {s.path}: {st.num_tokens} tokens give no {split} windows of "
