@@ -1,0 +1,55 @@
+"""Pretrain a MoLM from a job YAML on DeepSpeed (CPU or GPU, one process or many).
+
+Single process (a one-rank gloo group is started here):
+    DS_ACCELERATOR=cpu python launch/pretrain.py --config configs/demo.yaml --set training.steps=20
+DeepSpeed launcher, 2 ranks on this machine (CPU: DS_ACCELERATOR=cpu; GPU: drop it):
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launch/pretrain.py --config configs/demo.yaml
+Several machines over ssh/pdsh (hostfile lines: `node1 slots=8`):
+    deepspeed --hostfile hostfile launch/pretrain.py --config job.yaml
+Several machines without ssh: the same command on every node, each with its own --node_rank:
+    deepspeed --no_ssh --nnodes 2 --node_rank 0 --num_gpus 8 --master_addr node1 --master_port 29500 \
+        launch/pretrain.py --config job.yaml          # on node1; --node_rank 1 on node2
+OpenMPI (ranks found through mpi4py):
+    mpirun -np 2 python launch/pretrain.py --config configs/demo.yaml
+    (as root in a container: mpirun --allow-run-as-root --oversubscribe -np 2 ...)
+Resume the newest complete checkpoint:  ... --resume auto     (or --resume runs/demo/checkpoints/step_00000100)
+Change any job field:                   ... --set training.steps=10 --set parallel.ep_size=2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--config", required=True, help="job YAML (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a job field (repeatable), value parsed as YAML")
+    p.add_argument("--resume", default=None, help="'auto' or a checkpoint directory / tag (overrides the job's resume)")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from molm_ds.log import print0, setup_logging
+    from molm_ds.train import JobConfigError, load_job, train
+
+    setup_logging()
+    overrides = list(args.overrides) + ([f"resume={args.resume}"] if args.resume is not None else [])
+    try:
+        job = load_job(args.config, overrides)
+    except JobConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    summary = train(job)
+    print0("summary: " + json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
