@@ -73,11 +73,13 @@ class _GroupedGemmLoop(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = _mm_groups(dy_NO, w_EIO, counts, transpose_b=True)
         if ctx.needs_input_grad[1]:
-            dw = torch.zeros_like(w_EIO)
+            dw = torch.empty_like(w_EIO)
             s = 0
             for e, n in enumerate(counts):
                 if n:
                     torch.mm(x_NI[s : s + n].t(), dy_NO[s : s + n], out=dw[e])
+                else:
+                    dw[e].zero_()  # an expert with no rows gets a zero gradient
                 s += n
         return dx, dw, None
 

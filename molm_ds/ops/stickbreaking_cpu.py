@@ -168,7 +168,7 @@ class _StickBreakingBlockwise(torch.autograd.Function):
         include_current, has_kpm, bq, bk, qdt, kdt, vdt, scale = ctx.cfg
         B, Hk, g, Tq, d = q5.shape
         Tk = kf.shape[2]
-        do5 = do.to(q5.dtype).reshape(B, Hk, g, Tq, d)
+        do5 = do.to(q5.dtype).contiguous().reshape(B, Hk, g, Tq, d)  # .sum() gives a stride-0 grad
         dq5, dk, dv = _backward(q5, kf, vf, o5, do5, include_current, kpm_B1 if has_kpm else None, bq, bk)
         if not include_current:
             dv[:, :, Tk - Tq :].add_((rem * do5).sum(2))  # o_i += rem_i v_i
