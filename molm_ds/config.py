@@ -8,7 +8,7 @@ shapes (ModuleFormer, arXiv 2306.04640) and add tiny models that train in second
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Tuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -61,7 +61,18 @@ class ModelConfig(BaseModel):
         "(non-causal: training only; inference falls back to token_choice).",
     )
     capacity_factor: Optional[float] = Field(
-        None, gt=0, description="Expert capacity = factor * tokens * k / E; overflow tokens are dropped. None = dropless."
+        None, gt=0, description="Expert capacity = factor * tokens * k / E; overflow tokens are dropped "
+        "(training only; eval is dropless). None = dropless."
+    )
+
+    # Pruned models (molm_ds.prune): layers may keep different numbers of experts.
+    att_experts_per_layer: Optional[Tuple[int, ...]] = Field(
+        None, description="Attention experts of each layer (length n_layer, each in [1, n_att_experts]); "
+        "None = n_att_experts everywhere. k_att is capped at a layer's count."
+    )
+    mlp_experts_per_layer: Optional[Tuple[int, ...]] = Field(
+        None, description="MLP experts of each layer (length n_layer, each in [1, n_mlp_experts]); "
+        "None = n_mlp_experts everywhere. k_mlp is capped at a layer's count."
     )
 
     layer_norm_eps: float = Field(1e-5, gt=0, description="LayerNorm epsilon.")
@@ -87,7 +98,30 @@ class ModelConfig(BaseModel):
             )
         if self.sample_topk > min(self.k_att, self.k_mlp):
             raise ValueError(f"sample_topk={self.sample_topk} must be <= k_att and k_mlp")
+        for name, counts, full in (("att_experts_per_layer", self.att_experts_per_layer, self.n_att_experts),
+                                   ("mlp_experts_per_layer", self.mlp_experts_per_layer, self.n_mlp_experts)):
+            if counts is None:
+                continue
+            if len(counts) != self.n_layer:
+                raise ValueError(f"{name} has {len(counts)} entries but n_layer={self.n_layer}: give one count per layer")
+            if any(not 1 <= c <= full for c in counts):
+                raise ValueError(f"{name}={list(counts)}: every count must be in [1, {full}] (the unpruned expert count)")
+            if self.sample_topk > min(counts):
+                raise ValueError(f"sample_topk={self.sample_topk} must be <= the smallest layer's experts ({min(counts)})")
         return self
+
+    # ---- per-layer expert counts (differ only in pruned models) ------------------------------------
+    def att_experts_at(self, layer: int) -> int:
+        return self.n_att_experts if self.att_experts_per_layer is None else self.att_experts_per_layer[layer]
+
+    def mlp_experts_at(self, layer: int) -> int:
+        return self.n_mlp_experts if self.mlp_experts_per_layer is None else self.mlp_experts_per_layer[layer]
+
+    def k_att_at(self, layer: int) -> int:
+        return min(self.k_att, self.att_experts_at(layer))
+
+    def k_mlp_at(self, layer: int) -> int:
+        return min(self.k_mlp, self.mlp_experts_at(layer))
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property
@@ -113,10 +147,10 @@ class ModelConfig(BaseModel):
         """Parameters of one MLP expert (W1 [and W3], W2)."""
         return self.d_model * self._mlp_in_width + self.ffd_hidden * self.d_model
 
-    def _layer_shared_params(self) -> int:
+    def _layer_shared_params(self, layer: int) -> int:
         kv = 2 * (self.d_model + 1) * self.att_hidden if self.kv_proj else 0  # with bias, as released
         ln = 2 * 2 * self.d_model
-        return kv + ln + self._router_params(self.n_att_experts) + self._router_params(self.n_mlp_experts)
+        return kv + ln + self._router_params(self.att_experts_at(layer)) + self._router_params(self.mlp_experts_at(layer))
 
     @property
     def embedding_params(self) -> int:
@@ -125,29 +159,32 @@ class ModelConfig(BaseModel):
 
     @property
     def total_params(self) -> int:
-        per_layer = (
-            self._layer_shared_params()
-            + self.n_att_experts * self.att_expert_params
-            + self.n_mlp_experts * self.mlp_expert_params
+        layers = sum(
+            self._layer_shared_params(i)
+            + self.att_experts_at(i) * self.att_expert_params
+            + self.mlp_experts_at(i) * self.mlp_expert_params
+            for i in range(self.n_layer)
         )
-        return self.n_layer * per_layer + self.embedding_params + 2 * self.d_model  # + ln_f
+        return layers + self.embedding_params + 2 * self.d_model  # + ln_f
 
     @property
     def active_params(self) -> int:
         """Parameters touched by one token (k experts of each kind, all routers, embeddings)."""
-        per_layer = (
-            self._layer_shared_params()
-            + self.k_att * self.att_expert_params
-            + self.k_mlp * self.mlp_expert_params
+        layers = sum(
+            self._layer_shared_params(i)
+            + self.k_att_at(i) * self.att_expert_params
+            + self.k_mlp_at(i) * self.mlp_expert_params
+            for i in range(self.n_layer)
         )
-        return self.n_layer * per_layer + self.embedding_params + 2 * self.d_model
+        return layers + self.embedding_params + 2 * self.d_model
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token (forward + backward): 6 x active matmul params (the wte lookup is
         free) + attention scores and values, 12 * layers * k_att * att_hidden * seq_len (PaLM's
         convention; the causal half is not subtracted)."""
         matmul_params = self.active_params - self.vocab_size * self.d_model
-        return 6 * matmul_params + 12 * self.n_layer * self.k_att * self.att_hidden * seq_len
+        k_att = sum(self.k_att_at(i) for i in range(self.n_layer))
+        return 6 * matmul_params + 12 * k_att * self.att_hidden * seq_len
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "ModelConfig":

@@ -28,15 +28,16 @@ KVCache = tuple[Tensor, Tensor]  # (k_BSX, v_BSX), X = D (shared, no projection)
 
 
 class MixtureOfAttention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
-        self.num_experts = config.n_att_experts
+        E = config.att_experts_at(layer)  # differs per layer only in pruned models
+        self.num_experts = E
         self.n_head = config.n_head
         self.head_dim = config.head_dim
         self.include_current = config.stickbreaking_include_current
-        self.router = make_router(config, config.n_att_experts, config.k_att)
-        self.experts = AttentionExperts(config.n_att_experts, config.d_model, config.att_hidden)
-        self.dispatcher = LocalDispatcher(config.n_att_experts)
+        self.router = make_router(config, E, config.k_att_at(layer))
+        self.experts = AttentionExperts(E, config.d_model, config.att_hidden)
+        self.dispatcher = LocalDispatcher(E)
         if config.kv_proj:
             self.k_proj = nn.Linear(config.d_model, config.att_hidden)
             self.v_proj = nn.Linear(config.d_model, config.att_hidden)

@@ -57,12 +57,13 @@ def combine(weights_TK: Tensor, y_TKD: Tensor) -> Tensor:
 class MoEMLP(nn.Module):
     """Mixture of MLP experts: y = sum_{m in topk(x)} g_m(x) f_m(x)."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
-        self.num_experts = config.n_mlp_experts
-        self.router = make_router(config, config.n_mlp_experts, config.k_mlp)
-        self.experts = MLPExperts(config.n_mlp_experts, config.d_model, config.ffd_hidden, config.mlp_activation)
-        self.dispatcher = LocalDispatcher(config.n_mlp_experts)
+        E = config.mlp_experts_at(layer)  # differs per layer only in pruned models
+        self.num_experts = E
+        self.router = make_router(config, E, config.k_mlp_at(layer))
+        self.experts = MLPExperts(E, config.d_model, config.ffd_hidden, config.mlp_activation)
+        self.dispatcher = LocalDispatcher(E)
         self.last_routing: Optional[RoutingRecord] = None
 
     def forward(self, x_BTD: Tensor, mask_BT: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:

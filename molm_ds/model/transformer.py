@@ -25,12 +25,12 @@ class MoLMOutput(NamedTuple):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.attn = MixtureOfAttention(config)
+        self.attn = MixtureOfAttention(config, layer)
         self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.mlpf = MoEMLP(config)
+        self.mlpf = MoEMLP(config, layer)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x_BTD, mask_BT=None, key_mask_BS=None, past: Optional[KVCache] = None):
@@ -47,7 +47,7 @@ class MoLM(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.reset_parameters()
