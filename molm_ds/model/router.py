@@ -9,7 +9,8 @@ the top-k: MoLM checkpoints depend on this). `A = w_gate` [E, R]; its rows are t
 Options (see `ModelConfig`): renormalised top-k, a linear router (`logits = A x`, A [E, D]),
 `sample_topk` (training only), expert-choice routing (training only; in eval the router falls back to
 token choice, because expert choice looks at future tokens and is not causal), and a capacity
-factor that drops overflow slots (idx -1, weight 0). Default: dropless token choice.
+factor that drops overflow slots (idx -1, weight 0; training only: which slots overflow depends on
+later tokens, so eval is dropless to stay causal and KV-cache exact). Default: dropless token choice.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ class Router(nn.Module):
             weights_TK = probs_TE.gather(1, idx_TK)
             if mask_T is not None:
                 idx_TK = idx_TK.masked_fill(~mask_T[:, None], -1)
-            if self.capacity_factor is not None:
+            if self.capacity_factor is not None and self.training:
                 n_real = int(mask_T.sum()) if mask_T is not None else x_TD.shape[0]
                 capacity = max(1, math.ceil(self.capacity_factor * n_real * self.top_k / self.num_experts))
                 idx_TK = drop_over_capacity(idx_TK, self.num_experts, capacity)

@@ -78,6 +78,8 @@ def test_capacity_factor_weights_zero_for_dropped():
     assert (counts <= cap).all()
     assert (out.weights_TK[out.idx_TK < 0] == 0).all()
     assert (out.idx_TK < 0).any()
+    r.eval()  # eval is dropless (dropping depends on later tokens: not causal)
+    assert (r(torch.randn(20, 8)).idx_TK >= 0).all()
 
 
 def test_expert_choice_each_expert_takes_top_c():

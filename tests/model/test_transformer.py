@@ -148,3 +148,19 @@ def test_tiny_model_overfits_one_batch():
         opt.step()
         first = ce.item() if first is None else first
     assert first > 5.5 and ce.item() < 0.5, (first, ce.item())
+
+
+@pytest.mark.parametrize("kw", [dict(routing="expert_choice"), dict(capacity_factor=0.5), dict(sample_topk=1),
+                                dict(routing="expert_choice", capacity_factor=2.0, renormalize_topk=True)])
+def test_routing_options_train_and_eval(kw):
+    m = _model(seed=6, **kw).train()
+    x = torch.randint(0, 512, (2, 6))
+    out = m(x)
+    out.logits.sum().backward()
+    assert all(p.grad is not None for p in m.lm_head.parameters())
+    assert torch.isfinite(out.logits).all() and all(torch.isfinite(v) for v in out.aux.values())
+    m.eval()  # eval routing is token choice (expert choice falls back), still causal
+    base = m(x).logits
+    y = x.clone()
+    y[:, -1] = (y[:, -1] + 1) % 512
+    torch.testing.assert_close(m(y).logits[:, :-1], base[:, :-1], atol=1e-5, rtol=1e-5)
