@@ -63,6 +63,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
         n_mlp_experts=c["n_mlp_experts"], k_mlp=c["k_mlp"], ffd_hidden=c["ffd_hidden"], mlp_activation="gelu_tanh",
         gating_size=c["gating_size"], router_type="molm" if c["gate_type"] == "mlp" else "linear",
         renormalize_topk=False, sample_topk=c["sample_topk"], init_std=c["initializer_range"], layer_norm_eps=1e-5,
+        # pruned models (molm_ds.prune) only: per-layer counts; the released modeling code has no such keys
+        att_experts_per_layer=c.get("n_att_experts_per_layer"), mlp_experts_per_layer=c.get("n_mlp_experts_per_layer"),
     )
 
 
@@ -88,7 +90,18 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         activation_function="gelu_new", layer_norm_epsilon=1e-5, initializer_range=cfg.init_std,
         block_size=512, history_length=512, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, moe_pdrop=0.0,
         aux_loss_type="mi", aux_loss_weight=0, tie_word_embeddings=False,
-    )
+    ) | _per_layer_to_hf(cfg)
+
+
+def _per_layer_to_hf(cfg: ModelConfig) -> dict:
+    """Pruned models: `n_{att,mlp}_experts_per_layer` lists (read back by `config_from_hf`). The released
+    modeling code ignores them and can only load models whose layers all keep the same count."""
+    out = {}
+    if cfg.att_experts_per_layer is not None:
+        out["n_att_experts_per_layer"] = list(cfg.att_experts_per_layer)
+    if cfg.mlp_experts_per_layer is not None:
+        out["n_mlp_experts_per_layer"] = list(cfg.mlp_experts_per_layer)
+    return out
 
 
 def _router_map(hf_gate: str, ours: str, router_type: str) -> dict[str, str]:
