@@ -3,8 +3,8 @@
 Sections (each a small pydantic model, unknown keys rejected with the list of valid ones):
 ``model`` (preset + overrides), ``data`` (sources, seq_len), ``training`` (steps, batch, schedule,
 loss weights), ``parallel`` (ep_size), ``deepspeed`` (a ds_configs JSON), ``checkpoint``,
-``monitor``, ``resume``. ``init_from``, ``continual``, ``finetune`` and ``prune`` are reserved for
-later work: naming them is an error until they exist. Adding a section = a field on ``JobConfig``
+``monitor``, ``resume``, ``init_from`` + ``continual`` (molm_ds.continual). ``finetune`` and ``prune`` are
+reserved for later work: naming them is an error until they exist. Adding a section = a field on ``JobConfig``
 plus the one place in ``molm_ds.train.loop`` that consumes it (build_model, param_groups or
 loss_weights).
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from molm_ds.config import ModelConfig, preset_names
+from molm_ds.continual.config import ContinualSection, grown_config
 
 __all__ = ["JobConfig", "JobConfigError", "load_job", "parse_overrides", "apply_overrides", "REPO_ROOT"]
 
@@ -147,8 +149,7 @@ class MonitorSection(_Section):
     log_interval: int = Field(1, ge=1, description="Progress line, metrics.jsonl row and scalars every N steps.")
 
 
-RESERVED_SECTIONS = {"init_from": "issue 6 (warm start)", "continual": "issue 6 (continual learning)",
-                     "finetune": "issue 7 (fine-tuning)", "prune": "issue 7 (pruning)"}
+RESERVED_SECTIONS = {"finetune": "issue 7 (fine-tuning)", "prune": "issue 7 (pruning)"}
 
 
 class JobConfig(_Section):
@@ -166,8 +167,11 @@ class JobConfig(_Section):
     resume: Optional[str] = Field(
         None, description="'auto' = newest complete checkpoint in checkpoint.dir if any (else a fresh start, logged); "
         "a path = that checkpoint directory or tag (must be complete); null = fresh start.")
-    init_from: Optional[Any] = None
-    continual: Optional[Any] = None
+    init_from: Optional[str] = Field(
+        None, description="Start from the weights of this checkpoint (directory = newest complete tag, or a tag); "
+        "the model section must describe the model it holds. See molm_ds.continual.")
+    continual: Optional[ContinualSection] = Field(
+        None, description="Insert new experts into the init_from model and train them (docs/continual.md).")
     finetune: Optional[Any] = None
     prune: Optional[Any] = None
 
@@ -176,7 +180,12 @@ class JobConfig(_Section):
         for key, owner in RESERVED_SECTIONS.items():
             if getattr(self, key) is not None:
                 raise ValueError(f"section {key!r} is reserved for {owner} and not supported by this version; remove it")
-        cfg = self.model.build()
+        if self.continual is not None and self.init_from is None:
+            raise ValueError("continual needs init_from: the checkpoint whose model gets the new experts")
+        if self.continual is not None:
+            self.continual.check_ep_size(self.model.build(), ep_size=self.parallel.ep_size,
+                                         replicate_attention_experts=self.parallel.replicate_attention_experts)
+        cfg = self.build_model_config()
         ep = self.parallel.ep_size
         counts = {"n_mlp_experts": cfg.n_mlp_experts}
         if not self.parallel.replicate_attention_experts:
@@ -190,6 +199,9 @@ class JobConfig(_Section):
 
     # ---- derived ---------------------------------------------------------------------------------
     def build_model_config(self) -> ModelConfig:
+        """The model this job trains: the model section, grown by the continual section's new experts."""
+        if self.continual is not None:
+            return grown_config(self.model.build(), attention=self.continual.attention, mlp=self.continual.mlp)
         return self.model.build()
 
     @property
@@ -205,6 +217,9 @@ class JobConfig(_Section):
 
 
 # ---- loading ----------------------------------------------------------------------------------
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
 def parse_overrides(items: list[str]) -> list[tuple[list[str], Any]]:
     """``["training.steps=10", "data.seq_len=32"]`` -> [(["training", "steps"], 10), ...] (values parsed as YAML)."""
     out = []
@@ -215,7 +230,10 @@ def parse_overrides(items: list[str]) -> list[tuple[list[str], Any]]:
         path = [k for k in key.strip().split(".") if k]
         if not path:
             raise JobConfigError(f"override {item!r} has an empty key")
-        out.append((path, yaml.safe_load(value)))
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str) and _NUMBER.match(parsed):  # YAML 1.1 reads 1e-3 as a string
+            parsed = float(parsed)
+        out.append((path, parsed))
     return out
 
 

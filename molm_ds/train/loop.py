@@ -44,6 +44,9 @@ log = get_logger("train")
 __all__ = ["train", "lm_loss", "total_loss", "build_model", "param_groups", "loss_weights", "NonFiniteLossError"]
 
 
+CLIENT_KEY = "molm_ds"  # our client_state lives under one key (DeepSpeed reserves names like skipped_steps)
+
+
 class NonFiniteLossError(RuntimeError):
     """Too many non-finite steps in a row."""
 
@@ -81,11 +84,19 @@ def rng_preserved():
 
 # ---- build (extension points) ----------------------------------------------------------------------
 def build_model(job: JobConfig) -> torch.nn.Module:
+    if job.init_from is not None:  # warm start / continual learning: molm_ds.continual
+        from molm_ds.continual import run as continual
+
+        return continual.build_model(job)
     return MoLM(job.build_model_config())
 
 
 def param_groups(job: JobConfig, model: torch.nn.Module) -> list[dict]:
     """Weight decay on matrices and stacked experts, none on norms and biases; split for MoE."""
+    if job.continual is not None:  # frozen / masked params and per-group lrs: molm_ds.continual
+        from molm_ds.continual import run as continual
+
+        return continual.param_groups(job, model)
     from molm_ds.parallel import build_param_groups
 
     decay, no_decay = [], []
@@ -208,6 +219,11 @@ def train(job: JobConfig, *, hooks: Iterable[MetricsHook] = ()) -> dict:
     parallel.check_expert_parallel(ep_size=job.parallel.ep_size, world_size=world, expert_counts=experts)
     resume_from = ckpt.resolve_resume(job.resume, job.checkpoint_dir)
     _check_vocab(job)
+    cl = None  # continual learning / warm start (molm_ds.continual.run): checks init_from here, before any work
+    if job.init_from is not None:
+        from molm_ds.continual.run import ContinualRun
+
+        cl = ContinualRun(job, rank=rank, world=world)
     t = job.training
     device = torch.device(get_accelerator().device_name(), int(os.environ.get("LOCAL_RANK", 0))) \
         if get_accelerator().device_name() != "cpu" else torch.device("cpu")
@@ -224,12 +240,17 @@ def train(job: JobConfig, *, hooks: Iterable[MetricsHook] = ()) -> dict:
     parallel.fix_grad_clipping(engine)
     seed_everything(t.seed + 1 + rank)  # per-rank streams for training-time randomness
     data = _Data(job, rank, world)
+    if cl is not None:
+        cl.start(engine, data, device)
     weights = loss_weights(job)
 
     # 3. resume
     step, skipped, bad_in_a_row = 0, 0, 0
     if resume_from is not None:
-        client = ckpt.load(engine, *resume_from)
+        client = ckpt.load(engine, *resume_from).get(CLIENT_KEY)
+        if client is None:
+            raise ckpt.CheckpointError(f"{os.path.join(*resume_from)} has no {CLIENT_KEY!r} client state: not written "
+                                       "by molm_ds.train (to start from its weights only, use init_from)")
         saved_model = client.get("job", {}).get("model")
         if saved_model is not None and saved_model != job.model.model_dump(mode="json"):
             raise ValueError(f"checkpoint {os.path.join(*resume_from)} was written for model {saved_model}, this job "
@@ -242,6 +263,8 @@ def train(job: JobConfig, *, hooks: Iterable[MetricsHook] = ()) -> dict:
 
     metrics_path = os.path.join(job.run_dir, "metrics.jsonl")
     hooks = [MetricsWriter(metrics_path, resume_step=step), TensorBoardHook(engine), *hooks]
+    if cl is not None:
+        cl.begin(engine, device, hooks, resumed=resume_from is not None)  # old/new-domain perplexity at step 0
     if rank == 0:
         os.makedirs(job.run_dir, exist_ok=True)
         with open(os.path.join(job.run_dir, "job.yaml"), "w") as f:
@@ -272,6 +295,8 @@ def train(job: JobConfig, *, hooks: Iterable[MetricsHook] = ()) -> dict:
                 out = engine(batch["input_ids"].to(device))
                 lm = lm_loss(logits_BTV=out.logits, labels_BT=batch["labels"].to(device))
                 loss = total_loss(lm=lm, aux=out.aux, weights=weights)
+                if cl is not None:  # A' penalty, distillation
+                    loss = loss + cl.extra_loss(engine, batch["input_ids"].to(device), out.logits)
                 flag = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0])
                 bad = _all_reduce(flag, dist.ReduceOp.MAX).item() > 0
                 if bad:
@@ -303,6 +328,10 @@ def train(job: JobConfig, *, hooks: Iterable[MetricsHook] = ()) -> dict:
         if t.eval_interval and (step % t.eval_interval == 0 or step == t.steps):
             m["val_loss"] = evaluate(engine, data, device)
             m["val_ppl"] = math.exp(min(m["val_loss"], 50.0))
+        if cl is not None:  # collective: every rank, every step
+            m.update(cl.step_metrics())
+            if step == t.steps:
+                m.update(cl.finish(engine, device, step))
         if step % job.monitor.log_interval == 0 or step == t.steps or "val_loss" in m:
             eta = (time.time() - t_start) / steps_run * (t.steps - step)
             info0(format_progress(step, t.steps, m, eta))
@@ -310,8 +339,8 @@ def train(job: JobConfig, *, hooks: Iterable[MetricsHook] = ()) -> dict:
                 hook(step, {k: v for k, v in m.items() if v is not None})
         last = m
         if job.checkpoint.interval and step % job.checkpoint.interval == 0 or (step == t.steps and job.checkpoint.save_final):
-            client = {"step": step, "skipped_steps": skipped, "nonfinite_in_a_row": bad_in_a_row,
-                      "data": data.train.state_dict(), "job": job.model_dump(mode="json")}
+            client = {CLIENT_KEY: {"step": step, "skipped_steps": skipped, "nonfinite_in_a_row": bad_in_a_row,
+                                   "data": data.train.state_dict(), "job": job.model_dump(mode="json")}}
             last_saved = ckpt.save(engine, job.checkpoint_dir, step, client, job_yaml=job.to_yaml(),
                                    ep_info=ep_info, keep=job.checkpoint.keep)
 

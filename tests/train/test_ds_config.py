@@ -1,0 +1,49 @@
+"""ds config: batch keys and clipping filled from the job or checked, world-size checks, ZeRO-3 refused."""
+
+import pytest
+
+from molm_ds.train import load_job
+from molm_ds.train.ds_config import build_ds_config, read_ds_config
+from tests.train.helpers import TINY_JOB, write_ds_config
+
+
+def test_batch_keys_are_filled_from_the_job(tmp_path):
+    job = load_job(TINY_JOB, ["training.micro_batch_size=3", "training.grad_accum_steps=5", "training.grad_clip=0.5",
+                              f"run_dir={tmp_path}", "name=abc"])
+    ds = build_ds_config(job, world_size=4)
+    assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 5
+    assert ds["train_batch_size"] == 3 * 5 * 4 and ds["gradient_clipping"] == 0.5
+    assert ds["tensorboard"] == {"enabled": True, "output_path": str(tmp_path / "tensorboard"), "job_name": "abc"}
+
+
+def test_agreeing_keys_pass_and_disagreeing_keys_say_what_to_change(tmp_path):
+    ok = write_ds_config(tmp_path / "ok.json", train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=2,
+                         train_batch_size=8, zero_optimization={"stage": 1})
+    job = load_job(TINY_JOB, [f"deepspeed.config={ok}"])
+    assert build_ds_config(job, world_size=2)["train_batch_size"] == 8
+    with pytest.raises(ValueError, match=r"train_batch_size=8 disagrees with the job .* gives 4\)"):
+        build_ds_config(job, world_size=1)
+    bad = write_ds_config(tmp_path / "bad.json", train_micro_batch_size_per_gpu=3)
+    job = load_job(TINY_JOB, [f"deepspeed.config={bad}"])
+    with pytest.raises(ValueError, match="training.micro_batch_size gives 2.*set it to 2"):
+        build_ds_config(job, world_size=1)
+    auto = write_ds_config(tmp_path / "auto.json", train_batch_size="auto", gradient_clipping="auto")
+    ds = build_ds_config(load_job(TINY_JOB, [f"deepspeed.config={auto}"]), world_size=2)
+    assert ds["train_batch_size"] == 8 and ds["gradient_clipping"] == 1.0
+
+
+def test_ep_size_must_divide_world_size():
+    job = load_job(TINY_JOB, ["parallel.ep_size=2"])
+    build_ds_config(job, world_size=4)
+    with pytest.raises(ValueError, match="ep_size=2 does not divide the world size 3"):
+        build_ds_config(job, world_size=3)
+
+
+def test_read_refuses_stage3_fp16_and_bad_json(tmp_path):
+    with pytest.raises(ValueError, match="stages 0, 1, 2"):
+        read_ds_config(write_ds_config(tmp_path / "a.json", zero_optimization={"stage": 3}))
+    with pytest.raises(ValueError, match="fp16 is not supported"):
+        read_ds_config(write_ds_config(tmp_path / "b.json", fp16={"enabled": True}))
+    (tmp_path / "c.json").write_text("{nope")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_ds_config(tmp_path / "c.json")
