@@ -3,8 +3,8 @@
 Sections (each a small pydantic model, unknown keys rejected with the list of valid ones):
 ``model`` (preset + overrides), ``data`` (sources, seq_len), ``training`` (steps, batch, schedule,
 loss weights), ``parallel`` (ep_size), ``deepspeed`` (a ds_configs JSON), ``checkpoint``,
-``monitor``, ``resume``, ``init_from`` + ``continual`` (molm_ds.continual). ``finetune`` and ``prune`` are
-reserved for later work: naming them is an error until they exist. Adding a section = a field on ``JobConfig``
+``monitor``, ``resume``, ``init_from`` + ``continual`` (molm_ds.continual), ``finetune`` (load concentration,
+molm_ds.prune). ``prune`` is reserved (pruning is ``launch/prune.py``): naming it is an error. Adding a section = a field on ``JobConfig``
 plus the one place in ``molm_ds.train.loop`` that consumes it (build_model, param_groups or
 loss_weights).
 
@@ -149,7 +149,15 @@ class MonitorSection(_Section):
     log_interval: int = Field(1, ge=1, description="Progress line, metrics.jsonl row and scalars every N steps.")
 
 
-RESERVED_SECTIONS = {"finetune": "issue 7 (fine-tuning)", "prune": "issue 7 (pruning)"}
+class FinetuneSection(_Section):
+    """Fine-tuning before pruning (ModuleFormer): concentrate each sub-layer's load on few experts."""
+
+    load_concentration_weight: float = Field(
+        0.001, ge=0, description="Weight of H(m) (load concentration), summed over MoE sub-layers; added to "
+        "training.loss_weights.load_concentration, every other term unchanged. The paper used 0.001.")
+
+
+RESERVED_SECTIONS = {"prune": "issue 7 (pruning: run launch/prune.py on the finished checkpoint)"}
 
 
 class JobConfig(_Section):
@@ -172,7 +180,8 @@ class JobConfig(_Section):
         "the model section must describe the model it holds. See molm_ds.continual.")
     continual: Optional[ContinualSection] = Field(
         None, description="Insert new experts into the init_from model and train them (docs/continual.md).")
-    finetune: Optional[Any] = None
+    finetune: Optional[FinetuneSection] = Field(
+        None, description="Load-concentration fine-tuning (docs/finetune_prune.md); usually with init_from.")
     prune: Optional[Any] = None
 
     @model_validator(mode="after")

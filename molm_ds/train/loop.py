@@ -112,7 +112,10 @@ def param_groups(job: JobConfig, model: torch.nn.Module) -> list[dict]:
 
 
 def loss_weights(job: JobConfig) -> dict[str, float]:
-    return job.training.loss_weights.model_dump()
+    w = job.training.loss_weights.model_dump()
+    if job.finetune is not None:  # issue 7: load concentration H(m), on top of the other terms
+        w["load_concentration"] += job.finetune.load_concentration_weight
+    return w
 
 
 def build_optimizer(job: JobConfig, groups: list[dict], ds_cfg: dict) -> torch.optim.Optimizer:
