@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = ["MonitorConfig", "PEAK_FLOPS"]
 
@@ -21,14 +21,19 @@ PEAK_FLOPS: dict[str, float] = {
 
 
 class MonitorConfig(BaseModel):
-    """What the monitor writes and how often. Steps are optimizer steps (one step axis for all tags)."""
+    """What the monitor writes and how often. The trainer decides which steps are logged (its log interval);
+    steps are optimizer steps, one step axis for all tags."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    enabled: bool = Field(True, description="Write TensorBoard monitoring at all.")
-    log_every: int = Field(1, ge=1, description="Reduce and write scalars (and expert-load statistics) every N steps.")
-    histogram_every: int = Field(10, ge=1, description="Per-layer histograms of expert shares every N steps.")
-    heatmap_every: int = Field(50, ge=1, description="Layer x expert heatmap images (and expert_load.jsonl rows) every N steps.")
+    enabled: bool = Field(True, description="Write expert-load monitoring and the trainer's scalars to TensorBoard.")
+    histogram_every: int = Field(
+        10, ge=1, description="Per-layer histograms of expert shares at the first logged step at or after every N steps."
+    )
+    heatmap_every: int = Field(
+        50, ge=1, description="Layer x expert heatmap images (and expert_load.jsonl rows) at the first logged step "
+        "at or after every N steps."
+    )
     per_expert_max: int = Field(
         32,
         ge=0,
@@ -37,15 +42,10 @@ class MonitorConfig(BaseModel):
     )
     top_k: int = Field(4, ge=1, description="How many of the most and least loaded experts to log beyond per_expert_max.")
     peak_flops: Optional[float] = Field(
-        None, gt=0, description="Peak FLOP/s of one device for MFU; None = do not log MFU."
+        None, gt=0, description="Peak FLOP/s of one device for MFU; None (and no peak_flops_name) = no MFU."
     )
     peak_flops_name: Optional[str] = Field(
         None, description=f"Alternative to peak_flops: a key of molm_ds.monitor.PEAK_FLOPS ({', '.join(PEAK_FLOPS)})."
-    )
-    tensorboard_dir: Optional[str] = Field(
-        None,
-        description="Where the SummaryWriter for expert-load detail writes. None = <ds tensorboard "
-        "output_path>/<job_name>/expert_load if the ds_config has a tensorboard block, else <run_dir>/tensorboard.",
     )
 
     @field_validator("peak_flops_name")
@@ -54,16 +54,6 @@ class MonitorConfig(BaseModel):
         if v is not None and v not in PEAK_FLOPS:
             raise ValueError(f"unknown peak_flops_name {v!r}; valid names: {', '.join(PEAK_FLOPS)} (or set peak_flops)")
         return v
-
-    @model_validator(mode="after")
-    def _intervals(self) -> "MonitorConfig":
-        for name in ("histogram_every", "heatmap_every"):
-            if getattr(self, name) % self.log_every:
-                raise ValueError(
-                    f"{name}={getattr(self, name)} must be a multiple of log_every={self.log_every} "
-                    "(histograms and heatmaps are drawn from the statistics of a log step)"
-                )
-        return self
 
     def resolved_peak_flops(self) -> Optional[float]:
         """Peak FLOP/s of one device, or None when MFU is not wanted."""

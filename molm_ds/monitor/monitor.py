@@ -1,13 +1,15 @@
 """`TrainingMonitor`: what the training loop calls once per optimizer step.
 
-    monitor = TrainingMonitor(engine.module, config=job.monitoring, run_dir=run_dir,
-                              ds_monitor=engine.monitor, flops_per_token=cfg.flops_per_token(seq_len))
+    monitor = TrainingMonitor.for_engine(engine, config=MonitorConfig(...), run_dir=run_dir,
+                                         flops_per_token=cfg.flops_per_token(seq_len))
     for step in ...:
-        ... engine.backward(loss); engine.step()
-        monitor.on_step(step, {"loss": ..., "lr": ..., "tokens_per_s": ...})   # every rank
+        ... engine.backward(loss); engine.step()          # MoE forwards feed the expert-load sums
+        if step % log_interval == 0:
+            monitor(step, {"loss": ..., "lr": ..., "tokens_per_s": ...})   # every rank (a metrics hook)
     monitor.close()
 
-Every rank calls `on_step` with the same metric names (it runs collectives); rank 0 writes.
+Every rank calls it at the same steps with the same metric names (it runs collectives); rank 0
+writes. Expert-load sums cover every training forward since the previous call.
 Scalars go through DeepSpeed's monitor (the ds_config `tensorboard` block; `engine.monitor`), or through
 a plain SummaryWriter in <run_dir>/tensorboard when the ds_config has none. Per-expert shares,
 histograms and heatmap images go to a SummaryWriter (DeepSpeed's monitor only takes scalars) in the
@@ -21,11 +23,12 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 from torch import nn
 
 from molm_ds.log import get_logger, is_rank0, warn_once
+from molm_ds.model.moe import AUX_KEYS
 from molm_ds.monitor.config import MonitorConfig
 from molm_ds.monitor.expert_load import ExpertLoadTracker, SubLayer
 from molm_ds.monitor.heatmap import render_heatmap, share_matrix
@@ -37,36 +40,36 @@ __all__ = ["TrainingMonitor", "DEFAULT_OPS", "mfu", "scalar_tag"]
 
 log = get_logger("monitor")
 
-# How the trainer's per-step metrics reduce across ranks. Per-rank losses of equal micro-batches average;
-# lr / grad norm / loss scale / skipped steps are already identical on every rank (DeepSpeed computes the
-# global grad norm); tokens_per_s is the global throughput. Other names must be declared by the caller.
+# How the trainer's per-step metrics reduce across ranks. The loop in molm_ds.train already averages
+# losses over ranks, so MEAN is exact for them (and right for a caller that passes per-rank values);
+# lr / grad norm / loss scale / skipped steps / val_ppl are identical on every rank (DeepSpeed computes
+# the global grad norm); tokens_per_s is global tokens over each rank's own step time, so ranks differ
+# slightly and are averaged. Any other name must be declared by the caller (`ops=`).
 DEFAULT_OPS: dict[str, ReduceOp] = {
     "loss": ReduceOp.MEAN,
     "lm_loss": ReduceOp.MEAN,
     "val_loss": ReduceOp.MEAN,
+    "val_ppl": ReduceOp.RANK0,
     "lr": ReduceOp.RANK0,
     "grad_norm": ReduceOp.RANK0,
     "loss_scale": ReduceOp.RANK0,
     "skipped_steps": ReduceOp.RANK0,
-    "tokens_per_s": ReduceOp.RANK0,
+    "tokens_per_s": ReduceOp.MEAN,
     "step_time_s": ReduceOp.MAX,
+    **{k: ReduceOp.MEAN for k in AUX_KEYS},
 }
-# Aux loss terms: any name with one of these prefixes averages.
-AUX_PREFIXES = ("aux/", "aux_")
 
 
 def _default_op(name: str) -> Optional[ReduceOp]:
-    if name in DEFAULT_OPS:
-        return DEFAULT_OPS[name]
-    if name.startswith(AUX_PREFIXES) or name.startswith("val_"):
-        return ReduceOp.MEAN
-    return None
+    return DEFAULT_OPS.get(name)
 
 
 def scalar_tag(name: str) -> str:
-    """Trainer metric name -> tag: val_loss -> val/loss, aux/mi -> train/aux/mi, loss -> train/loss."""
+    """Trainer metric name -> tag: val_loss -> val/loss, mi -> train/aux/mi, loss -> train/loss."""
     if name.startswith("val_"):
         return "val/" + name[len("val_"):]
+    if name in AUX_KEYS:
+        return "train/aux/" + name
     return "train/" + name
 
 
@@ -97,14 +100,23 @@ class TrainingMonitor:
         *,
         config: MonitorConfig = MonitorConfig(),
         run_dir: str,
+        tensorboard_dir: Optional[str] = None,
         ds_monitor=None,
         flops_per_token: Optional[float] = None,
+        loss_scale: Optional[Callable[[], Optional[float]]] = None,
         group=None,
     ):
+        """model: holds the MoE sub-layers (hooked here). run_dir: gets expert_load.jsonl.
+        tensorboard_dir: where scalars go when there is no DeepSpeed monitor (default <run_dir>/tensorboard).
+        ds_monitor: DeepSpeed's MonitorMaster (`engine.monitor`). flops_per_token: for MFU.
+        loss_scale: returns the current fp16 loss scale (None when not fp16). group: reduction group
+        (default world: every data- and expert-parallel rank)."""
         self.config = config
         self.run_dir = run_dir
         self.group = group
         self.flops_per_token = flops_per_token
+        self.loss_scale = loss_scale
+        self._last_hist = self._last_heat = 0
         self.peak_flops = config.resolved_peak_flops()
         self.tracker = ExpertLoadTracker(model)
         self.rank0 = is_rank0()
@@ -112,12 +124,10 @@ class TrainingMonitor:
         self._scalar_sink = None
         ds_tb = getattr(ds_monitor, "tb_monitor", None) if ds_monitor is not None else None
         self._ds_monitor = ds_monitor if ds_monitor is not None and getattr(ds_monitor, "enabled", False) else None
-        if config.tensorboard_dir is not None:
-            self.tb_dir = config.tensorboard_dir
-        elif ds_tb is not None:
+        if ds_tb is not None:
             self.tb_dir = os.path.join(ds_tb.output_path, ds_tb.job_name)
         else:
-            self.tb_dir = os.path.join(run_dir, "tensorboard")
+            self.tb_dir = tensorboard_dir or os.path.join(run_dir, "tensorboard")
         self.detail_dir = os.path.join(self.tb_dir, "expert_load")
         if self._ds_monitor is None and self.rank0:
             warn_once("TrainingMonitor: DeepSpeed's monitor is off (no ds_config 'tensorboard' block); "
@@ -144,60 +154,78 @@ class TrainingMonitor:
             self._scalar_sink = _WriterSink(SummaryWriter(log_dir=self.tb_dir))
         return self._scalar_sink
 
+    @classmethod
+    def for_engine(cls, engine, *, config: MonitorConfig = MonitorConfig(), run_dir: str,
+                   tensorboard_dir: Optional[str] = None, flops_per_token: Optional[float] = None,
+                   group=None) -> "TrainingMonitor":
+        """Monitor of a DeepSpeed engine: its module's MoE sub-layers, its monitor, its fp16 loss scale."""
+        def loss_scale():
+            if not engine.fp16_enabled():
+                return None
+            opt = engine.optimizer
+            return getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale", None)
+
+        return cls(engine.module, config=config, run_dir=run_dir, tensorboard_dir=tensorboard_dir,
+                   ds_monitor=engine.monitor, flops_per_token=flops_per_token, loss_scale=loss_scale, group=group)
+
     # ---- the per-step entry point -------------------------------------------------------------
+    def __call__(self, step: int, metrics: Mapping[str, float]) -> None:
+        """The training loop's metrics-hook signature."""
+        self.on_step(step, metrics)
+
     def on_step(
         self, step: int, metrics: Mapping[str, float], ops: Optional[Mapping[str, ReduceOp]] = None
     ) -> dict[str, float]:
-        """Call on every rank after each optimizer step. Expert-load sums accumulate every step; every
-        `log_every` steps the metrics and sums are reduced and rank 0 writes them. Metrics named val_*
-        are written whenever given. Returns the scalars written ({} when nothing was), on every rank."""
+        """Call on every rank at each logged step (same steps, same metric names on every rank): reduces
+        the metrics (declared ops: DEFAULT_OPS, then `ops`) and the expert-load sums gathered since the
+        last call; rank 0 writes them. Returns the scalars by tag, on every rank."""
         if not self.config.enabled:
             self.tracker.reset()
             return {}
-        log_step = step % self.config.log_every == 0
-        if not log_step:
-            metrics = {k: v for k, v in metrics.items() if k.startswith("val_")}
-            if not metrics:
-                return {}
-        all_ops = {}
-        for k in metrics:
-            op = (ops or {}).get(k) or _default_op(k)
-            if op is not None:
-                all_ops[k] = ReduceOp(op)
+        metrics = {k: float(v) for k, v in metrics.items() if v is not None}
+        if self.loss_scale is not None and "loss_scale" not in metrics:
+            ls = self.loss_scale()
+            if ls is not None:
+                metrics["loss_scale"] = float(ls)
+        all_ops = {k: ReduceOp(op) for k in metrics if (op := (ops or {}).get(k) or _default_op(k)) is not None}
         reduced = reduce_metrics(metrics, all_ops, self.group)
         scalars = {scalar_tag(k): v for k, v in reduced.items()}
-        if "val_loss" in reduced:
+        if "val_loss" in reduced and "val_ppl" not in reduced:
             scalars["val/ppl"] = math.exp(min(reduced["val_loss"], 50.0))
-        if log_step and "tokens_per_s" in reduced and self.peak_flops and self.flops_per_token:
+        if "tokens_per_s" in reduced and self.peak_flops and self.flops_per_token:
             scalars["train/mfu"] = mfu(
                 tokens_per_s=reduced["tokens_per_s"], flops_per_token=self.flops_per_token,
                 peak_flops=self.peak_flops, n_devices=world_size(self.group),
             )
-        sums = {}
-        if log_step:
-            sums = self.tracker.reduce(self.group)
-            self.tracker.reset()
-            for sub, s in sums.items():
-                for stat, v in load_stats(s).items():
-                    scalars[tags.stat_tag(sub, stat)] = v
+        sums = self.tracker.reduce(self.group)
+        self.tracker.reset()
+        for sub, s in sums.items():
+            for stat, v in load_stats(s).items():
+                scalars[tags.stat_tag(sub, stat)] = v
+        hist = step // self.config.histogram_every > self._last_hist // self.config.histogram_every
+        heat = step // self.config.heatmap_every > self._last_heat // self.config.heatmap_every
+        if hist:
+            self._last_hist = step
+        if heat:
+            self._last_heat = step
         if self.rank0:
             self._scalars_out().write_events([(t, v, step) for t, v in scalars.items()])
             if sums:
-                self._write_detail(step, sums)
+                self._write_detail(step, sums, hist=hist, heat=heat)
         return scalars
 
-    def _write_detail(self, step: int, sums: dict[SubLayer, LoadSums]) -> None:
+    def _write_detail(self, step: int, sums: dict[SubLayer, LoadSums], *, hist: bool, heat: bool) -> None:
         cfg = self.config
         w = self._detail_writer()
         shares = {sub: s.shares() for sub, s in sums.items()}
         for sub, sh in shares.items():
             for tag, v in tags.per_expert_share_scalars(sub, sh, per_expert_max=cfg.per_expert_max, top_k=cfg.top_k).items():
                 w.add_scalar(tag, v, step)
-        if step % cfg.histogram_every == 0:
+        if hist:
             for sub, sh in shares.items():
                 if sums[sub].counts_E.sum() > 0:
                     w.add_histogram(tags.hist_tag(sub), sh.numpy(), step)
-        if step % cfg.heatmap_every == 0:
+        if heat:
             for kind in sorted({sub.kind for sub in shares}):
                 subs = sorted(s for s in shares if s.kind == kind)
                 mat = share_matrix([shares[s].tolist() for s in subs])

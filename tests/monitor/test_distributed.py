@@ -56,7 +56,7 @@ def _worker(rank, world, init_file, out_dir):
     two = os.path.join(out_dir, "two_ranks")
     ds_monitor = MonitorMaster(get_monitor_config({"tensorboard": {"enabled": True, "output_path": two, "job_name": "job"}}))
     cfg = ModelConfig.from_preset("tiny")
-    mcfg = MonitorConfig(log_every=1, histogram_every=1, heatmap_every=2, peak_flops=1e9)
+    mcfg = MonitorConfig(histogram_every=1, heatmap_every=2, peak_flops=1e9)
 
     torch.manual_seed(0)
     model = MoLM(cfg).train()
