@@ -1,0 +1,181 @@
+"""Prune the experts a task does not use: frequencies on task data -> keep f/max >= tau -> checkpoint.
+
+One process (CPU):
+    python launch/prune.py --checkpoint runs/ft-code-conc/checkpoints --data data/embedded/shards/code \\
+        --tau 0.1 --out runs/pruned
+Sweep tau (table, sweep.csv and sweep.png of parameters kept vs task perplexity; --tau also writes that one):
+    python launch/prune.py --checkpoint CKPT --data SHARDS --sweep 0.001,0.01,0.1,0.3 --out runs/sweep
+Several ranks (each routes 1/N of every global batch; counts are SUM-all-reduced, so the result equals
+one process; rank 0 writes):
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launch/prune.py --checkpoint CKPT --data SHARDS --tau 0.1 --out DIR
+    mpirun -np 2 python launch/prune.py ...
+
+--checkpoint: a trainer checkpoint directory (newest complete tag), a step_NNNNNNNN tag, or a Hugging Face
+ModuleFormer directory (config.json). Writes under --out: checkpoints/<tag>/ (weights-only trainer
+layout; use it as a job's init_from, with the model section from its job.yaml), hf/ (ModuleFormer
+layout with per-layer counts, when the model has a released equivalent), frequencies.json (per
+sub-layer f_m, f_m / max and the monitor's load statistics), prune.json (what was kept, perplexities).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--checkpoint", required=True, help="trainer checkpoint dir / tag, or a HF ModuleFormer dir")
+    p.add_argument("--data", required=True, nargs="+", help="task shard directories (or Megatron prefixes)")
+    p.add_argument("--tau", type=float, default=None, help="prune threshold on f_m / max f (writes the checkpoint)")
+    p.add_argument("--sweep", default=None, help="comma-separated taus: table + sweep.png (no checkpoints)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--batches", type=int, default=32, help="global batches routed to count expert use")
+    p.add_argument("--eval-batches", type=int, default=16, help="global validation batches for perplexity")
+    p.add_argument("--batch-size", type=int, default=8, help="global batch (sequences), split over ranks")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the checkpoint job's data.seq_len, else 128")
+    p.add_argument("--seed", type=int, default=1234, help="order of the counting windows")
+    p.add_argument("--no-hf", action="store_true", help="do not write the Hugging Face export")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.tau is None and args.sweep is None:
+        p.error("give --tau T (prune and write a checkpoint) and/or --sweep T1,T2,... (compare)")
+    return args
+
+
+def load_source(path: str):
+    """(model, job dict, tag) from a trainer checkpoint or a HF directory."""
+    import yaml
+
+    from molm_ds.continual import load_checkpoint_model, resolve_checkpoint
+    from molm_ds.interop import load_moduleformer
+
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return load_moduleformer(path), {}, "step_00000000"
+    ckpt_dir, tag = resolve_checkpoint(path)
+    with open(os.path.join(ckpt_dir, tag, "job.yaml")) as f:
+        job = yaml.safe_load(f) or {}
+    return load_checkpoint_model(os.path.join(ckpt_dir, tag)), job, tag
+
+
+def plot_sweep(rows: list[dict], base: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([r["params_kept"] for r in rows], [r["ppl"] for r in rows], "o-")
+    for r in rows:
+        ax.annotate(f"τ={r['tau']:g}", (r["params_kept"], r["ppl"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.plot([1.0], [base["ppl"]], "k*", label="unpruned")
+    ax.set_xlabel("parameters kept (fraction)")
+    ax.set_ylabel("task perplexity")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from molm_ds.data import DataSource, MixtureLoader
+    from molm_ds.log import print0, setup_logging
+    from molm_ds.monitor import load_stats
+    from molm_ds.prune import (
+        expert_load_sums, experts_to_keep, normalized_frequencies, activation_frequencies, param_count,
+        perplexity, prune_model, save_pruned_checkpoint,
+    )
+    from molm_ds.train.distributed import launcher_kind
+
+    setup_logging()
+    rank, world = 0, 1
+    if launcher_kind() != "single":
+        from molm_ds.train.distributed import init_distributed
+
+        rank, world = init_distributed()
+    if args.batch_size % world:
+        print(f"error: --batch-size {args.batch_size} must be divisible by the {world} ranks", file=sys.stderr)
+        return 2
+    taus = [float(t) for t in args.sweep.split(",")] if args.sweep else []
+
+    torch.manual_seed(0)
+    model, job, tag = load_source(args.checkpoint)
+    model.eval()
+    seq_len = args.seq_len or (job.get("data") or {}).get("seq_len") or 128
+    kw = dict(sources=[DataSource(p) for p in args.data], seq_len=seq_len, micro_batch_size=args.batch_size // world,
+              seed=args.seed, dp_rank=rank, dp_world_size=world)
+    train = MixtureLoader(split="train", **kw)
+    val = MixtureLoader(split="val", **kw)
+    val_batches = [val.next_batch() for _ in range(args.eval_batches)]
+
+    sums = expert_load_sums(model, (train.next_batch() for _ in range(args.batches)))
+    base = {"params": param_count(model), "ppl": perplexity(model, val_batches)}
+    print0(f"unpruned: {base['params']:,} parameters, task perplexity {base['ppl']:.3f} "
+           f"({args.batches} x {args.batch_size} x {seq_len} tokens counted on {world} rank(s))")
+
+    def run(tau: float):
+        keep = experts_to_keep(sums, tau=tau)
+        pruned = prune_model(model, keep)
+        n = param_count(pruned)
+        return pruned, keep, {"tau": tau, "params": n, "params_kept": n / base["params"],
+                              "ppl": perplexity(pruned, val_batches),
+                              "experts_kept": sum(len(v) for v in keep.values()),
+                              "att_experts_per_layer": list(pruned.config.att_experts_per_layer),
+                              "mlp_experts_per_layer": list(pruned.config.mlp_experts_per_layer)}
+
+    os.makedirs(args.out, exist_ok=True)
+    freqs, nfreqs = activation_frequencies(sums), normalized_frequencies(sums)
+    if rank == 0:
+        with open(os.path.join(args.out, "frequencies.json"), "w") as f:
+            json.dump({k.tag: {"f": freqs[k].tolist(), "f_over_max": nfreqs[k].tolist(), **load_stats(sums[k])}
+                       for k in sorted(sums)}, f, indent=1)
+
+    total_experts = sum(s.num_experts for s in sums.values())
+    if taus:
+        rows = [run(t)[2] for t in taus]
+        if rank == 0:
+            print(f"{'tau':>8} {'experts':>9} {'params':>10} {'kept':>7} {'task ppl':>9}   attn/layer  mlp/layer")
+            print(f"{'-':>8} {total_experts:>9} {base['params']:>10,} {1.0:>7.1%} {base['ppl']:>9.3f}")
+            for r in rows:
+                print(f"{r['tau']:>8g} {r['experts_kept']:>9} {r['params']:>10,} {r['params_kept']:>7.1%} {r['ppl']:>9.3f}"
+                      f"   {r['att_experts_per_layer']}  {r['mlp_experts_per_layer']}")
+            with open(os.path.join(args.out, "sweep.json"), "w") as f:
+                json.dump({"unpruned": base, "rows": rows}, f, indent=1)
+            plot_sweep(rows, base, os.path.join(args.out, "sweep.png"))
+            print(f"wrote {os.path.join(args.out, 'sweep.png')} and sweep.json")
+
+    if args.tau is not None:
+        pruned, keep, row = run(args.tau)
+        if rank == 0:
+            info = {"source": os.path.abspath(args.checkpoint), "data": args.data, "unpruned": base, **row,
+                    "kept_ids": {k.tag: v for k, v in sorted(keep.items())}}
+            d = save_pruned_checkpoint(pruned, job, os.path.join(args.out, "checkpoints"), tag=tag, info=info)
+            if not args.no_hf:
+                from molm_ds.interop import config_to_hf, save_moduleformer
+
+                try:
+                    config_to_hf(pruned.config)
+                except ValueError as exc:
+                    print(f"no Hugging Face export: {exc}")
+                else:
+                    save_moduleformer(pruned, os.path.join(args.out, "hf"))
+                    print(f"wrote {os.path.join(args.out, 'hf')}")
+            with open(os.path.join(args.out, "prune.json"), "w") as f:
+                json.dump(info, f, indent=1)
+            print(f"tau {args.tau:g}: kept {row['experts_kept']}/{total_experts} experts, {row['params']:,} parameters "
+                  f"({row['params_kept']:.1%}), task perplexity {base['ppl']:.3f} -> {row['ppl']:.3f}; wrote {d}")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""Pruning unused experts (ModuleFormer §6): measure how often each expert is chosen on task data,
+normalise per sub-layer by the most used expert, drop the experts below a threshold tau.
+
+Legend: T tokens, E experts of one sub-layer, K experts per token, R router width, L layers.
+
+    sums  = expert_load_sums(model, batches, group=None)   # {SubLayer: LoadSums}, all-reduced over ranks
+    keep  = experts_to_keep(sums, tau=0.1)                  # {SubLayer: kept expert ids}
+    small = prune_model(model, keep)                        # new MoLM, per-layer expert counts
+
+Statistics are the monitor's own: an `ExpertLoadTracker` (molm_ds.monitor) adds every MoE sub-layer's
+`last_routing` into additive `LoadSums` after each forward and reduces them with one SUM all-reduce,
+so N ranks that each see 1/N of the data get exactly the single-process counts. The activation
+frequency of expert m is f_m = counts_E[m] / tokens (routed slots over real tokens; sums to k over
+the experts of a dropless sub-layer); a sub-layer keeps the experts with f_m / max_m' f_m' >= tau.
+tau = 0 keeps every expert (and the logits bit for bit); the most used expert always stays.
+
+Removing expert j deletes its stacked weights (row j of every `experts` parameter) and its router row
+(row j of `router.w_gate`, the module embedding); B, b stay. The router's softmax then runs over the
+kept experts only, k stays (capped at the experts left). The pruned model records its counts in
+`ModelConfig.{att,mlp}_experts_per_layer`, so checkpoints (job.yaml model overrides), the trainer
+(`init_from`), evaluation and the Hugging Face export (`n_{att,mlp}_experts_per_layer`) rebuild it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import Tensor, nn
+
+from molm_ds.config import ModelConfig
+from molm_ds.log import get_logger
+from molm_ds.model import MoLM
+from molm_ds.monitor import ExpertLoadTracker, LoadSums, SubLayer
+
+__all__ = [
+    "expert_load_sums", "activation_frequencies", "normalized_frequencies", "experts_to_keep", "pruned_config",
+    "prune_model", "prune_model_reference_layer", "perplexity", "save_pruned_checkpoint", "param_count",
+]
+
+log = get_logger("prune")
+
+_SUBLAYER_ATTR = {"attn": "attn", "mlp": "mlpf"}  # SubLayer.kind -> attribute of a Block
+
+
+# ---- statistics ----------------------------------------------------------------------------------
+@torch.no_grad()
+def expert_load_sums(model: nn.Module, batches: Iterable, *, group=None) -> dict[SubLayer, LoadSums]:
+    """Route `batches` (LongTensor [B, T] input ids, or dicts with "input_ids" and optionally
+    "attention_mask") through `model` in eval mode (inference routing: plain top-k, dropless) and return
+    the per-sub-layer `LoadSums`, SUM-all-reduced over `group` (default world; a no-op without a process
+    group). Every rank must call it (collective), even one that has no batches."""
+    tracker = ExpertLoadTracker(model, hooks=False)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for b in batches:
+            ids, mask = (b["input_ids"], b.get("attention_mask")) if isinstance(b, dict) else (b, None)
+            model(ids.to(device), attention_mask=None if mask is None else mask.to(device))
+            tracker.observe()  # all sub-layers: their last_routing is this forward's
+        return tracker.reduce(group=group)
+    finally:
+        tracker.close()
+        model.train(was_training)
+
+
+def activation_frequencies(sums: dict[SubLayer, LoadSums]) -> dict[SubLayer, Tensor]:
+    """f_m = routed slots of expert m / real tokens, per sub-layer (float64 [E])."""
+    out = {}
+    for key, s in sums.items():
+        tokens = float(s.tokens)
+        if tokens <= 0:
+            raise ValueError(f"{key.tag}: no tokens were routed; give the pruning more data (--batches)")
+        out[key] = s.counts_E.double().cpu() / tokens
+    return out
+
+
+def normalized_frequencies(sums: dict[SubLayer, LoadSums]) -> dict[SubLayer, Tensor]:
+    """f_m / max_m' f_m' per sub-layer, in [0, 1]; the most used expert has 1."""
+    out = {}
+    for key, f in activation_frequencies(sums).items():
+        top = float(f.max())
+        if top <= 0:
+            raise ValueError(f"{key.tag}: every slot was dropped; no expert is used, nothing to normalise by")
+        out[key] = f / top
+    return out
+
+
+def experts_to_keep(sums: dict[SubLayer, LoadSums], *, tau: float) -> dict[SubLayer, list[int]]:
+    """Expert ids (ascending) whose normalised frequency is >= tau, per sub-layer."""
+    if not 0.0 <= tau <= 1.0:
+        raise ValueError(f"tau={tau} must be in [0, 1] (a fraction of the most used expert's frequency)")
+    return {k: [int(i) for i in torch.nonzero(nf >= tau).flatten()] for k, nf in normalized_frequencies(sums).items()}
+
+
+# ---- surgery -------------------------------------------------------------------------------------
+def pruned_config(config: ModelConfig, keep: dict[SubLayer, list[int]]) -> ModelConfig:
+    """`config` with per-layer expert counts from `keep` (layers/kinds not in keep keep their count)."""
+    att = [len(keep[SubLayer(i, "attn")]) if SubLayer(i, "attn") in keep else config.att_experts_at(i)
+           for i in range(config.n_layer)]
+    mlp = [len(keep[SubLayer(i, "mlp")]) if SubLayer(i, "mlp") in keep else config.mlp_experts_at(i)
+           for i in range(config.n_layer)]
+    return ModelConfig(**{**config.model_dump(), "att_experts_per_layer": tuple(att), "mlp_experts_per_layer": tuple(mlp)})
+
+
+def _check_keep(model: MoLM, keep: dict[SubLayer, list[int]]) -> None:
+    if getattr(model, "_molm_expert_parallel", None) is not None:
+        raise ValueError("prune_model needs the plain (full) model, not an expert-parallel one: load the checkpoint "
+                         "with molm_ds.continual.load_checkpoint_model (all experts on one process)")
+    for key, ids in keep.items():
+        if key.kind not in _SUBLAYER_ATTR or not 0 <= key.layer < len(model.blocks):
+            raise ValueError(f"keep: no MoE sub-layer {key} in a model of {len(model.blocks)} layers")
+        E = getattr(model.blocks[key.layer], _SUBLAYER_ATTR[key.kind]).num_experts
+        if not ids:
+            raise ValueError(f"{key.tag}: keep at least one expert (tau <= 1 always keeps the most used one)")
+        if sorted(set(ids)) != list(ids) or ids[0] < 0 or ids[-1] >= E:
+            raise ValueError(f"{key.tag}: kept ids {ids} must be distinct, ascending and in [0, {E})")
+
+
+@torch.no_grad()
+def prune_model(model: MoLM, keep: dict[SubLayer, list[int]]) -> MoLM:
+    """A new MoLM holding only the kept experts of each sub-layer (their weights and router rows);
+    everything else is copied. `model` is not changed. Train/eval mode follows `model`."""
+    _check_keep(model, keep)
+    cfg = pruned_config(model.config, keep)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    for key, ids in keep.items():
+        prefix = f"blocks.{key.layer}.{_SUBLAYER_ATTR[key.kind]}."
+        idx = torch.tensor(ids, dtype=torch.long)
+        for name in list(sd):
+            if name.startswith(prefix + "experts.") or name == prefix + "router.w_gate":
+                sd[name] = sd[name].index_select(0, idx.to(sd[name].device))
+    with torch.device("meta"):
+        pruned = MoLM(cfg)
+    pruned.load_state_dict(sd, strict=True, assign=True)
+    before, after = param_count(model), param_count(pruned)
+    log.info("pruned %d -> %d parameters (%.1f%%); experts per layer attn %s, mlp %s", before, after,
+             100.0 * after / before, list(cfg.att_experts_per_layer), list(cfg.mlp_experts_per_layer))
+    return pruned.train(model.training)
+
+
+def prune_model_reference_layer(layer: nn.Module, ids: list[int], x_TD: Tensor) -> Tensor:
+    """Slow path for an MoE MLP sub-layer with only experts `ids` left, from the UNPRUNED layer's
+    weights: softmax over the kept rows of A, top-k (k capped), y = sum_k p(m|x) f_m(x), one token at a
+    time. What `prune_model` must compute."""
+    r = layer.router
+    h = x_TD if r.proj is None else F.gelu(r.proj(x_TD))
+    logits_TE = h @ r.w_gate[ids].t()
+    probs_TE = torch.softmax(logits_TE.float(), -1)
+    k = min(r.top_k, len(ids))
+    out = []
+    for t in range(x_TD.shape[0]):
+        p, j = probs_TE[t].topk(k)
+        if r.renormalize_topk:
+            p = p / p.sum()
+        y = torch.zeros_like(x_TD[t])
+        for pk, jk in zip(p, j):
+            e = ids[int(jk)]
+            y = y + pk * (layer.experts.act(x_TD[t] @ layer.experts.w1[e]) @ layer.experts.w2[e])
+        out.append(y)
+    return torch.stack(out)
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---- evaluation ----------------------------------------------------------------------------------
+@torch.no_grad()
+def perplexity(model: nn.Module, batches: Iterable[dict], *, group=None) -> float:
+    """exp(mean next-token cross-entropy) over `batches` ({"input_ids", "labels"} [B, T]); token-weighted
+    and SUM-all-reduced over `group` (collective)."""
+    from molm_ds.monitor.reduce import all_reduce_sum
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = torch.zeros(2, dtype=torch.float64)
+    for b in batches:
+        logits = model(b["input_ids"].to(device)).logits
+        labels = b["labels"].to(device)
+        total[0] += F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                    reduction="sum").double().cpu()
+        total[1] += float((labels != -100).sum())
+    model.train(was_training)
+    total = all_reduce_sum(total, group=group)
+    if total[1] == 0:
+        raise ValueError("perplexity: no labelled tokens")
+    return math.exp(min(float(total[0] / total[1]), 50.0))
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+MODEL_FILE = "mp_rank_00_model_states.pt"
+
+
+def save_pruned_checkpoint(model: MoLM, job: dict, out_dir: str, *, tag: str, info: Optional[dict] = None) -> str:
+    """Write a weights-only checkpoint in the trainer's DeepSpeed layout: `out_dir/<tag>/` with
+    `mp_rank_00_model_states.pt` ({"module": non-expert weights}), one
+    `layer_{L}_expert_{E}_mp_rank_00_model_states.pt` per global expert (L = index of the MoE sub-layer,
+    block 0 attention first), `job.yaml` (the source job with model.overrides holding the per-layer
+    counts, so `molm_ds.continual.load_checkpoint_model` and `init_from` rebuild the pruned model),
+    `prune.yaml` (`info`), `COMPLETE`, and `out_dir/latest`. Returns the tag directory."""
+    from molm_ds.train import checkpoint as ckpt
+
+    d = os.path.join(out_dir, tag)
+    os.makedirs(d, exist_ok=True)
+    sd = model.state_dict()
+    expert_keys = set()
+    for L, layer in enumerate(model.moe_layers()):
+        prefix = next(n for n, m in model.named_modules() if m is layer.experts)
+        for e in range(layer.num_experts):
+            out = {f"{prefix}.deepspeed_moe.experts.deepspeed_experts.{e}.{name}": p[e].detach().clone().cpu()
+                   for name, p in layer.experts.named_parameters(recurse=False)}
+            torch.save(out, os.path.join(d, f"layer_{L}_expert_{e}_mp_rank_00_model_states.pt"))
+        expert_keys.update(f"{prefix}.{name}" for name, _ in layer.experts.named_parameters(recurse=False))
+    torch.save({"module": {k: v.detach().cpu() for k, v in sd.items() if k not in expert_keys}},
+               os.path.join(d, MODEL_FILE))
+    job = dict(job)
+    cfg = model.config
+    overrides = dict((job.get("model") or {}).get("overrides") or {})
+    overrides.update(n_att_experts=cfg.n_att_experts, n_mlp_experts=cfg.n_mlp_experts,
+                     att_experts_per_layer=list(cfg.att_experts_per_layer or [cfg.n_att_experts] * cfg.n_layer),
+                     mlp_experts_per_layer=list(cfg.mlp_experts_per_layer or [cfg.n_mlp_experts] * cfg.n_layer))
+    job["model"] = {"preset": (job.get("model") or {}).get("preset", "tiny"), "overrides": overrides}
+    for key in ("init_from", "continual", "resume"):
+        job.pop(key, None)
+    with open(os.path.join(d, "job.yaml"), "w") as f:
+        yaml.safe_dump(job, f, sort_keys=False)
+    with open(os.path.join(d, "prune.yaml"), "w") as f:
+        yaml.safe_dump(info or {}, f, sort_keys=False)
+    with open(os.path.join(d, ckpt.COMPLETE), "w") as f:
+        f.write('{"pruned": true}\n')
+    with open(os.path.join(out_dir, "latest"), "w") as f:
+        f.write(tag)
+    return d
