@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from molm_ds.config import ModelConfig, preset_names
 from molm_ds.continual.config import ContinualSection, grown_config
+from molm_ds.monitor.config import MonitorConfig
 
 __all__ = ["JobConfig", "JobConfigError", "load_job", "parse_overrides", "apply_overrides", "REPO_ROOT"]
 
@@ -147,6 +148,9 @@ class MonitorSection(_Section):
     tensorboard: bool = Field(True, description="TensorBoard scalars through DeepSpeed's monitor.")
     tensorboard_dir: Optional[str] = Field(None, description="Default: <run_dir>/tensorboard.")
     log_interval: int = Field(1, ge=1, description="Progress line, metrics.jsonl row and scalars every N steps.")
+    expert_load: MonitorConfig = Field(
+        default_factory=MonitorConfig,
+        description="Expert-load monitoring, histograms/heatmaps, MFU peak FLOPs (molm_ds.monitor; docs/monitoring.md).")
 
 
 class FinetuneSection(_Section):

@@ -36,7 +36,8 @@ from molm_ds.train import checkpoint as ckpt
 from molm_ds.train.distributed import init_distributed
 from molm_ds.train.ds_config import build_ds_config, offloads_optimizer
 from molm_ds.train.job import JobConfig
-from molm_ds.train.metrics import MetricsHook, MetricsWriter, TensorBoardHook, format_progress
+from molm_ds.monitor import TrainingMonitor
+from molm_ds.train.metrics import MetricsHook, MetricsWriter, format_progress
 from molm_ds.train.schedule import lr_factor
 
 log = get_logger("train")
@@ -265,7 +266,11 @@ def train(job: JobConfig, *, hooks: Iterable[MetricsHook] = ()) -> dict:
             log.warning("checkpoint step %d >= training.steps %d: nothing to train", step, t.steps)
 
     metrics_path = os.path.join(job.run_dir, "metrics.jsonl")
-    hooks = [MetricsWriter(metrics_path, resume_step=step), TensorBoardHook(engine), *hooks]
+    # monitoring (molm_ds.monitor): the trainer's scalars and expert load through DeepSpeed's monitor
+    monitor = TrainingMonitor.for_engine(
+        engine, config=job.monitor.expert_load, run_dir=job.run_dir, tensorboard_dir=job.tensorboard_dir,
+        flops_per_token=cfg.flops_per_token(job.data.seq_len)) if job.monitor.tensorboard else None
+    hooks = [MetricsWriter(metrics_path, resume_step=step), *([monitor] if monitor else []), *hooks]
     if cl is not None:
         cl.begin(engine, device, hooks, resumed=resume_from is not None)  # old/new-domain perplexity at step 0
     if rank == 0:
@@ -348,6 +353,8 @@ def train(job: JobConfig, *, hooks: Iterable[MetricsHook] = ()) -> dict:
                                    ep_info=ep_info, keep=job.checkpoint.keep)
 
     # 5. summary
+    if monitor is not None:
+        monitor.close()
     dist.barrier()
     return {"step": step, "loss": last.get("loss"), "val_loss": last.get("val_loss"), "skipped_steps": skipped,
             "run_dir": job.run_dir, "metrics": metrics_path, "tensorboard_dir": job.tensorboard_dir if job.monitor.tensorboard else None,
