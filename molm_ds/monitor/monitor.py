@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from typing import Callable, Mapping, Optional
 
 from torch import nn
@@ -65,9 +66,11 @@ def _default_op(name: str) -> Optional[ReduceOp]:
 
 
 def scalar_tag(name: str) -> str:
-    """Trainer metric name -> tag: val_loss -> val/loss, mi -> train/aux/mi, loss -> train/loss."""
-    if name.startswith("val_"):
-        return "val/" + name[len("val_"):]
+    """Trainer metric name -> tag: val_loss -> val/loss, old_val_ppl -> val/old_ppl, mi -> train/aux/mi,
+    loss -> train/loss."""
+    m = re.match(r"^(?:(\w+?)_)?val_(\w+)$", name)
+    if m:
+        return "val/" + (f"{m.group(1)}_" if m.group(1) else "") + m.group(2)
     if name in AUX_KEYS:
         return "train/aux/" + name
     return "train/" + name
@@ -170,8 +173,10 @@ class TrainingMonitor:
 
     # ---- the per-step entry point -------------------------------------------------------------
     def __call__(self, step: int, metrics: Mapping[str, float]) -> None:
-        """The training loop's metrics-hook signature."""
-        self.on_step(step, metrics)
+        """The training loop's metrics hook (molm_ds.train): its contract is that every value is already
+        reduced over ranks and micro-batches, so each is declared RANK0 (no second reduction). The
+        expert-load sums are still all-reduced here."""
+        self.on_step(step, metrics, ops={k: ReduceOp.RANK0 for k in metrics})
 
     def on_step(
         self, step: int, metrics: Mapping[str, float], ops: Optional[Mapping[str, ReduceOp]] = None
@@ -199,6 +204,8 @@ class TrainingMonitor:
             )
         sums = self.tracker.reduce(self.group)
         self.tracker.reset()
+        if not any(float(s.tokens) > 0 for s in sums.values()):
+            sums = {}  # no training forward since the last call (e.g. a step-0 evaluation row)
         for sub, s in sums.items():
             for stat, v in load_stats(s).items():
                 scalars[tags.stat_tag(sub, stat)] = v
