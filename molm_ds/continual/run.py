@@ -142,7 +142,10 @@ class ContinualRun:
 
     def begin(self, engine, device, hooks, *, resumed: bool) -> None:
         """Before the first step of a fresh run: perplexities of the grown, untrained model (step 0 row)."""
-        if resumed or not self.domains:
+        if not self.domains:
+            return
+        if resumed:
+            self._carry_before_over()
             return
         before = self.evaluate_domains(engine, device)
         info0("continual: before training: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
@@ -152,6 +155,24 @@ class ContinualRun:
             os.makedirs(self.job.run_dir, exist_ok=True)
             with open(self._report_path(), "w") as f:
                 json.dump({"before": before}, f, indent=1)
+
+    def _carry_before_over(self) -> None:
+        """A resumed run in a new run_dir keeps the 'before' numbers of the run that wrote the checkpoint."""
+        from molm_ds.train import checkpoint as ckpt
+
+        if not is_rank0() or os.path.isfile(self._report_path()):
+            return
+        ckpt_dir, _ = ckpt.resolve_resume(self.job.resume, self.job.checkpoint_dir)
+        src = os.path.join(os.path.dirname(os.path.abspath(ckpt_dir)), REPORT_JSON)
+        if os.path.isfile(src):
+            with open(src) as f:
+                before = json.load(f).get("before", {})
+            os.makedirs(self.job.run_dir, exist_ok=True)
+            with open(self._report_path(), "w") as f:
+                json.dump({"before": before}, f, indent=1)
+        else:
+            log.warning("continual: resumed without %s next to %s: the report will have no 'before' numbers",
+                        REPORT_JSON, ckpt_dir)
 
     def finish(self, engine, device, step: int) -> dict:
         """At the last step: perplexities after training; writes the report (rank 0). Returns the metrics."""
