@@ -113,7 +113,7 @@ def _single_rank_worker(rank, world):
 
 
 @pytest.mark.distributed
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_parallelize_ep1_single_rank():
     (r,) = run_ranks(_single_rank_worker, 1)
     assert r["kinds"] == ["mlp", "mlp"] and r["replicated"] == ["blocks.0.attn", "blocks.1.attn"]
