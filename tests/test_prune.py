@@ -240,3 +240,41 @@ def test_two_ranks_equal_one_process(tmp_path):
         assert torch.equal(two[k][: s.num_experts], s.counts_E)
     keep_two = experts_to_keep({k: LoadSums.unflatten(v, one[k].num_experts) for k, v in two.items()}, tau=0.3)
     assert keep_two == experts_to_keep(one, tau=0.3)
+
+
+@pytest.mark.slow
+def test_prune_script_then_trainer_init_from(tmp_path):
+    """launch/prune.py on a checkpoint -> pruned checkpoint -> a finetune job starts from it (init_from)
+    with the per-layer counts in its model section, trains a step and saves."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.train.helpers import write_shard
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shard = write_shard(tmp_path / "shard", n_docs=40, doc_len=200)
+    src = {"model": {"preset": "tiny", "overrides": {"n_head": 1}}, "data": {"seq_len": 16}}
+    save_pruned_checkpoint(_model(seed=12), src, str(tmp_path / "src"), tag="step_00000003")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    out = tmp_path / "pruned"
+    subprocess.run([sys.executable, "launch/prune.py", "--checkpoint", str(tmp_path / "src"), "--data", shard,
+                    "--tau", "0.9", "--out", str(out), "--batches", "2", "--eval-batches", "1", "--batch-size", "2"],
+                   cwd=repo, env=env, check=True)
+    info = json.loads((out / "prune.json").read_text())
+    assert info["params"] < info["unpruned"]["params"] and (out / "hf" / "config.json").is_file()
+    counts = {"att_experts_per_layer": info["att_experts_per_layer"], "mlp_experts_per_layer": info["mlp_experts_per_layer"]}
+    job = {"name": "t", "run_dir": str(tmp_path / "run"), "init_from": str(out / "checkpoints"),
+           "model": {"preset": "tiny", "overrides": {"n_head": 1, **counts}},
+           "data": {"sources": [{"path": shard}], "seq_len": 16, "eval_batches": 1},
+           "training": {"steps": 1, "micro_batch_size": 2}, "finetune": {"load_concentration_weight": 0.001},
+           "monitor": {"tensorboard": False}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    subprocess.run([sys.executable, "launch/pretrain.py", "--config", str(tmp_path / "job.yaml")], cwd=repo, env=env,
+                   check=True)
+    from molm_ds.continual import load_checkpoint_model
+
+    trained = load_checkpoint_model(str(tmp_path / "run" / "checkpoints"))
+    assert [trained.config.att_experts_per_layer, trained.config.mlp_experts_per_layer] == list(map(tuple, counts.values()))
