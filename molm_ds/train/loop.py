@@ -340,7 +340,7 @@ def train(job: JobConfig, *, hooks: Iterable[MetricsHook] = ()) -> dict:
             m.update(cl.step_metrics())
             if step == t.steps:
                 m.update(cl.finish(engine, device, step))
-        if step % job.monitor.log_interval == 0 or step == t.steps or "val_loss" in m:
+        if step % job.monitor.log_interval == 0 or step in (1, t.steps) or "val_loss" in m:
             eta = (time.time() - t_start) / steps_run * (t.steps - step)
             info0(format_progress(step, t.steps, m, eta))
             for hook in hooks:
