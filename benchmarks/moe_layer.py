@@ -6,6 +6,9 @@ stock `deepspeed.moe.layer.MoE` (top-k gating, capacity factor 1.25, einsum disp
     python benchmarks/moe_layer.py --device cuda --dtype bfloat16 --tokens 16384
 
 Prints a table, then one JSON line: ours_over_dense, deepspeed_over_ours (median times, same run).
+The variants are interleaved (ours, dense, deepspeed, ours, ...) so load changes on a shared machine
+hit all of them alike. `--omp-wait-policy passive` sets OMP_WAIT_POLICY before torch is imported
+(idle OpenMP threads sleep instead of spinning: much faster for everything on an oversubscribed CPU).
 """
 
 from __future__ import annotations
@@ -14,26 +17,33 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+if __name__ == "__main__" and "--omp-wait-policy" in sys.argv:  # must happen before torch loads OpenMP
+    os.environ["OMP_WAIT_POLICY"] = sys.argv[sys.argv.index("--omp-wait-policy") + 1].upper()
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 
-def timeit(fn, iters: int, warmup: int, device: str) -> float:
+def time_interleaved(fns: dict, iters: int, warmup: int, device: str) -> dict:
+    """Median seconds per variant; each round runs every variant once (round-robin)."""
     for _ in range(warmup):
-        fn()
-    ts = []
+        for fn in fns.values():
+            fn()
+    ts = {name: [] for name in fns}
     for _ in range(iters):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+        for name, fn in fns.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            ts[name].append(time.perf_counter() - t)
+    return {name: statistics.median(v) for name, v in ts.items()}
 
 
 class DenseMLP(nn.Module):
@@ -79,6 +89,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-deepspeed", action="store_true")
+    p.add_argument("--omp-wait-policy", choices=["passive", "active"], default=None, help="set OMP_WAIT_POLICY (before torch loads)")
     a = p.parse_args()
     dt = getattr(torch, a.dtype)
     T, D, H, E, k = a.tokens, a.d_model, a.hidden, a.experts, a.k
@@ -89,25 +100,37 @@ def main() -> None:
     x = torch.randn(1, T, D, device=a.device, dtype=dt, requires_grad=True)
     x_kT = torch.randn(k * T, D, device=a.device, dtype=dt, requires_grad=True)
 
+    # gradients are reset to None each step (as a training loop does), so no run pays for accumulation
     def run_ours():
+        x.grad = None
+        ours.zero_grad(set_to_none=True)
         y, _ = ours(x)
         y.sum().backward()
 
     def run_dense():
+        x_kT.grad = None
+        dense.zero_grad(set_to_none=True)
         dense(x_kT).sum().backward()
 
-    rows = [("ours MoEMLP", timeit(run_ours, a.iters, a.warmup, a.device)), ("dense MLP k*T tokens", timeit(run_dense, a.iters, a.warmup, a.device))]
-    res = {"ours_over_dense": rows[0][1] / rows[1][1]}
+    fns = {"ours MoEMLP": run_ours, "dense MLP k*T tokens": run_dense}
     if not a.no_deepspeed:
         ds = build_deepspeed(D, H, E, k).to(a.device, dt)
 
         def run_ds():
+            x.grad = None
+            ds.zero_grad(set_to_none=True)
             y, _, _ = ds(x)
             y.sum().backward()
 
-        rows.append(("deepspeed.moe MoE cf=1.25", timeit(run_ds, a.iters, a.warmup, a.device)))
-        res["deepspeed_over_ours"] = rows[2][1] / rows[0][1]
-    print(f"MoE MLP fwd+bwd  T={T} D={D} H={H} E={E} k={k} {a.dtype} {a.device}  MOLM_DS_KERNELS={os.environ.get('MOLM_DS_KERNELS', 'auto')}")
+        fns["deepspeed.moe MoE cf=1.25"] = run_ds
+    t = time_interleaved(fns, a.iters, a.warmup, a.device)
+    rows = list(t.items())
+    res = {"ours_over_dense": t["ours MoEMLP"] / t["dense MLP k*T tokens"]}
+    if not a.no_deepspeed:
+        res["deepspeed_over_ours"] = t["deepspeed.moe MoE cf=1.25"] / t["ours MoEMLP"]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"MoE MLP fwd+bwd  T={T} D={D} H={H} E={E} k={k} {a.dtype} {a.device}  MOLM_DS_KERNELS={os.environ.get('MOLM_DS_KERNELS', 'auto')}"
+          f"  threads={torch.get_num_threads()} OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} load1={load:.1f}  iters={a.iters}")
     print(f"{'layer':<28}{'median ms':>12}")
     for name, t in rows:
         print(f"{name:<28}{t * 1e3:>12.1f}")

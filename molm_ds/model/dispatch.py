@@ -10,11 +10,16 @@ Legend: T tokens, K slots per token, D width, E experts, N kept slots (idx >= 0)
 Within an expert, rows keep token-major order (token t slot s before token t' > t), so the
 expert-parallel dispatcher can reproduce the exact same grouping. `LocalDispatcher` is a plain object
 (not an nn.Module): any object with `dispatch` / `undispatch` can replace it on a layer.
+
+Fast path (LocalDispatcher only): `combine(y_ND, weights_TK, ctx) -> y_TD` fuses undispatch and the
+gate-weighted sum (rows scaled by their gate, one `index_add_` into y_TD; hand-written backward), so no
+[T, K, D] tensor is built. It equals `(weights_TK[..., None] * undispatch(y_ND, ctx)).sum(1)`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -25,6 +30,32 @@ class DispatchContext:
     order_N: Tensor  # flat slot index (t * K + s) of each dispatched row, in expert order
     T: int
     K: int
+    token_N: Optional[Tensor] = None  # order_N // K (token of each row), kept for combine
+
+
+class _LocalCombine(torch.autograd.Function):
+    """y_TD[t] = sum over rows n of token t of w_N[n] * y_ND[n], w_N = weights_TK.flatten()[order_N]."""
+
+    @staticmethod
+    def forward(ctx, y_ND: Tensor, weights_TK: Tensor, order_N: Tensor, token_N: Tensor, T: int) -> Tensor:
+        w_N = weights_TK.reshape(-1).index_select(0, order_N).to(y_ND.dtype)
+        out = y_ND.new_zeros(T, y_ND.shape[1])
+        out.index_add_(0, token_N, y_ND * w_N[:, None])
+        ctx.save_for_backward(y_ND, w_N, order_N, token_N)
+        ctx.wshape, ctx.wdtype = weights_TK.shape, weights_TK.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, dy_TD: Tensor):
+        y_ND, w_N, order_N, token_N = ctx.saved_tensors
+        dy_ND = dy_TD.index_select(0, token_N)  # gradient of each row's token
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw_N = torch.linalg.vecdot(dy_ND, y_ND)
+            dw = dw_N.new_zeros(ctx.wshape.numel()).index_copy_(0, order_N, dw_N)  # dropped slots: 0
+            dw = dw.view(ctx.wshape).to(ctx.wdtype)
+        dy = dy_ND.mul_(w_N[:, None]) if ctx.needs_input_grad[0] else None
+        return dy, dw, None, None, None
 
 
 class LocalDispatcher:
@@ -46,10 +77,21 @@ class LocalDispatcher:
         order = torch.argsort(key, stable=True)
         counts_E = torch.bincount(flat[valid], minlength=self.num_experts)
         order_N = order[: int(counts_E.sum())]
-        x_ND = x[order_N // K] if x.dim() == 2 else x.reshape(T * K, -1)[order_N]
-        return x_ND, counts_E, DispatchContext(order_N, T, K)
+        token_N = order_N // K
+        # index_select: its backward is one index_add_ (cheaper than index_put with accumulate)
+        x_ND = x.index_select(0, token_N) if x.dim() == 2 else x.reshape(T * K, -1).index_select(0, order_N)
+        return x_ND, counts_E, DispatchContext(order_N, T, K, token_N)
 
     def undispatch(self, y_ND: Tensor, ctx: DispatchContext) -> Tensor:
-        out = y_ND.new_zeros(ctx.T * ctx.K, y_ND.shape[-1])
-        out = out.index_copy(0, ctx.order_N, y_ND)
+        n_slots = ctx.T * ctx.K
+        # every slot is overwritten when nothing was dropped: no zero-fill needed then
+        out = y_ND.new_empty(n_slots, y_ND.shape[-1]) if y_ND.shape[0] == n_slots else y_ND.new_zeros(n_slots, y_ND.shape[-1])
+        out.index_copy_(0, ctx.order_N, y_ND)  # in place on a fresh tensor: autograd records it
         return out.view(ctx.T, ctx.K, -1)
+
+    def combine(self, y_ND: Tensor, weights_TK: Tensor, ctx: DispatchContext) -> Tensor:
+        """Fused undispatch + gate-weighted sum: y_TD = sum_k weights_TK[:, k] * y_TKD[:, k]."""
+        token_N = ctx.token_N if ctx.token_N is not None else ctx.order_N // ctx.K
+        if tuple(weights_TK.shape) != (ctx.T, ctx.K) or y_ND.shape[0] != ctx.order_N.shape[0]:
+            raise ValueError(f"combine: weights {tuple(weights_TK.shape)} / rows {y_ND.shape[0]} do not match the dispatch (T={ctx.T}, K={ctx.K}, N={ctx.order_N.shape[0]})")
+        return _LocalCombine.apply(y_ND, weights_TK, ctx.order_N, token_N, ctx.T)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from molm_ds.ops import grouped_gemm
+from molm_ds.ops import grouped_gemm, grouped_mlp
 
 
 def _init_expert_weight(w: Tensor) -> None:
@@ -49,6 +49,8 @@ class MLPExperts(nn.Module):
         return F.gelu(h_NH, approximate="tanh")
 
     def forward(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
+        if self.activation == "gelu_tanh":  # one fused Function: x -> w1 -> gelu_tanh -> w2
+            return grouped_mlp(x_ND, self.w1, self.w2, counts_E)
         return grouped_gemm(self.act(grouped_gemm(x_ND, self.w1, counts_E)), self.w2, counts_E)
 
     def forward_reference(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:

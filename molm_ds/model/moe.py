@@ -50,8 +50,8 @@ def aux_terms(r: RouterOutput, mask_T: Optional[Tensor]) -> dict[str, Tensor]:
 
 
 def combine(weights_TK: Tensor, y_TKD: Tensor) -> Tensor:
-    """y_TD = sum_k w_TK * y_TKD."""
-    return torch.einsum("tk,tkd->td", weights_TK.to(y_TKD.dtype), y_TKD)
+    """y_TD = sum_k w_TK * y_TKD (elementwise: einsum's bmm backward looped over tokens on CPU)."""
+    return (weights_TK.to(y_TKD.dtype)[..., None] * y_TKD).sum(1)
 
 
 class MoEMLP(nn.Module):
@@ -72,7 +72,10 @@ class MoEMLP(nn.Module):
         mask_T = None if mask_BT is None else mask_BT.reshape(B * T).bool()
         r = self.router(x_TD, mask_T)
         x_ND, counts_E, ctx = self.dispatcher.dispatch(x_TD, r.idx_TK)
-        y_TKD = self.dispatcher.undispatch(self.experts(x_ND, counts_E), ctx)
-        y_TD = combine(r.weights_TK, y_TKD)
+        y_ND = self.experts(x_ND, counts_E)
+        if type(self.dispatcher) is LocalDispatcher:  # fused unpermute + gate sum, no [T, K, D] tensor
+            y_TD = self.dispatcher.combine(y_ND, r.weights_TK, ctx)
+        else:  # generic dispatcher contract (e.g. all-to-all): undispatch, then combine
+            y_TD = combine(r.weights_TK, self.dispatcher.undispatch(y_ND, ctx))
         self.last_routing = RoutingRecord(r.probs_TE.detach(), r.idx_TK.detach(), mask_T)
         return y_TD.view(B, T, D), aux_terms(r, mask_T)

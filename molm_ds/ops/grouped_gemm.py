@@ -96,3 +96,71 @@ def grouped_gemm(x_NI: Tensor, w_EIO: Tensor, counts_E: Tensor) -> Tensor:
         return grouped_gemm_triton(x_NI, w_EIO, counts_E)
     counts = _check(x_NI, w_EIO, counts_E)
     return _GroupedGemmLoop.apply(x_NI, w_EIO, counts)
+
+
+def grouped_mlp_reference(x_NI: Tensor, w1_EIH: Tensor, w2_EHO: Tensor, counts_E: Tensor) -> Tensor:
+    """Readable loop: y[rows of e] = gelu_tanh(x[rows of e] @ w1[e]) @ w2[e]."""
+    h = grouped_gemm_reference(x_NI, w1_EIH, counts_E)
+    return grouped_gemm_reference(torch.nn.functional.gelu(h, approximate="tanh"), w2_EHO, counts_E)
+
+
+class _GroupedMLPLoop(torch.autograd.Function):
+    """Whole expert MLP (x -> w1 -> gelu_tanh -> w2) as one Function: per-expert `mm` into
+    preallocated outputs, saves x, h (pre-activation) and a = gelu(h), nothing else."""
+
+    @staticmethod
+    def forward(ctx, x_NI: Tensor, w1_EIH: Tensor, w2_EHO: Tensor, counts: list[int]) -> Tensor:
+        dt = torch.promote_types(torch.promote_types(x_NI.dtype, w1_EIH.dtype), w2_EHO.dtype)
+        x_NI, w1_EIH, w2_EHO = x_NI.to(dt).contiguous(), w1_EIH.to(dt), w2_EHO.to(dt)
+        h_NH = _mm_groups(x_NI, w1_EIH, counts, transpose_b=False)
+        a_NH = torch.nn.functional.gelu(h_NH, approximate="tanh")
+        ctx.save_for_backward(x_NI, w1_EIH, w2_EHO, h_NH, a_NH)
+        ctx.counts = counts
+        return _mm_groups(a_NH, w2_EHO, counts, transpose_b=False)
+
+    @staticmethod
+    def backward(ctx, dy_NO: Tensor):
+        x_NI, w1_EIH, w2_EHO, h_NH, a_NH = ctx.saved_tensors
+        counts = ctx.counts
+        dy_NO = dy_NO.contiguous()
+        need_x, need_w1, need_w2 = ctx.needs_input_grad[:3]
+        dw1 = torch.empty_like(w1_EIH) if need_w1 else None
+        dw2 = torch.empty_like(w2_EHO) if need_w2 else None
+        da_NH = h_NH.new_empty(h_NH.shape)
+        s = 0
+        for e, n in enumerate(counts):
+            if n:
+                rows = slice(s, s + n)
+                torch.mm(dy_NO[rows], w2_EHO[e].t(), out=da_NH[rows])
+                if need_w2:
+                    torch.mm(a_NH[rows].t(), dy_NO[rows], out=dw2[e])
+            elif need_w2:
+                dw2[e].zero_()
+            s += n
+        # dh = gelu'(h) * da, written over da (elementwise, same shape: aliasing is safe)
+        dh_NH = torch.ops.aten.gelu_backward.grad_input(da_NH, h_NH, approximate="tanh", grad_input=da_NH)
+        dx = _mm_groups(dh_NH, w1_EIH, counts, transpose_b=True) if need_x else None
+        if need_w1:
+            s = 0
+            for e, n in enumerate(counts):
+                if n:
+                    torch.mm(x_NI[s : s + n].t(), dh_NH[s : s + n], out=dw1[e])
+                else:
+                    dw1[e].zero_()
+                s += n
+        return dx, dw1, dw2, None
+
+
+def grouped_mlp(x_NI: Tensor, w1_EIH: Tensor, w2_EHO: Tensor, counts_E: Tensor) -> Tensor:
+    """y_NO[rows of e] = gelu_tanh(x_NI[rows of e] @ w1[e]) @ w2[e]; differentiable in x, w1, w2.
+
+    One autograd Function on the PyTorch path (`_GroupedMLPLoop`); on the Triton path two
+    `grouped_gemm` calls around the activation.
+    """
+    if w1_EIH.dim() != 3 or w2_EHO.dim() != 3 or w1_EIH.shape[0] != w2_EHO.shape[0] or w1_EIH.shape[2] != w2_EHO.shape[1]:
+        raise ValueError(f"grouped_mlp: w1 {tuple(w1_EIH.shape)} and w2 {tuple(w2_EHO.shape)} do not fit (need [E, I, H] and [E, H, O])")
+    if use_triton(x_NI):
+        h = grouped_gemm(x_NI, w1_EIH, counts_E)
+        return grouped_gemm(torch.nn.functional.gelu(h, approximate="tanh"), w2_EHO, counts_E)
+    counts = _check(x_NI, w1_EIH, counts_E)
+    return _GroupedMLPLoop.apply(x_NI, w1_EIH, w2_EHO, counts)
