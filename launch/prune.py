@@ -69,8 +69,11 @@ def plot_sweep(rows: list[dict], base: dict, path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot([r["params_kept"] for r in rows], [r["ppl"] for r in rows], "o-")
+    labels: dict[tuple, list[str]] = {}  # taus that give the same model share one label
     for r in rows:
-        ax.annotate(f"τ={r['tau']:g}", (r["params_kept"], r["ppl"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        labels.setdefault((r["params_kept"], r["ppl"]), []).append(f"{r['tau']:g}")
+    for (x, y), taus in labels.items():
+        ax.annotate("τ=" + ",".join(taus), (x, y), textcoords="offset points", xytext=(-10, 6), fontsize=8, ha="right")
     ax.plot([1.0], [base["ppl"]], "k*", label="unpruned")
     ax.set_xlabel("parameters kept (fraction)")
     ax.set_ylabel("task perplexity")
