@@ -81,13 +81,17 @@ def test_tag_count_is_bounded_beyond_per_expert_max(tmp_path):
 
 
 def test_undeclared_metric_is_an_error_and_ops_declare_it(tmp_path):
-    with pytest.raises(KeyError, match="no reduce op declared.*my_metric"):
-        run_tiny(tmp_path / "a", MonitorConfig(), steps=1, metrics={"my_metric": 1.0})
     torch.manual_seed(0)
-    mon = TrainingMonitor(MoLM(ModelConfig.from_preset("tiny")), run_dir=str(tmp_path / "b"))
+    mon = TrainingMonitor(MoLM(ModelConfig.from_preset("tiny")), run_dir=str(tmp_path))
+    with pytest.raises(KeyError, match="no reduce op declared.*my_metric"):
+        mon.on_step(1, {"loss": 1.0, "my_metric": 1.0})
     out = mon.on_step(1, {"my_metric": 2.0}, ops={"my_metric": ReduceOp.SUM})
     assert out["train/my_metric"] == 2.0
+    mon(2, {"router_reg": 3.0, "old_val_ppl": 9.0})  # the loop's hook: already reduced, any name
     mon.close()
+    s = scalars(str(tmp_path / "tensorboard"))
+    assert s["train/router_reg"] == {2: 3.0} and s["val/old_ppl"] == {2: 9.0}
+    assert not any(t.startswith("moe/") for t in s)  # no training forward: no empty-window NaNs
 
 
 def test_disabled_writes_nothing(tmp_path):
