@@ -40,3 +40,4 @@ print(f"  job:         {run}/job.yaml")
 if not last["loss"] < first["loss"] - 0.5:
     sys.exit("demo: the loss did not fall clearly")
 PY
+python -m molm_ds.report "$RUN_DIR"
