@@ -1,4 +1,4 @@
-"""`TrainingMonitor`: what the training loop calls once per optimizer step.
+"""`TrainingMonitor`: what the training loop calls at each logged step (molm_ds.train wires it in).
 
     monitor = TrainingMonitor.for_engine(engine, config=MonitorConfig(...), run_dir=run_dir,
                                          flops_per_token=cfg.flops_per_token(seq_len))
@@ -11,7 +11,7 @@
 Every rank calls it at the same steps with the same metric names (it runs collectives); rank 0
 writes. Expert-load sums cover every training forward since the previous call.
 Scalars go through DeepSpeed's monitor (the ds_config `tensorboard` block; `engine.monitor`), or through
-a plain SummaryWriter in <run_dir>/tensorboard when the ds_config has none. Per-expert shares,
+a plain SummaryWriter in `tensorboard_dir` (default <run_dir>/tensorboard) when the ds_config has none. Per-expert shares,
 histograms and heatmap images go to a SummaryWriter (DeepSpeed's monitor only takes scalars) in the
 `expert_load` sub-directory of the same place, and the full share matrix goes to
 <run_dir>/expert_load.jsonl at every heatmap step (the report's heatmap over time). All tags use the
