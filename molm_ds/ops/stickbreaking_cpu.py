@@ -46,6 +46,33 @@ def _tri(n: int, device, dtype) -> Tensor:
     return torch.ones(n, n, device=device, dtype=dtype).tril_()
 
 
+SUFFIX_CHUNK = 32
+
+
+class _Suffix:
+    """Inclusive suffix sums along the last dim of a tile, as matmuls. A full-width tile of n keys is cut
+    into chunks of c: one [.., n/c, c] @ tri_c matmul for the sums inside each chunk, plus the totals of
+    the chunks to the right (a tiny [.., n/c] @ strict-tri matmul): n*c multiply-adds per row instead of
+    n*n. Partial tiles (fewer than n keys) use the full triangle."""
+
+    def __init__(self, n: int, device, dtype, c: int = SUFFIX_CHUNK) -> None:
+        self.n = n
+        self.full = _tri(n, device, dtype)
+        self.c = c if (c < n and n % c == 0) else 0
+        if self.c:
+            self.tri_c = _tri(c, device, dtype)
+            self.strict = torch.ones(n // c, n // c, device=device, dtype=dtype).tril_(-1)  # sum over chunks to the right
+
+    def __call__(self, x: Tensor) -> Tensor:
+        w = x.shape[-1]
+        if not self.c or w != self.n:
+            return torch.matmul(x, self.full[:w, :w])
+        nc, c = w // self.c, self.c
+        r = torch.matmul(x.reshape(*x.shape[:-1], nc, c), self.tri_c)  # [.., nc, c]
+        right = torch.matmul(r[..., 0], self.strict)  # [.., nc]: totals of later chunks
+        return r.add_(right.unsqueeze(-1)).reshape(x.shape)
+
+
 def _allowed(qpos: Tensor, ks: int, ke: int, include_current: bool, kpm_B1k: Optional[Tensor]) -> Optional[Tensor]:
     """Bool mask [.., bq, bk] of allowed (query, key) pairs in a tile, or None when all are allowed."""
     kpos = torch.arange(ks, ke, device=qpos.device)
@@ -80,7 +107,7 @@ def _forward(q5, k, v, include_current, kpm, bq, bk):
     off = Tk - Tq
     o = torch.zeros_like(q5)
     asum = q5.new_zeros(B, Hk, g, Tq, 1)
-    tri = _tri(bk, q5.device, q5.dtype)
+    suffix = _Suffix(bk, q5.device, q5.dtype)
     for qs in range(0, Tq, bq):
         qe = min(qs + bq, Tq)
         qpos = torch.arange(off + qs, off + qe, device=q5.device)
@@ -90,7 +117,7 @@ def _forward(q5, k, v, include_current, kpm, bq, bk):
         acc = o[:, :, :, qs:qe]
         for ks, ke in _key_blocks(kend, bk):
             z, m = _tile_logits(q_blk, k[:, :, ks:ke], qpos, ks, ke, include_current, kpm)
-            r = torch.matmul(F.softplus(z), tri[: ke - ks, : ke - ks])  # inclusive suffix sums
+            r = suffix(F.softplus(z))  # inclusive suffix sums
             r0 = r[..., :1].clone()
             r.add_(carry)
             a = _exp_weights(torch.sub(z, r), m)  # 0 on masked entries
@@ -107,7 +134,7 @@ def _backward(q5, k, v, o5, do5, include_current, kpm, bq, bk):
     dq = torch.zeros_like(q5)
     dk = torch.zeros_like(k)
     dv = torch.zeros_like(v)
-    tri = _tri(bk, q5.device, q5.dtype)
+    suffix = _Suffix(bk, q5.device, q5.dtype)
     if include_current:
         G = (do5 * o5).sum(-1, keepdim=True)
     else:
@@ -125,10 +152,9 @@ def _backward(q5, k, v, o5, do5, include_current, kpm, bq, bk):
         gcarry = q5.new_zeros(B, Hk, g, n, 1)
         dq_blk = dq[:, :, :, qs:qe]
         for ks, ke in _key_blocks(kend, bk):
-            t = tri[: ke - ks, : ke - ks]
             k_blk, v_blk = k[:, :, ks:ke], v[:, :, ks:ke]
             z, m = _tile_logits(q_blk, k_blk, qpos, ks, ke, include_current, kpm)
-            r = torch.matmul(F.softplus(z), t)
+            r = suffix(F.softplus(z))
             r0 = r[..., :1].clone()
             r.add_(carry)
             a = _exp_weights(torch.sub(z, r), m)
@@ -137,7 +163,7 @@ def _backward(q5, k, v, o5, do5, include_current, kpm, bq, bk):
             if not include_current:
                 dA.sub_(dov_cur[:, :, :, qs:qe])
             gr = dA.mul_(a)  # g = A * dA (0 where masked)
-            s = torch.matmul(gr, t)
+            s = suffix(gr)
             s0 = s[..., :1].clone()
             s.add_(gcarry)  # S_ij = sum_{j' >= j} g_ij'
             gcarry.add_(s0)
