@@ -6,8 +6,8 @@ DeepSpeed launcher, 2 ranks on this machine (CPU: DS_ACCELERATOR=cpu; GPU: drop 
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launch/pretrain.py --config configs/demo.yaml
 Several machines over ssh/pdsh (hostfile lines: `node1 slots=8`):
     deepspeed --hostfile hostfile launch/pretrain.py --config job.yaml
-Several machines without ssh: the same command on every node, each with its own --node_rank:
-    deepspeed --no_ssh --nnodes 2 --node_rank 0 --num_gpus 8 --master_addr node1 --master_port 29500 \
+Several machines without ssh: the same hostfile and command on every node, each with its own --node_rank:
+    deepspeed --hostfile hostfile --no_ssh --num_nodes 2 --node_rank 0 --master_addr node1 --master_port 29500 \
         launch/pretrain.py --config job.yaml          # on node1; --node_rank 1 on node2
 OpenMPI (ranks found through mpi4py):
     mpirun -np 2 python launch/pretrain.py --config configs/demo.yaml
