@@ -7,34 +7,44 @@ CPU, Triton on CUDA) vs causal scaled_dot_product_attention vs the naive O(T^2) 
 Prints a table, then one JSON line: ours_over_sdpa, naive_over_ours, naive_peak_over_ours_peak.
 Peak memory: CUDA max_memory_allocated on GPU; on CPU the largest live tensor set is estimated
 by the profiler's memory accounting (self CPU memory peak).
+Variants are interleaved (ours, sdpa, naive, ours, ...) and medians taken, so load changes on a
+shared machine hit all alike. `--omp-wait-policy passive` sets OMP_WAIT_POLICY before torch loads.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 
-import torch
-import torch.nn.functional as F
+if __name__ == "__main__" and "--omp-wait-policy" in sys.argv:  # must happen before torch loads OpenMP
+    os.environ["OMP_WAIT_POLICY"] = sys.argv[sys.argv.index("--omp-wait-policy") + 1].upper()
 
-from molm_ds.ops import stickbreaking_attention, stickbreaking_reference
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from molm_ds.ops import stickbreaking_attention, stickbreaking_reference  # noqa: E402
 
 
-def measure(fn, iters, warmup, device):
+def measure_interleaved(fns, iters, warmup, device):
+    """Median seconds per variant; each round runs every variant once."""
     for _ in range(warmup):
-        fn()
-    ts = []
+        for fn in fns.values():
+            fn()
+    ts = {name: [] for name in fns}
     for _ in range(iters):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+        for name, fn in fns.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            ts[name].append(time.perf_counter() - t)
+    return {name: statistics.median(v) for name, v in ts.items()}
 
 
 def peak_bytes(fn, device):
@@ -65,20 +75,27 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--omp-wait-policy", choices=["passive", "active"], default=None, help="set OMP_WAIT_POLICY (before torch loads)")
     a = p.parse_args()
     dt = getattr(torch, a.dtype)
     torch.manual_seed(0)
     q, k, v = (torch.randn(a.batch, a.heads, a.seq, a.head_dim, device=a.device, dtype=dt, requires_grad=True) for _ in range(3))
 
     def run(f):
-        return lambda: f(q, k, v).sum().backward()
+        def step():
+            for t in (q, k, v):
+                t.grad = None
+            f(q, k, v).sum().backward()
+        return step
 
     ours = run(stickbreaking_attention)
     sdpa = run(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
     naive = run(stickbreaking_reference)
-    t = {name: measure(f, a.iters, a.warmup, a.device) for name, f in [("ours", ours), ("sdpa", sdpa), ("naive", naive)]}
+    t = measure_interleaved({"ours": ours, "sdpa": sdpa, "naive": naive}, a.iters, a.warmup, a.device)
     mem = {name: peak_bytes(f, a.device) for name, f in [("ours", ours), ("naive", naive)]}
-    print(f"stick-breaking fwd+bwd  B={a.batch} heads={a.heads} T={a.seq} d={a.head_dim} {a.dtype} {a.device}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"stick-breaking fwd+bwd  B={a.batch} heads={a.heads} T={a.seq} d={a.head_dim} {a.dtype} {a.device}  threads={torch.get_num_threads()}"
+          f" OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} load1={load:.1f} iters={a.iters}")
     print(f"{'impl':<12}{'median ms':>12}{'peak MiB':>12}")
     for name in t:
         m = f"{mem[name] / 2**20:12.1f}" if name in mem else f"{'-':>12}"

@@ -122,7 +122,8 @@ def _forward(q5, k, v, include_current, kpm, bq, bk):
             r.add_(carry)
             a = _exp_weights(torch.sub(z, r), m)  # 0 on masked entries
             acc.add_(torch.matmul(a, v[:, :, None, ks:ke]))
-            asum[:, :, :, qs:qe].add_(a.sum(-1, keepdim=True))
+            if not include_current:  # row sums of A are only needed for the remainder
+                asum[:, :, :, qs:qe].add_(a.sum(-1, keepdim=True))
             carry.add_(r0)
     return o, asum
 
