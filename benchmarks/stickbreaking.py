@@ -57,10 +57,10 @@ def peak_bytes(fn, device):
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    # running sum of allocations/frees in event order gives the peak live bytes
+    # running sum of allocations/frees (self, not nested totals) in event order gives the peak live bytes
     live = peak = 0
     for ev in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += ev.cpu_memory_usage if ev.cpu_memory_usage else 0
+        live += ev.self_cpu_memory_usage or 0  # self: a parent op's figure already includes its children
         peak = max(peak, live)
     return max(peak, 1)
 
