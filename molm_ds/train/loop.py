@@ -177,8 +177,9 @@ def _grad_norm(engine) -> Optional[float]:
 
 
 def _poison_grads(engine) -> None:
-    """Backward a NaN that reaches every trainable parameter: ZeRO-1/2 see an overflow and skip the step
-    with their own bookkeeping; ZeRO-0 drops the gradients before the step (see ``_drop_grads``)."""
+    """Backward a NaN that reaches every trainable parameter: ZeRO-1/2 and the bf16 optimizer see an
+    overflow and skip the step with their own bookkeeping; ZeRO-0 fp32 drops the gradients before the
+    step (see ``_drop_grads``)."""
     params = [p for p in engine.module.parameters() if p.requires_grad]
     engine.backward(sum(p.sum() for p in params) * float("nan"))
 
@@ -285,7 +286,9 @@ def train(job: JobConfig, *, hooks: Iterable[MetricsHook] = ()) -> dict:
     # 4. steps
     n_terms = 2 + len(AUX_KEYS)  # loss, lm_loss, aux...
     last_saved, last = None, {}
-    stage = int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
+    # ZeRO-1/2 and the bf16 optimizer skip a step whose gradients are not finite; ZeRO-0 fp32 steps a
+    # plain torch optimizer, which skips parameters without gradients.
+    plain_optimizer = int(ds_cfg.get("zero_optimization", {}).get("stage", 0)) == 0 and not engine.bfloat16_enabled()
     t_start, steps_run = time.time(), 0
     while step < t.steps:
         step += 1
@@ -313,7 +316,7 @@ def train(job: JobConfig, *, hooks: Iterable[MetricsHook] = ()) -> dict:
                     engine.backward(loss)
                     sums += torch.tensor([loss.item(), lm.item(), *(out.aux[k].item() for k in AUX_KEYS)],
                                          dtype=torch.float64)
-            if bad and stage == 0 and engine.is_gradient_accumulation_boundary():
+            if bad and plain_optimizer and engine.is_gradient_accumulation_boundary():
                 _drop_grads(engine)
             engine.step()
         _all_reduce(sums, dist.ReduceOp.SUM)

@@ -51,12 +51,13 @@ def test_zero_stages_train(shard, tmp_path, ds):
 
 
 def test_loss_falls_on_learnable_data(shard, tmp_path):
-    run(shard, tmp_path, "training.steps=30", "training.grad_accum_steps=1", "training.lr=1e-2",
-        "training.eval_interval=0", "checkpoint.interval=0", "checkpoint.save_final=false")
+    run(shard, tmp_path, "training.steps=12", "training.grad_accum_steps=1", "training.lr=3e-2",
+        "training.micro_batch_size=4", "training.eval_interval=0", "checkpoint.interval=0",
+        "checkpoint.save_final=false")
     rows = read_metrics(tmp_path)
-    first = sum(rows[s]["lm_loss"] for s in (1, 2, 3)) / 3
-    last = sum(rows[s]["lm_loss"] for s in (28, 29, 30)) / 3
-    assert last < first - 1.0, (first, last)
+    first = sum(rows[s]["lm_loss"] for s in (1, 2)) / 2
+    last = sum(rows[s]["lm_loss"] for s in (11, 12)) / 2
+    assert last < first - 0.5, (first, last)
 
 
 def test_resume_is_bit_identical(shard, tmp_path):
@@ -88,7 +89,7 @@ def test_partial_and_missing_checkpoints_are_errors(shard, tmp_path):
     assert ckpt.resolve_resume("auto", a["checkpoint_dir"]) == (a["checkpoint_dir"], "step_00000001")
 
 
-@pytest.mark.parametrize("ds", ["zero0_fp32", "zero2_fp32"])
+@pytest.mark.parametrize("ds", ["zero0_fp32", "zero2_fp32", "zero0_bf16"])
 def test_nonfinite_step_is_skipped_and_counted(shard, tmp_path, monkeypatch, ds):
     real, calls = loop.total_loss, []
 
