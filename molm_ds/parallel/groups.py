@@ -9,6 +9,8 @@ reduced there). Name: `ep_size_{P}`.
 
 from __future__ import annotations
 
+import os
+
 from typing import Mapping, Union
 
 import torch.distributed as dist
@@ -61,11 +63,26 @@ def check_zero_stage(ds_config_or_stage: Union[Mapping, int]) -> int:
     return stage
 
 
+def skip_cpu_shm_comm() -> None:
+    """On the CPU accelerator DeepSpeed JIT-compiles a shared-memory all-reduce op when its comm layer
+    starts (minutes on a small machine, rebuilt whenever another process built it with other flags).
+    gloo alone is correct, so skip it unless ``MOLM_DS_CPU_SHM_COMM=1``. No effect on other accelerators."""
+    if os.environ.get("MOLM_DS_CPU_SHM_COMM", "0") == "1":
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def ensure_distributed() -> None:
     """Make sure torch.distributed and DeepSpeed's comm layer are initialised (DeepSpeed wraps an
     existing torch process group; otherwise it discovers ranks from the launcher / MPI)."""
     import deepspeed
 
+    skip_cpu_shm_comm()
     if dist.is_available() and dist.is_initialized():
         deepspeed.init_distributed(dist_backend=dist.get_backend())
     else:

@@ -7,6 +7,10 @@
   ``-x``) and a free MASTER_PORT (unless exported); LOCAL_RANK counts ranks on the same host.
 - plain ``python``: a one-rank group on 127.0.0.1 and a free port.
 Then ``deepspeed.init_distributed`` with the accelerator's backend (gloo on ``DS_ACCELERATOR=cpu``).
+
+On the CPU accelerator DeepSpeed JIT-compiles a shared-memory all-reduce op at start-up (minutes on a
+small machine, and rebuilt whenever another process built it with other flags). gloo alone is
+correct, so molm-ds skips that op unless ``MOLM_DS_CPU_SHM_COMM=1`` asks for it.
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ import os
 import socket
 
 from molm_ds.log import get_logger
+from molm_ds.parallel.groups import skip_cpu_shm_comm
 
 log = get_logger("train.distributed")
 
-__all__ = ["init_distributed", "launcher_kind", "free_port"]
+__all__ = ["init_distributed", "launcher_kind", "free_port", "skip_cpu_shm_comm"]
 
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -71,6 +76,8 @@ def init_distributed() -> tuple[int, int]:
         acc = get_accelerator()
         if acc.device_name() != "cpu":
             acc.set_device(int(os.environ["LOCAL_RANK"]))
+        else:
+            skip_cpu_shm_comm()
         deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), auto_mpi_discovery=False,
                                    verbose=False)
     rank, world = dist.get_rank(), dist.get_world_size()

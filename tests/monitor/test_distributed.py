@@ -52,6 +52,9 @@ def _worker(rank, world, init_file, out_dir):
     from molm_ds.model import MoLM
     from molm_ds.monitor import MonitorConfig, TrainingMonitor
 
+    from molm_ds.parallel.groups import skip_cpu_shm_comm
+
+    skip_cpu_shm_comm()
     deepspeed.init_distributed(dist_backend="gloo")
     two = os.path.join(out_dir, "two_ranks")
     ds_monitor = MonitorMaster(get_monitor_config({"tensorboard": {"enabled": True, "output_path": two, "job_name": "job"}}))

@@ -26,12 +26,11 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> Non
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank), LOCAL_SIZE=str(world_size), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
-    import deepspeed.ops
     import torch.distributed as dist
 
-    # DeepSpeed's CPU comm layer JIT-compiles a shared-memory all-reduce op (minutes under load, and
-    # rebuilt whenever another process built it with other flags); gloo alone is what these tests need.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    from molm_ds.parallel.groups import skip_cpu_shm_comm
+
+    skip_cpu_shm_comm()  # gloo alone is what these tests need
 
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
