@@ -79,7 +79,7 @@ class LocalDispatcher:
         order_N = order[: int(counts_E.sum())]
         token_N = order_N // K
         # index_select: its backward is one index_add_ (cheaper than index_put with accumulate)
-        x_ND = x.index_select(0, token_N) if x.dim() == 2 else x.reshape(T * K, -1).index_select(0, order_N)
+        x_ND = x.index_select(0, token_N) if x.dim() == 2 else x.reshape(T * K, x.shape[-1]).index_select(0, order_N)
         return x_ND, counts_E, DispatchContext(order_N, T, K, token_N)
 
     def undispatch(self, y_ND: Tensor, ctx: DispatchContext) -> Tensor:
@@ -87,7 +87,7 @@ class LocalDispatcher:
         # every slot is overwritten when nothing was dropped: no zero-fill needed then
         out = y_ND.new_empty(n_slots, y_ND.shape[-1]) if y_ND.shape[0] == n_slots else y_ND.new_zeros(n_slots, y_ND.shape[-1])
         out.index_copy_(0, ctx.order_N, y_ND)  # in place on a fresh tensor: autograd records it
-        return out.view(ctx.T, ctx.K, -1)
+        return out.view(ctx.T, ctx.K, y_ND.shape[-1])
 
     def combine(self, y_ND: Tensor, weights_TK: Tensor, ctx: DispatchContext) -> Tensor:
         """Fused undispatch + gate-weighted sum: y_TD = sum_k weights_TK[:, k] * y_TKD[:, k]."""

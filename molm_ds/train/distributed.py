@@ -5,7 +5,8 @@
 - ``mpirun`` (OpenMPI): ranks come from mpi4py (COMM_WORLD); rank 0 broadcasts MASTER_ADDR (127.0.0.1
   when all ranks share a host, else its resolved hostname, unless MASTER_ADDR is exported with
   ``-x``) and a free MASTER_PORT (unless exported); LOCAL_RANK counts ranks on the same host.
-- plain ``python``: a one-rank group on 127.0.0.1 and a free port.
+- plain ``python``: a one-rank group on 127.0.0.1; MASTER_PORT 0 (unless exported) lets the store bind an
+  ephemeral port itself, so two single-process jobs never race for a port picked in advance.
 Then ``deepspeed.init_distributed`` with the accelerator's backend (gloo on ``DS_ACCELERATOR=cpu``).
 
 On the CPU accelerator DeepSpeed JIT-compiles a shared-memory all-reduce op at start-up (minutes on a
@@ -71,7 +72,7 @@ def init_distributed() -> tuple[int, int]:
             _mpi_env()
         elif kind == "single":
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
+                              MASTER_PORT=os.environ.get("MASTER_PORT") or "0")
         os.environ.setdefault("LOCAL_RANK", "0")
         acc = get_accelerator()
         if acc.device_name() != "cpu":

@@ -92,3 +92,18 @@ def test_all_dropped_gives_zeros():
     x_ND, counts, ctx = disp.dispatch(x, idx)
     y = disp.undispatch(ex(x_ND, counts), ctx)
     assert x_ND.shape == (0, 4) and torch.equal(y, torch.zeros(2, 2, 4))
+
+
+@pytest.mark.parametrize("per_slot", [False, True])
+def test_empty_batch_round_trips(per_slot):
+    """T = 0 (e.g. an expert-parallel rank whose micro-batch is all padding) gives empty outputs of the right width."""
+    E, K, D = 4, 2, 5
+    experts = MLPExperts(E, D, 6, "gelu_tanh")
+    disp = LocalDispatcher(E)
+    idx = torch.zeros(0, K, dtype=torch.long)
+    x = torch.randn(0, K, D) if per_slot else torch.randn(0, D)
+    x_ND, counts, ctx = disp.dispatch(x, idx)
+    assert x_ND.shape == (0, D) and counts.tolist() == [0] * E
+    y_ND = experts(x_ND, counts)
+    assert disp.undispatch(y_ND, ctx).shape == (0, K, D)
+    assert disp.combine(y_ND, torch.zeros(0, K), ctx).shape == (0, D)
