@@ -45,14 +45,18 @@ BATCH_DOCS = 1024
 
 _sp = None
 _eos = None
+_threads = -1
 
 
-def _init_worker(model_path: str) -> None:
-    global _sp, _eos
+def _init_worker(model_path: str, threads: int = -1) -> None:
+    """Load the tokenizer in this process. ``threads``: SentencePiece's batch-encode threads (-1: one per
+    core, for the in-process ``workers=1`` path; 1 in each pool worker, so N workers use N cores)."""
+    global _sp, _eos, _threads
     import sentencepiece as spm
 
     _sp = spm.SentencePieceProcessor(model_file=model_path)
     _eos = _sp.eos_id()
+    _threads = threads
 
 
 def encode_batch(task: tuple[str, list[str]]) -> tuple[str, np.ndarray, np.ndarray, int]:
@@ -61,7 +65,7 @@ def encode_batch(task: tuple[str, list[str]]) -> tuple[str, np.ndarray, np.ndarr
     flat: list[int] = []
     lengths: list[int] = []
     empty = 0
-    for ids in _sp.encode(texts):
+    for ids in _sp.encode(texts, num_threads=_threads):
         if not ids:
             empty += 1
             continue
@@ -184,7 +188,7 @@ def build_shards(specs: list[SourceSpec], tokenizer_path: str, out_dir: str, *, 
         _atomic_json(prog_path, prog)
 
     pool = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(
-        workers, _init_worker, (tokenizer_path,)) if workers > 1 else None
+        workers, _init_worker, (tokenizer_path, 1)) if workers > 1 else None
     if pool is None:
         _init_worker(tokenizer_path)
     t0, n_tokens = time.perf_counter(), 0
