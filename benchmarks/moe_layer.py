@@ -1,6 +1,6 @@
 """MoE MLP layer forward+backward: ours (molm_ds.model.MoEMLP: router -> dispatch -> grouped GEMM
 experts -> undispatch -> combine) vs a dense MLP over the same k*T tokens (the limit) vs DeepSpeed's
-stock `deepspeed.moe.layer.MoE` (top-k gating, capacity factor 1.25, einsum dispatch).
+stock `deepspeed.moe.layer.MoE` (top-k gating, capacity factor 1.25; 0.19.8 dispatches with gathers).
 
     python benchmarks/moe_layer.py                       # CPU fp32 T=4096 D=512 H=1024 E=16 k=2
     python benchmarks/moe_layer.py --device cuda --dtype bfloat16 --tokens 16384
