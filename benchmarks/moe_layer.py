@@ -16,34 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 if __name__ == "__main__" and "--omp-wait-policy" in sys.argv:  # must happen before torch loads OpenMP
     os.environ["OMP_WAIT_POLICY"] = sys.argv[sys.argv.index("--omp-wait-policy") + 1].upper()
 
 import torch  # noqa: E402
+from _timing import time_interleaved  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
-
-def time_interleaved(fns: dict, iters: int, warmup: int, device: str) -> dict:
-    """Median seconds per variant; each round runs every variant once (round-robin)."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    ts = {name: [] for name in fns}
-    for _ in range(iters):
-        for name, fn in fns.items():
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            ts[name].append(time.perf_counter() - t)
-    return {name: statistics.median(v) for name, v in ts.items()}
 
 
 class DenseMLP(nn.Module):

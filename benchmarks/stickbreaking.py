@@ -16,35 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 if __name__ == "__main__" and "--omp-wait-policy" in sys.argv:  # must happen before torch loads OpenMP
     os.environ["OMP_WAIT_POLICY"] = sys.argv[sys.argv.index("--omp-wait-policy") + 1].upper()
 
 import torch  # noqa: E402
+from _timing import time_interleaved  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from molm_ds.ops import stickbreaking_attention, stickbreaking_reference  # noqa: E402
-
-
-def measure_interleaved(fns, iters, warmup, device):
-    """Median seconds per variant; each round runs every variant once."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    ts = {name: [] for name in fns}
-    for _ in range(iters):
-        for name, fn in fns.items():
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            ts[name].append(time.perf_counter() - t)
-    return {name: statistics.median(v) for name, v in ts.items()}
 
 
 def peak_bytes(fn, device):
@@ -91,7 +72,7 @@ def main():
     ours = run(stickbreaking_attention)
     sdpa = run(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
     naive = run(stickbreaking_reference)
-    t = measure_interleaved({"ours": ours, "sdpa": sdpa, "naive": naive}, a.iters, a.warmup, a.device)
+    t = time_interleaved({"ours": ours, "sdpa": sdpa, "naive": naive}, a.iters, a.warmup, a.device)
     mem = {name: peak_bytes(f, a.device) for name, f in [("ours", ours), ("naive", naive)]}
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"stick-breaking fwd+bwd  B={a.batch} heads={a.heads} T={a.seq} d={a.head_dim} {a.dtype} {a.device}  threads={torch.get_num_threads()}"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import shutil
 from typing import Iterator
 
@@ -68,6 +69,25 @@ def train_tokenizer(specs: list[SourceSpec], out_prefix: str, *, vocab_size: int
     os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
     tmp_prefix = out_prefix + ".tmp"
     spm.set_random_generator_seed(seed)
+    try:
+        _train(spm, specs, tmp_prefix, vocab_size=vocab_size, sample_sentences=sample_sentences,
+               docs_per_source=docs_per_source, character_coverage=character_coverage, user_symbols=user_symbols,
+               threads=threads, model_type=model_type, byte_fallback=byte_fallback,
+               max_sentence_length=max_sentence_length, subsets=subsets, skip_corrupt=skip_corrupt)
+    except RuntimeError as e:
+        m = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(e))
+        if not m:
+            raise
+        raise ValueError(f"vocab_size {vocab_size} is smaller than the {m.group(2)} pieces the sample needs (its "
+                         f"characters at character_coverage={character_coverage}, plus specials): raise "
+                         f"--vocab-size to at least {m.group(2)} or lower --character-coverage") from None
+    os.replace(tmp_prefix + ".vocab", out_prefix + ".vocab")
+    os.replace(tmp_prefix + ".model", out_prefix + ".model")
+    return out_prefix + ".model"
+
+
+def _train(spm, specs, tmp_prefix, *, vocab_size, sample_sentences, docs_per_source, character_coverage,
+           user_symbols, threads, model_type, byte_fallback, max_sentence_length, subsets, skip_corrupt) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=sentences(specs, docs_per_source=docs_per_source, max_bytes=max_sentence_length,
                                     subsets=subsets, skip_corrupt=skip_corrupt),
@@ -80,9 +100,6 @@ def train_tokenizer(specs: list[SourceSpec], out_prefix: str, *, vocab_size: int
         pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>", **SPECIALS,
         minloglevel=2,
     )
-    os.replace(tmp_prefix + ".vocab", out_prefix + ".vocab")
-    os.replace(tmp_prefix + ".model", out_prefix + ".model")
-    return out_prefix + ".model"
 
 
 def file_sha256(path: str) -> str:
@@ -120,13 +137,16 @@ def main(argv=None) -> None:
         os.replace(a.out + ".model.tmp", a.out + ".model")
         path = a.out + ".model"
     else:
-        path = train_tokenizer(
-            expand_inputs(a.input), a.out, vocab_size=a.vocab_size, sample_sentences=a.sample_sentences,
-            docs_per_source=a.docs_per_source, character_coverage=a.character_coverage,
-            user_symbols=tuple(s for s in a.user_symbols.split(",") if s), threads=a.threads,
-            model_type=a.model_type, byte_fallback=not a.no_byte_fallback,
-            max_sentence_length=a.max_sentence_length,
-            subsets=set(a.pile_subset) if a.pile_subset else None, skip_corrupt=a.skip_corrupt, seed=a.seed)
+        try:
+            path = train_tokenizer(
+                expand_inputs(a.input), a.out, vocab_size=a.vocab_size, sample_sentences=a.sample_sentences,
+                docs_per_source=a.docs_per_source, character_coverage=a.character_coverage,
+                user_symbols=tuple(s for s in a.user_symbols.split(",") if s), threads=a.threads,
+                model_type=a.model_type, byte_fallback=not a.no_byte_fallback,
+                max_sentence_length=a.max_sentence_length,
+                subsets=set(a.pile_subset) if a.pile_subset else None, skip_corrupt=a.skip_corrupt, seed=a.seed)
+        except ValueError as e:
+            p.exit(2, f"error: {e}\n")
     print(f"tokenizer: {path} (sha256 {file_sha256(path)[:16]}...)")
 
 

@@ -58,6 +58,26 @@ class _LocalCombine(torch.autograd.Function):
         return dy, dw, None, None, None
 
 
+def check_dispatch_args(x: Tensor, idx_TK: Tensor, num_experts: int) -> None:
+    """Shape and expert-id checks shared by every dispatcher: x is [T, D] or [T, K, D]; ids < num_experts."""
+    T, K = idx_TK.shape
+    if x.dim() not in (2, 3) or x.shape[0] != T or (x.dim() == 3 and x.shape[1] != K):
+        raise ValueError(f"dispatch: x must be [T, D] or [T, K, D] with T={T}, K={K}; got {tuple(x.shape)}")
+    if idx_TK.numel() and int(idx_TK.max()) >= num_experts:
+        raise ValueError(f"dispatch: expert id {int(idx_TK.max())} >= num_experts={num_experts}")
+
+
+def permute_by_expert(idx_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
+    """Sort slots by expert, keeping token-major order within an expert; dropped slots (-1) removed.
+    Returns (order_N: flat slot ids in expert order, counts_E)."""
+    flat = idx_TK.reshape(-1)
+    valid = flat >= 0
+    key = torch.where(valid, flat, torch.full_like(flat, num_experts))  # dropped slots sort last
+    order = torch.argsort(key, stable=True)
+    counts_E = torch.bincount(flat[valid], minlength=num_experts)
+    return order[: int(counts_E.sum())], counts_E
+
+
 class LocalDispatcher:
     def __init__(self, num_experts: int) -> None:
         self.num_experts = num_experts
@@ -67,16 +87,8 @@ class LocalDispatcher:
 
     def dispatch(self, x: Tensor, idx_TK: Tensor):
         T, K = idx_TK.shape
-        if x.dim() not in (2, 3) or x.shape[0] != T or (x.dim() == 3 and x.shape[1] != K):
-            raise ValueError(f"dispatch: x must be [T, D] or [T, K, D] with T={T}, K={K}; got {tuple(x.shape)}")
-        flat = idx_TK.reshape(-1)
-        if flat.numel() and int(flat.max()) >= self.num_experts:
-            raise ValueError(f"dispatch: expert id {int(flat.max())} >= num_experts={self.num_experts}")
-        valid = flat >= 0
-        key = torch.where(valid, flat, torch.full_like(flat, self.num_experts))  # dropped slots sort last
-        order = torch.argsort(key, stable=True)
-        counts_E = torch.bincount(flat[valid], minlength=self.num_experts)
-        order_N = order[: int(counts_E.sum())]
+        check_dispatch_args(x, idx_TK, self.num_experts)
+        order_N, counts_E = permute_by_expert(idx_TK, self.num_experts)
         token_N = order_N // K
         # index_select: its backward is one index_add_ (cheaper than index_put with accumulate)
         x_ND = x.index_select(0, token_N) if x.dim() == 2 else x.reshape(T * K, x.shape[-1]).index_select(0, order_N)

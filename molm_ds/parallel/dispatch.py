@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from molm_ds.model.dispatch import check_dispatch_args, permute_by_expert
 from molm_ds.parallel.all_to_all import all_to_all_variable, exchange_counts
 
 __all__ = ["AllToAllDispatcher", "AllToAllContext", "permute_by_expert", "regroup_order"]
@@ -35,17 +36,6 @@ class AllToAllContext:
     recv_splits: list  # rows received from each rank
     T: int
     K: int
-
-
-def permute_by_expert(idx_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
-    """Sort slots by expert, keeping token-major order within an expert; dropped slots (-1) removed.
-    Returns (order_N: flat slot ids in expert order, counts_E)."""
-    flat = idx_TK.reshape(-1)
-    valid = flat >= 0
-    key = torch.where(valid, flat, torch.full_like(flat, num_experts))  # dropped slots sort last
-    order = torch.argsort(key, stable=True)
-    counts_E = torch.bincount(flat[valid], minlength=num_experts)
-    return order[: int(counts_E.sum())], counts_E
 
 
 def regroup_order(recv_counts_PE: Tensor) -> Tensor:
@@ -84,11 +74,7 @@ class AllToAllDispatcher:
 
     def dispatch(self, x: Tensor, idx_TK: Tensor):
         T, K = idx_TK.shape
-        if x.dim() not in (2, 3) or x.shape[0] != T or (x.dim() == 3 and x.shape[1] != K):
-            raise ValueError(f"dispatch: x must be [T, D] or [T, K, D] with T={T}, K={K}; got {tuple(x.shape)}")
-        flat = idx_TK.reshape(-1)
-        if flat.numel() and int(flat.max()) >= self.num_experts:
-            raise ValueError(f"dispatch: expert id {int(flat.max())} >= num_experts={self.num_experts}")
+        check_dispatch_args(x, idx_TK, self.num_experts)
         P, El = self.ep_size, self.num_local_experts
         order_Ns, counts_E = permute_by_expert(idx_TK, self.num_experts)
         x_send = x[order_Ns // K] if x.dim() == 2 else x.reshape(T * K, x.shape[-1])[order_Ns]
