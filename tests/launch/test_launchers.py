@@ -63,18 +63,54 @@ def assert_trained(run_dir, steps=4):
     return rows
 
 
-def test_deepspeed_two_ranks_and_resume(shard, tmp_path):
-    ds = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
-    out = run(ds + job_args(shard, tmp_path / "a"))
+def deepspeed_cmd(n: int) -> list[str]:
+    return [str(BIN / "deepspeed"), "--num_gpus", str(n), "--master_port", str(free_port())]
+
+
+@pytest.fixture(scope="module")
+def ep2_run(shard, tmp_path_factory):
+    """The tiny job trained 4 steps by `deepspeed --num_gpus 2` at ep_size 2 (checkpoints at steps 2, 4)."""
+    run_dir = tmp_path_factory.mktemp("ep2") / "a"
+    out = run(deepspeed_cmd(2) + job_args(shard, run_dir))
     assert "rank 1 of 2" in out
-    full = assert_trained(tmp_path / "a")
+    return run_dir, assert_trained(run_dir)
+
+
+def test_deepspeed_two_ranks_and_resume(shard, ep2_run, tmp_path):
+    a, full = ep2_run
     # N + resume + N on 2 ranks with the all-to-all dispatcher: identical losses
-    ds = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
-    run(ds + job_args(shard, tmp_path / "b", f"resume={tmp_path / 'a' / 'checkpoints' / 'step_00000002'}"))
+    run(deepspeed_cmd(2) + job_args(shard, tmp_path / "b", f"resume={a / 'checkpoints' / 'step_00000002'}"))
     resumed = read_metrics(tmp_path / "b")
     assert sorted(resumed) == [3, 4]
     for s in (3, 4):
         assert (resumed[s]["loss"], resumed[s]["grad_norm"]) == (full[s]["loss"], full[s]["grad_norm"])
+
+
+def test_ep2_checkpoint_warm_starts_at_ep1_and_ep4(shard, ep2_run, tmp_path):
+    """Weights saved at ep_size 2 load through the trainer (`init_from`) at ep_size 1 (one plain python
+    process) and 4 (4 ranks) and training continues. With lr ~0 for the one step, the validation loss after
+    it is the checkpoint's: the same 8 validation samples at every world size (micro-batch 4 x 1 rank,
+    1 x 4 ranks; the ep2 run used 2 x 2), so both must match the ep2 run's own step-4 validation loss."""
+    a, full = ep2_run
+    common = [f"init_from={a / 'checkpoints' / 'step_00000004'}", "training.steps=1", "training.warmup_steps=0",
+              "training.lr=1e-12", "training.grad_accum_steps=1", "training.eval_interval=1"]
+    val = {}
+    for ep, micro in ((1, 4), (4, 1)):
+        run_dir = tmp_path / f"ep{ep}"
+        args = ["launch/pretrain.py", "--config", str(TINY_JOB)]
+        for o in tiny_job_overrides(shard, run_dir) + common + [f"parallel.ep_size={ep}",
+                                                                  f"training.micro_batch_size={micro}"]:
+            args += ["--set", o]
+        out = run([sys.executable] + args if ep == 1 else deepspeed_cmd(ep) + args)
+        assert f"rank 0 of {ep}" in out
+        rows = read_metrics(run_dir)
+        assert sorted(rows) == [1] and rows[1]["loss"] > 0
+        assert os.path.isfile(os.path.join(run_dir, "checkpoints", "step_00000001", "COMPLETE"))
+        val[ep] = rows[1]["val_loss"]
+    for ep in (1, 4):
+        assert val[ep] == pytest.approx(full[4]["val_loss"], rel=1e-5, abs=1e-6), (ep, val, full[4]["val_loss"])
+    # the comparison can tell checkpoints apart (steps 2 and 4 of the same run differ by far more than rel 1e-5)
+    assert abs(full[4]["val_loss"] - full[2]["val_loss"]) > 1e-3
 
 
 def test_no_ssh_two_nodes_on_one_machine(shard, tmp_path):
