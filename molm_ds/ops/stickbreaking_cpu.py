@@ -7,6 +7,13 @@ softplus(z_il)`; no [Tq, Tk] tensor is ever built (tiles are [bq, bk]).
 
     log A_ij = z_ij - R_ij - carry_i,   R_ij = sum_{l >= j in block} softplus(z_il)
 
+Early exit: sum_{j left of a tile} A_ij <= exp(-carry_i) (what is left of the stick), and every term of
+the backward for those keys is a multiple of such A's (see dz below). Once carry_i >= EXIT_LOG_STICK for
+every row of the query tile, the remaining key tiles change o, dq, dk, dv by at most exp(-40) ~ 4e-18
+times |v| or |do|, far below fp32 rounding, so both passes stop there. Heads that break the stick
+quickly (local attention: random logits lose the stick within ~50 keys) then cost O(T * block) instead
+of O(T^2); heads that keep a long stick (logits << 0) visit every tile.
+
 Backward (g_ij = A_ij * dA_ij, dA_ij = do_i . v_j  [ - do_i . v_i for include_current=False]):
 
     dz_ij = g_ij (1 - beta_ij) - beta_ij * sum_{j' < j} g_ij'
@@ -47,6 +54,8 @@ def _tri(n: int, device, dtype) -> Tensor:
 
 
 SUFFIX_CHUNK = 32
+# stop visiting key tiles to the left once every row's log-stick prefix is this large (module docstring)
+EXIT_LOG_STICK = 40.0
 
 
 class _Suffix:
@@ -100,7 +109,7 @@ def _key_blocks(kend: int, bk: int):
     return [(s, min(s + bk, kend)) for s in reversed(starts)]
 
 
-def _forward(q5, k, v, include_current, kpm, bq, bk):
+def _forward(q5, k, v, include_current, kpm, bq, bk, exit_log_stick=EXIT_LOG_STICK):
     """q5 [B,Hk,g,Tq,d] pre-scaled by 1/sqrt(d), float; k, v [B,Hk,Tk,d] float. Returns o, rowsum(A)."""
     B, Hk, g, Tq, d = q5.shape
     Tk = k.shape[2]
@@ -125,10 +134,12 @@ def _forward(q5, k, v, include_current, kpm, bq, bk):
             if not include_current:  # row sums of A are only needed for the remainder
                 asum[:, :, :, qs:qe].add_(a.sum(-1, keepdim=True))
             carry.add_(r0)
+            if float(carry.min()) >= exit_log_stick:
+                break
     return o, asum
 
 
-def _backward(q5, k, v, o5, do5, include_current, kpm, bq, bk):
+def _backward(q5, k, v, o5, do5, include_current, kpm, bq, bk, exit_log_stick=EXIT_LOG_STICK):
     B, Hk, g, Tq, d = q5.shape
     Tk = k.shape[2]
     off = Tk - Tq
@@ -178,6 +189,8 @@ def _backward(q5, k, v, o5, do5, include_current, kpm, bq, bk):
             else:
                 dk[:, :, ks:ke].add_(torch.matmul(dz.transpose(-1, -2), q_blk).sum(2))
                 dv[:, :, ks:ke].add_(torch.matmul(a.transpose(-1, -2), do_blk).sum(2))
+            if float(carry.min()) >= exit_log_stick:
+                break
     return dq, dk, dv
 
 

@@ -48,3 +48,55 @@ def test_underflowing_weights_fp32_match_fp64_reference():
     want = torch.autograd.grad(o_ref, (q64, k64, v64), do.double())
     for a, b in zip(got, want):
         torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-3)
+
+
+def _count_tiles(monkeypatch):
+    import molm_ds.ops.stickbreaking_cpu as sb
+
+    calls = []
+    real = sb._tile_logits
+
+    def counting(*args):
+        calls.append(args[3])  # ks: the key tile's start
+        return real(*args)
+
+    monkeypatch.setattr(sb, "_tile_logits", counting)
+    return calls
+
+
+@pytest.mark.parametrize("include_current", [True, False])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("long_stick", [False, True])
+def test_early_exit_matches_reference_and_skips_only_spent_sticks(monkeypatch, include_current, padded, long_stick):
+    """Random logits spend each row's stick within a few dozen keys: the far key tiles are skipped (fewer
+    tiles visited than the causal triangle has) and outputs and gradients still match the reference.
+    With every logit ~ -8 the stick lasts the whole sequence and every tile is visited."""
+    T, bq, bk, d = 256, 16, 16, 8
+    g = torch.Generator().manual_seed(3 + padded)
+    q, k, v = (torch.randn(2, 2, T, d, generator=g, dtype=torch.float64) for _ in range(3))
+    q, k = q * 2.0, k * 2.0  # logits ~ N(0, 8): the stick is spent within ~20 keys
+    if long_stick:
+        c = (8.0 * d**0.5) ** 0.5
+        q[..., 0], k[..., 0] = c, -c  # q.k / sqrt(d) ~ -8 - (a little noise from the other dims)
+        q[..., 1:], k[..., 1:] = q[..., 1:] / 2.0, k[..., 1:] / 2.0
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    kpm = (torch.rand(2, T, generator=g) > 0.2) if padded else None
+    do = torch.randn(2, 2, T, d, generator=g, dtype=torch.float64)
+    o_ref = stickbreaking_reference(q, k, v, include_current=include_current, key_padding_mask=kpm)
+    calls = _count_tiles(monkeypatch)
+    o = stickbreaking_blockwise(q, k, v, include_current=include_current, key_padding_mask=kpm, block_q=bq, block_k=bk)
+    forward_tiles = len(calls)
+    got = torch.autograd.grad(o, (q, k, v), do)
+    backward_tiles = len(calls) - forward_tiles
+    n_blocks = T // bq
+    all_tiles = n_blocks * (n_blocks + 1) // 2  # the causal triangle of tiles (include_current)
+    if not include_current:
+        all_tiles = sum(len(range(0, qs + bq - 1, bk)) for qs in range(0, T, bq))
+    if long_stick:
+        assert forward_tiles == backward_tiles == all_tiles
+    else:
+        assert forward_tiles == backward_tiles and forward_tiles < 0.6 * all_tiles, (forward_tiles, all_tiles)
+    torch.testing.assert_close(o.double(), o_ref.double(), atol=2e-6, rtol=1e-5)
+    want = torch.autograd.grad(o_ref, (q, k, v), do)
+    for name, a, b in zip("qkv", got, want):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=f"d{name}")
