@@ -78,9 +78,11 @@ def test_loss_falls_on_learnable_data(shard, tmp_path):
     assert last < first - 0.5, (first, last)
 
 
-def test_resume_is_bit_identical(shard, tmp_path):
-    """2N steps in one go vs N steps, then resume and N more (sample_topk makes the RNG matter)."""
-    extra = ["model.overrides={sample_topk: 1}", "deepspeed.config=ds_configs/zero2_fp32.json"]
+@pytest.mark.parametrize("ds", ["zero2_fp32", "zero1_bf16"])
+def test_resume_is_bit_identical(shard, tmp_path, ds):
+    """2N steps in one go vs N steps, then resume and N more (sample_topk makes the RNG matter); bf16
+    restores its fp32 master weights and optimizer state from the checkpoint too."""
+    extra = ["model.overrides={sample_topk: 1}", f"deepspeed.config=ds_configs/{ds}.json"]
     a = run(shard, tmp_path / "a", "training.steps=4", "checkpoint.interval=2", *extra)
     b = run(shard, tmp_path / "b", "training.steps=4", f"resume={a['checkpoint_dir']}/step_00000002", *extra)
     ra, rb = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
