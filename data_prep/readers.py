@@ -48,53 +48,34 @@ class ReadStats:
     first_errors: list = dataclasses.field(default_factory=list)
 
 
+def _multi_member(new: Callable[[], object]):
+    """(feed, finished) over a stream of concatenated members (zstd frames, xz streams, gzip members;
+    the Pile's files may hold several): ``new()`` makes a decompressor for the next member once one ends.
+    finished() is True between members, i.e. when the input did not stop inside one."""
+    state = {"d": new(), "fed": False}
+
+    def feed(b: bytes) -> bytes:
+        out = []
+        while b:
+            d = state["d"]
+            state["fed"] = True
+            out.append(d.decompress(b))
+            b = d.unused_data if d.eof else b""
+            if d.eof:
+                state["d"], state["fed"] = new(), False
+        return b"".join(out)
+
+    return feed, lambda: not state["fed"]
+
+
 def _decompressor(path: str):
     """(feed(bytes) -> bytes, finished() -> bool) for the file's compression, chosen by suffix."""
     if path.endswith(".zst"):
-        state = {"d": zstandard.ZstdDecompressor().decompressobj(), "fed": False}
-
-        def feed(b: bytes) -> bytes:
-            out = []
-            while b:
-                d = state["d"]
-                state["fed"] = True
-                out.append(d.decompress(b))
-                b = d.unused_data if d.eof else b""
-                if d.eof:  # next frame (the Pile's files may hold several)
-                    state["d"], state["fed"] = zstandard.ZstdDecompressor().decompressobj(), False
-            return b"".join(out)
-
-        return feed, lambda: not state["fed"]
+        return _multi_member(lambda: zstandard.ZstdDecompressor().decompressobj())
     if path.endswith(".xz"):
-        state = {"d": lzma.LZMADecompressor(), "fed": False}
-
-        def feed(b: bytes) -> bytes:
-            out = []
-            while b:
-                d = state["d"]
-                state["fed"] = True
-                out.append(d.decompress(b))
-                b = d.unused_data if d.eof else b""
-                if d.eof:
-                    state["d"], state["fed"] = lzma.LZMADecompressor(), False
-            return b"".join(out)
-
-        return feed, lambda: not state["fed"] or state["d"].eof
+        return _multi_member(lzma.LZMADecompressor)
     if path.endswith(".gz"):
-        state = {"d": zlib.decompressobj(wbits=31), "fed": False}
-
-        def feed(b: bytes) -> bytes:
-            out = []
-            while b:
-                d = state["d"]
-                state["fed"] = True
-                out.append(d.decompress(b))
-                b = d.unused_data if d.eof else b""
-                if d.eof:
-                    state["d"], state["fed"] = zlib.decompressobj(wbits=31), False
-            return b"".join(out)
-
-        return feed, lambda: not state["fed"]
+        return _multi_member(lambda: zlib.decompressobj(wbits=31))
     return (lambda b: b), (lambda: True)
 
 
