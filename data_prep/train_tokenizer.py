@@ -70,10 +70,18 @@ def train_tokenizer(specs: list[SourceSpec], out_prefix: str, *, vocab_size: int
     tmp_prefix = out_prefix + ".tmp"
     spm.set_random_generator_seed(seed)
     try:
-        _train(spm, specs, tmp_prefix, vocab_size=vocab_size, sample_sentences=sample_sentences,
-               docs_per_source=docs_per_source, character_coverage=character_coverage, user_symbols=user_symbols,
-               threads=threads, model_type=model_type, byte_fallback=byte_fallback,
-               max_sentence_length=max_sentence_length, subsets=subsets, skip_corrupt=skip_corrupt)
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sentences(specs, docs_per_source=docs_per_source, max_bytes=max_sentence_length,
+                                        subsets=subsets, skip_corrupt=skip_corrupt),
+            model_prefix=tmp_prefix, model_type=model_type, vocab_size=vocab_size,
+            character_coverage=character_coverage, byte_fallback=byte_fallback,
+            input_sentence_size=sample_sentences, shuffle_input_sentence=True,
+            max_sentence_length=max_sentence_length, num_threads=threads or os.cpu_count() or 1,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+            split_digits=True, allow_whitespace_only_pieces=True, user_defined_symbols=list(user_symbols),
+            pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>", **SPECIALS,
+            minloglevel=2,
+        )
     except RuntimeError as e:
         m = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(e))
         if not m:
@@ -84,22 +92,6 @@ def train_tokenizer(specs: list[SourceSpec], out_prefix: str, *, vocab_size: int
     os.replace(tmp_prefix + ".vocab", out_prefix + ".vocab")
     os.replace(tmp_prefix + ".model", out_prefix + ".model")
     return out_prefix + ".model"
-
-
-def _train(spm, specs, tmp_prefix, *, vocab_size, sample_sentences, docs_per_source, character_coverage,
-           user_symbols, threads, model_type, byte_fallback, max_sentence_length, subsets, skip_corrupt) -> None:
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=sentences(specs, docs_per_source=docs_per_source, max_bytes=max_sentence_length,
-                                    subsets=subsets, skip_corrupt=skip_corrupt),
-        model_prefix=tmp_prefix, model_type=model_type, vocab_size=vocab_size,
-        character_coverage=character_coverage, byte_fallback=byte_fallback,
-        input_sentence_size=sample_sentences, shuffle_input_sentence=True,
-        max_sentence_length=max_sentence_length, num_threads=threads or os.cpu_count() or 1,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
-        split_digits=True, allow_whitespace_only_pieces=True, user_defined_symbols=list(user_symbols),
-        pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>", **SPECIALS,
-        minloglevel=2,
-    )
 
 
 def file_sha256(path: str) -> str:

@@ -109,7 +109,7 @@ def _key_blocks(kend: int, bk: int):
     return [(s, min(s + bk, kend)) for s in reversed(starts)]
 
 
-def _forward(q5, k, v, include_current, kpm, bq, bk, exit_log_stick=EXIT_LOG_STICK):
+def _forward(q5, k, v, include_current, kpm, bq, bk):
     """q5 [B,Hk,g,Tq,d] pre-scaled by 1/sqrt(d), float; k, v [B,Hk,Tk,d] float. Returns o, rowsum(A)."""
     B, Hk, g, Tq, d = q5.shape
     Tk = k.shape[2]
@@ -134,12 +134,12 @@ def _forward(q5, k, v, include_current, kpm, bq, bk, exit_log_stick=EXIT_LOG_STI
             if not include_current:  # row sums of A are only needed for the remainder
                 asum[:, :, :, qs:qe].add_(a.sum(-1, keepdim=True))
             carry.add_(r0)
-            if float(carry.min()) >= exit_log_stick:
+            if float(carry.min()) >= EXIT_LOG_STICK:
                 break
     return o, asum
 
 
-def _backward(q5, k, v, o5, do5, include_current, kpm, bq, bk, exit_log_stick=EXIT_LOG_STICK):
+def _backward(q5, k, v, o5, do5, include_current, kpm, bq, bk):
     B, Hk, g, Tq, d = q5.shape
     Tk = k.shape[2]
     off = Tk - Tq
@@ -189,7 +189,7 @@ def _backward(q5, k, v, o5, do5, include_current, kpm, bq, bk, exit_log_stick=EX
             else:
                 dk[:, :, ks:ke].add_(torch.matmul(dz.transpose(-1, -2), q_blk).sum(2))
                 dv[:, :, ks:ke].add_(torch.matmul(a.transpose(-1, -2), do_blk).sum(2))
-            if float(carry.min()) >= exit_log_stick:
+            if float(carry.min()) >= EXIT_LOG_STICK:
                 break
     return dq, dk, dv
 
