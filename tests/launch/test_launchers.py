@@ -27,8 +27,8 @@ def shard(tmp_path_factory):
 def env():
     e = dict(os.environ, DS_ACCELERATOR="cpu", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
              PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    # a private JIT cache for DeepSpeed's CPU comm op: processes built with other flags share the default
-    # one and keep rebuilding it under each other (minutes per launch on a busy machine)
+    # a private JIT cache for any DeepSpeed op a launch builds (the CPU shm-comm op is skipped unless
+    # MOLM_DS_CPU_SHM_COMM=1), so builds with other flags elsewhere never invalidate it
     e.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions_molm_ds_tests"))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         e.pop(k, None)  # pytest may run after an in-process test set them
