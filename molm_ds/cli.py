@@ -1,0 +1,70 @@
+"""What every command-line entry point shares: argument parsing and the user-error convention.
+
+    from molm_ds import cli
+
+    def main(argv=None) -> int:
+        args = cli.ArgumentParser(prog="...", description=...).parse_args(argv)
+        ...
+        return 0
+
+    if __name__ == "__main__":
+        cli.run(main)
+
+A ``UserError`` (``molm_ds.errors``) raised anywhere below ``main`` ends the process with one line
+``error: <what is wrong and what to change>`` on stderr and exit code 2, without a traceback; so do
+argparse's own errors. Under several ranks only rank 0 prints it (every rank runs the same checks on
+the same inputs). ``MOLM_DS_DEBUG=1`` re-raises, for the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, NoReturn, Optional, Sequence
+
+from molm_ds.errors import UserError, debug_enabled, one_line
+
+__all__ = ["ArgumentParser", "run", "fail", "EXIT_USER_ERROR"]
+
+EXIT_USER_ERROR = 2
+
+
+def _rank() -> int:
+    from molm_ds.log import rank
+
+    try:
+        return rank()
+    except Exception:  # torch missing or not importable: a data command on a bare machine
+        return 0
+
+
+def fail(message: str) -> NoReturn:
+    """Print ``error: message`` (rank 0) and exit 2."""
+    if _rank() == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's error line: ``error: <message> (see --help)``, exit 2, no usage dump."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see {self.prog} --help)")
+
+
+def run(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Optional[Sequence[str]] = None) -> NoReturn:
+    """Call ``main(argv)`` and exit with its return code; a ``UserError`` becomes the one-line error."""
+    try:
+        code = main(argv)
+    except UserError as exc:
+        if debug_enabled():
+            raise
+        fail(one_line(exc))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
+    sys.exit(0 if code is None else int(code))

@@ -1,0 +1,51 @@
+"""The user-error convention: one `error:` line on stderr, exit code 2, no traceback (MOLM_DS_DEBUG=1 re-raises)."""
+
+import pytest
+
+from molm_ds import cli
+from molm_ds.errors import ConfigError, one_line
+
+
+def _main_raising(exc):
+    def main(argv=None):
+        raise exc
+    return main
+
+
+def test_user_error_is_one_line_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.run(_main_raising(ConfigError("bad thing\n  detail one\n  detail two")), [])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "error: bad thing; detail one; detail two\n"
+
+
+def test_debug_reraises(monkeypatch):
+    monkeypatch.setenv("MOLM_DS_DEBUG", "1")
+    with pytest.raises(ConfigError):
+        cli.run(_main_raising(ConfigError("x")), [])
+
+
+def test_bug_keeps_its_traceback():
+    with pytest.raises(ZeroDivisionError):
+        cli.run(_main_raising(ZeroDivisionError("bug")), [])
+
+
+def test_return_code_passes_through():
+    with pytest.raises(SystemExit) as e:
+        cli.run(lambda argv: 3, [])
+    assert e.value.code == 3
+
+
+def test_argparse_errors_are_one_line(capsys):
+    p = cli.ArgumentParser(prog="tool")
+    p.add_argument("--need", required=True)
+    with pytest.raises(SystemExit) as e:
+        p.parse_args([])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: the following arguments are required: --need")
+
+
+def test_one_line_of_empty_message():
+    assert one_line(ValueError()) == "ValueError"
