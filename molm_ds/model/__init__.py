@@ -1,7 +1,7 @@
 """Plain-PyTorch MoLM (ModuleFormer) model: router, experts, local dispatcher, MoE layers, transformer."""
 
 from molm_ds.model.attention import MixtureOfAttention
-from molm_ds.model.dispatch import DispatchContext, LocalDispatcher
+from molm_ds.model.dispatch import DispatchPlan, LocalDispatcher
 from molm_ds.model.experts import AttentionExperts, MLPExperts
 from molm_ds.model.generate import generate
 from molm_ds.model.moe import AUX_KEYS, MoEMLP, RoutingRecord
@@ -9,6 +9,6 @@ from molm_ds.model.router import Router, RouterOutput
 from molm_ds.model.transformer import Block, MoLM, MoLMOutput
 
 __all__ = [
-    "AUX_KEYS", "AttentionExperts", "Block", "DispatchContext", "LocalDispatcher", "MLPExperts",
+    "AUX_KEYS", "AttentionExperts", "Block", "DispatchPlan", "LocalDispatcher", "MLPExperts",
     "MixtureOfAttention", "MoEMLP", "MoLM", "MoLMOutput", "Router", "RouterOutput", "RoutingRecord", "generate",
 ]

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from molm_ds.config import ModelConfig
 from molm_ds.model.dispatch import LocalDispatcher
 from molm_ds.model.experts import AttentionExperts
-from molm_ds.model.moe import RoutingRecord, aux_terms, combine, make_router
+from molm_ds.model.moe import RoutingRecord, aux_terms, make_router
 from molm_ds.ops import stickbreaking_attention
 
 KVCache = tuple[Tensor, Tensor]  # (k_BSX, v_BSX), X = D (shared, no projection) or A
@@ -72,9 +72,9 @@ class MixtureOfAttention(nn.Module):
         r = self.router(x_TD, mask_T)
         K = r.idx_TK.shape[1]
 
-        # route -> permute -> expert query projections -> unpermute
-        x_ND, counts_E, ctx = self.dispatcher.dispatch(x_TD, r.idx_TK)
-        q_TKA = self.dispatcher.undispatch(self.experts.forward_q(x_ND, counts_E), ctx)
+        # one routing plan for both expert projections: permute -> query projections -> unpermute
+        plan = self.dispatcher.plan(r.idx_TK, dropless=not self.router.may_drop(mask_T))
+        q_TKA = self.dispatcher.undispatch(self.experts.forward_q(self.dispatcher.dispatch(x_TD, plan), plan.counts), plan)
 
         # stick-breaking attention: query heads [B, h*K, T, d] over shared key heads [B, h, S, d]
         q = q_TKA.view(B, T, K, h, d).permute(0, 3, 2, 1, 4).reshape(B, h * K, T, d)
@@ -86,10 +86,9 @@ class MixtureOfAttention(nn.Module):
         )
         o_TKA = o.view(B, h, K, T, d).permute(0, 3, 2, 1, 4).reshape(B * T, K, h * d)
 
-        # permute -> expert output projections -> unpermute -> combine
-        o_ND, counts_E, ctx = self.dispatcher.dispatch(o_TKA, r.idx_TK)
-        y_TKD = self.dispatcher.undispatch(self.experts.forward_o(o_ND, counts_E), ctx)
-        y_TD = combine(r.weights_TK, y_TKD)
+        # permute -> output projections -> unpermute + gate-weighted sum (fused)
+        y_ND = self.experts.forward_o(self.dispatcher.dispatch(o_TKA, plan), plan.counts)
+        y_TD = self.dispatcher.combine(y_ND, r.weights_TK, plan)
         self.last_routing = RoutingRecord(r.probs_TE.detach(), r.idx_TK.detach(), mask_T)
         return y_TD.view(B, T, D), aux_terms(r, mask_T), (k_BTX, v_BTX)
 

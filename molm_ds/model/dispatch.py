@@ -1,39 +1,60 @@
-"""Local (single-process, ep_size = 1) token dispatch: permute rows into expert order and back.
+"""Token dispatch: the contract every dispatcher implements, and the local (ep_size 1) reference.
 
-Legend: T tokens, K slots per token, D width, E experts, N kept slots (idx >= 0), grouped by expert.
+Legend: T tokens, K slots per token, D width, E experts (local experts under expert parallelism),
+N rows after permutation (kept slots, grouped by expert).
 
-    x_ND, counts_E, ctx = dispatcher.dispatch(x, idx_TK)   # x: [T, D] (same row for every slot) or [T, K, D]
-    y_ND = experts(x_ND, counts_E)
-    y_TKD = dispatcher.undispatch(y_ND, ctx)                # zeros where idx_TK == -1
-    y_TD = (weights_TK[..., None] * y_TKD).sum(1)            # gates are applied by the layer
+The contract (the all-to-all dispatcher in ``molm_ds.parallel.dispatch`` implements the same four):
 
-Within an expert, rows keep token-major order (token t slot s before token t' > t), so the
-expert-parallel dispatcher can reproduce the exact same grouping. `LocalDispatcher` is a plain object
-(not an nn.Module): any object with `dispatch` / `undispatch` can replace it on a layer.
+    plan = dispatcher.plan(idx_TK, dropless=...)        # route once: sort slots by expert, count rows
+    x_ND = dispatcher.dispatch(x, plan)                  # x: [T, D] (same row for every slot) or [T, K, D]
+    y_ND = experts(x_ND, plan.counts)                    # rows grouped by expert, plan.counts rows each
+    y_TKD = dispatcher.undispatch(y_ND, plan)            # back to slots; zeros where idx_TK == -1
+    y_TD = dispatcher.combine(y_ND, weights_TK, plan)    # fused undispatch + gate-weighted sum
 
-Fast path (LocalDispatcher only): `combine(y_ND, weights_TK, ctx) -> y_TD` fuses undispatch and the
-gate-weighted sum (rows scaled by their gate, one `index_add_` into y_TD; hand-written backward), so no
-[T, K, D] tensor is built. It equals `(weights_TK[..., None] * undispatch(y_ND, ctx)).sum(1)`.
+A plan is made once per routing decision and reused by every dispatch of it (the attention layer
+dispatches its queries and its attention outputs with one plan). Within an expert, rows keep
+token-major order (slot (t, s) before (t', s') iff t*K+s < t'*K+s'), so the expert-parallel dispatcher
+reproduces the exact same grouping. Layers never look at the dispatcher's type.
+
+Host syncs: none when the plan is dropless (no padding mask, no capacity drops: N = T*K is known);
+otherwise one, to learn N. Expert-id range checks read tensor values and run only under
+``MOLM_DS_DEBUG=1``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
 
+from molm_ds.errors import debug_enabled
+from molm_ds.ops.grouped_gemm import GroupCounts
+
+__all__ = ["DispatchPlan", "LocalDispatcher", "LocalPlan", "check_dispatch_args", "combine_reference",
+           "permute_by_expert", "weighted_combine"]
+
 
 @dataclass
-class DispatchContext:
-    order_N: Tensor  # flat slot index (t * K + s) of each dispatched row, in expert order
+class DispatchPlan:
+    """What every plan carries: rows per (local) expert, and the routing shape."""
+
+    counts: GroupCounts  # rows of each local expert in the dispatched order
     T: int
     K: int
-    token_N: Optional[Tensor] = None  # order_N // K (token of each row), kept for combine
+
+    @property
+    def counts_E(self) -> Tensor:
+        return self.counts.tensor
 
 
-class _LocalCombine(torch.autograd.Function):
+@dataclass
+class LocalPlan(DispatchPlan):
+    order_N: Tensor = None  # flat slot id (t * K + s) of each dispatched row, in expert order
+    token_N: Tensor = None  # order_N // K: the token of each row
+
+
+class _WeightedCombine(torch.autograd.Function):
     """y_TD[t] = sum over rows n of token t of w_N[n] * y_ND[n], w_N = weights_TK.flatten()[order_N]."""
 
     @staticmethod
@@ -58,52 +79,88 @@ class _LocalCombine(torch.autograd.Function):
         return dy, dw, None, None, None
 
 
-def check_dispatch_args(x: Tensor, idx_TK: Tensor, num_experts: int) -> None:
-    """Shape and expert-id checks shared by every dispatcher: x is [T, D] or [T, K, D]; ids < num_experts."""
-    T, K = idx_TK.shape
-    if x.dim() not in (2, 3) or x.shape[0] != T or (x.dim() == 3 and x.shape[1] != K):
-        raise ValueError(f"dispatch: x must be [T, D] or [T, K, D] with T={T}, K={K}; got {tuple(x.shape)}")
-    if idx_TK.numel() and int(idx_TK.max()) >= num_experts:
-        raise ValueError(f"dispatch: expert id {int(idx_TK.max())} >= num_experts={num_experts}")
+def weighted_combine(y_ND: Tensor, weights_TK: Tensor, order_N: Tensor, token_N: Tensor) -> Tensor:
+    """Rows in slot order ``order_N`` -> y_TD = sum_k weights_TK[t, k] * row of slot (t, k); no [T, K, D]
+    tensor is built (one ``index_add_``; hand-written backward)."""
+    T, K = weights_TK.shape
+    if y_ND.shape[0] != order_N.shape[0]:
+        raise ValueError(f"combine: {y_ND.shape[0]} rows do not match the plan's {order_N.shape[0]} dispatched slots "
+                         f"(T={T}, K={K})")
+    return _WeightedCombine.apply(y_ND, weights_TK, order_N, token_N, T)
+
+
+def combine_reference(weights_TK: Tensor, y_TKD: Tensor) -> Tensor:
+    """The slow path of ``combine``: y_TD = sum_k weights_TK[:, k] * y_TKD[:, k]."""
+    return (weights_TK.to(y_TKD.dtype)[..., None] * y_TKD).sum(1)
+
+
+def check_dispatch_args(idx_TK: Tensor, num_experts: int) -> None:
+    """Shape checks (free) and, under ``MOLM_DS_DEBUG=1``, the expert-id range (reads values: a host sync)."""
+    if idx_TK.dim() != 2 or idx_TK.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"dispatch: idx_TK must be an integer [T, K] tensor; got {idx_TK.dtype} {tuple(idx_TK.shape)}")
+    if debug_enabled() and idx_TK.numel():
+        lo, hi = int(idx_TK.min()), int(idx_TK.max())
+        if hi >= num_experts or lo < -1:
+            raise ValueError(f"dispatch: expert ids span [{lo}, {hi}]; valid are -1 (dropped) and 0..{num_experts - 1}")
+
+
+def check_rows(x: Tensor, plan: DispatchPlan) -> None:
+    if x.dim() not in (2, 3) or x.shape[0] != plan.T or (x.dim() == 3 and x.shape[1] != plan.K):
+        raise ValueError(f"dispatch: x must be [T, D] or [T, K, D] with T={plan.T}, K={plan.K}; got {tuple(x.shape)}")
 
 
 def permute_by_expert(idx_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
-    """Sort slots by expert, keeping token-major order within an expert; dropped slots (-1) removed.
-    Returns (order_N: flat slot ids in expert order, counts_E)."""
+    """Sort slots by expert, keeping token-major order within an expert. Returns (order: all T*K flat
+    slot ids in expert order, dropped slots (-1) last; counts_E). The kept slots are the first
+    ``counts_E.sum()`` of ``order``: no host sync here."""
     flat = idx_TK.reshape(-1)
     valid = flat >= 0
     key = torch.where(valid, flat, torch.full_like(flat, num_experts))  # dropped slots sort last
     order = torch.argsort(key, stable=True)
-    counts_E = torch.bincount(flat[valid], minlength=num_experts)
-    return order[: int(counts_E.sum())], counts_E
+    counts_E = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+    return order, counts_E
 
 
 class LocalDispatcher:
+    """Reference dispatcher over ``num_experts`` experts held in this process. A plain object, not an
+    nn.Module, so expert parallelism can assign a replacement of any type to ``layer.dispatcher``."""
+
     def __init__(self, num_experts: int) -> None:
         self.num_experts = num_experts
 
     def __repr__(self) -> str:
         return f"LocalDispatcher(num_experts={self.num_experts})"
 
-    def dispatch(self, x: Tensor, idx_TK: Tensor):
+    def plan(self, idx_TK: Tensor, *, dropless: bool = False) -> LocalPlan:
+        """``dropless``: the caller guarantees no slot is -1 (no padding mask, no capacity drops), which
+        spares the host sync that counting the kept slots needs."""
+        check_dispatch_args(idx_TK, self.num_experts)
         T, K = idx_TK.shape
-        check_dispatch_args(x, idx_TK, self.num_experts)
-        order_N, counts_E = permute_by_expert(idx_TK, self.num_experts)
-        token_N = order_N // K
+        order, counts_E = permute_by_expert(idx_TK, self.num_experts)
+        if dropless:
+            counts = GroupCounts(counts_E)
+        else:
+            counts = GroupCounts(counts_E, counts_E.tolist())  # syncs: N is needed to cut the dropped slots
+            order = order[: sum(counts.host())]
+        return LocalPlan(counts, T, K, order_N=order, token_N=order // K)
+
+    def dispatch(self, x: Tensor, plan: LocalPlan) -> Tensor:
+        check_rows(x, plan)
         # index_select: its backward is one index_add_ (cheaper than index_put with accumulate)
-        x_ND = x.index_select(0, token_N) if x.dim() == 2 else x.reshape(T * K, x.shape[-1]).index_select(0, order_N)
-        return x_ND, counts_E, DispatchContext(order_N, T, K, token_N)
+        if x.dim() == 2:
+            return x.index_select(0, plan.token_N)
+        return x.reshape(plan.T * plan.K, x.shape[-1]).index_select(0, plan.order_N)
 
-    def undispatch(self, y_ND: Tensor, ctx: DispatchContext) -> Tensor:
-        n_slots = ctx.T * ctx.K
+    def undispatch(self, y_ND: Tensor, plan: LocalPlan) -> Tensor:
+        n_slots = plan.T * plan.K
         # every slot is overwritten when nothing was dropped: no zero-fill needed then
-        out = y_ND.new_empty(n_slots, y_ND.shape[-1]) if y_ND.shape[0] == n_slots else y_ND.new_zeros(n_slots, y_ND.shape[-1])
-        out.index_copy_(0, ctx.order_N, y_ND)  # in place on a fresh tensor: autograd records it
-        return out.view(ctx.T, ctx.K, y_ND.shape[-1])
+        full = plan.order_N.shape[0] == n_slots
+        out = y_ND.new_empty(n_slots, y_ND.shape[-1]) if full else y_ND.new_zeros(n_slots, y_ND.shape[-1])
+        out.index_copy_(0, plan.order_N, y_ND)  # in place on a fresh tensor: autograd records it
+        return out.view(plan.T, plan.K, y_ND.shape[-1])
 
-    def combine(self, y_ND: Tensor, weights_TK: Tensor, ctx: DispatchContext) -> Tensor:
-        """Fused undispatch + gate-weighted sum: y_TD = sum_k weights_TK[:, k] * y_TKD[:, k]."""
-        token_N = ctx.token_N if ctx.token_N is not None else ctx.order_N // ctx.K
-        if tuple(weights_TK.shape) != (ctx.T, ctx.K) or y_ND.shape[0] != ctx.order_N.shape[0]:
-            raise ValueError(f"combine: weights {tuple(weights_TK.shape)} / rows {y_ND.shape[0]} do not match the dispatch (T={ctx.T}, K={ctx.K}, N={ctx.order_N.shape[0]})")
-        return _LocalCombine.apply(y_ND, weights_TK, ctx.order_N, token_N, ctx.T)
+    def combine(self, y_ND: Tensor, weights_TK: Tensor, plan: LocalPlan) -> Tensor:
+        """y_TD = sum_k weights_TK[:, k] * undispatch(y_ND)[:, k], fused."""
+        if tuple(weights_TK.shape) != (plan.T, plan.K):
+            raise ValueError(f"combine: weights {tuple(weights_TK.shape)} do not match the plan (T={plan.T}, K={plan.K})")
+        return weighted_combine(y_ND, weights_TK, plan.order_N, plan.token_N)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from molm_ds.ops import grouped_gemm, grouped_mlp
+from molm_ds.ops.grouped_gemm import GroupCounts
 
 
 def _init_expert_weight(w: Tensor) -> None:
@@ -56,7 +57,7 @@ class MLPExperts(nn.Module):
     def forward_reference(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
         """Readable loop over experts (the slow path)."""
         out, start = [], 0
-        for e, n in enumerate(counts_E.tolist()):
+        for e, n in enumerate(GroupCounts.of(counts_E).host()):
             xe = x_ND[start : start + n]
             out.append(self.act(xe @ self.w1[e]) @ self.w2[e])
             start += n

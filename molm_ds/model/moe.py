@@ -1,7 +1,7 @@
 """MoE MLP sub-layer and the routing bookkeeping shared with the attention sub-layer.
 
 Legend: B batch, T tokens (B*T flattened inside the layer), D d_model, E experts, K experts per token.
-Stages: route -> dispatch (permute) -> experts -> undispatch (unpermute) -> gate-weighted combine.
+Stages: route -> plan (sort slots by expert) -> dispatch -> experts -> combine (unpermute + gates).
 """
 
 from __future__ import annotations
@@ -49,11 +49,6 @@ def aux_terms(r: RouterOutput, mask_T: Optional[Tensor]) -> dict[str, Tensor]:
     }
 
 
-def combine(weights_TK: Tensor, y_TKD: Tensor) -> Tensor:
-    """y_TD = sum_k w_TK * y_TKD (elementwise: einsum's bmm backward looped over tokens on CPU)."""
-    return (weights_TK.to(y_TKD.dtype)[..., None] * y_TKD).sum(1)
-
-
 class MoEMLP(nn.Module):
     """Mixture of MLP experts: y = sum_{m in topk(x)} g_m(x) f_m(x)."""
 
@@ -71,11 +66,8 @@ class MoEMLP(nn.Module):
         x_TD = x_BTD.reshape(B * T, D)
         mask_T = None if mask_BT is None else mask_BT.reshape(B * T).bool()
         r = self.router(x_TD, mask_T)
-        x_ND, counts_E, ctx = self.dispatcher.dispatch(x_TD, r.idx_TK)
-        y_ND = self.experts(x_ND, counts_E)
-        if type(self.dispatcher) is LocalDispatcher:  # fused unpermute + gate sum, no [T, K, D] tensor
-            y_TD = self.dispatcher.combine(y_ND, r.weights_TK, ctx)
-        else:  # generic dispatcher contract (e.g. all-to-all): undispatch, then combine
-            y_TD = combine(r.weights_TK, self.dispatcher.undispatch(y_ND, ctx))
+        plan = self.dispatcher.plan(r.idx_TK, dropless=not self.router.may_drop(mask_T))
+        y_ND = self.experts(self.dispatcher.dispatch(x_TD, plan), plan.counts)
+        y_TD = self.dispatcher.combine(y_ND, r.weights_TK, plan)
         self.last_routing = RoutingRecord(r.probs_TE.detach(), r.idx_TK.detach(), mask_T)
         return y_TD.view(B, T, D), aux_terms(r, mask_T)

@@ -81,6 +81,20 @@ class Router(nn.Module):
         return (f"E={self.num_experts}, k={self.top_k}, type={self.router_type}, routing={self.routing}, "
                 f"renormalize={self.renormalize_topk}, sample_topk={self.sample_topk}, capacity={self.capacity_factor}")
 
+    def may_drop(self, mask_T: Optional[Tensor]) -> bool:
+        """Whether this forward can leave slots empty (idx -1): padded tokens, capacity overflow or
+        expert choice. A dispatcher that is told it cannot needs no host sync to count the kept slots."""
+        return mask_T is not None or (self.training and (self.capacity_factor is not None
+                                                         or self.routing == "expert_choice"))
+
+    def _capacity(self, T: int, mask_T: Optional[Tensor]):
+        """ceil(factor * real tokens * k / E), at least 1; a device tensor when a mask counts the real
+        tokens (no host sync)."""
+        if mask_T is None:
+            return max(1, math.ceil(self.capacity_factor * T * self.top_k / self.num_experts))
+        n_real = mask_T.sum().double()
+        return torch.ceil(self.capacity_factor * n_real * self.top_k / self.num_experts).clamp_min(1)
+
     def logits(self, x_TD: Tensor) -> Tensor:
         h = x_TD if self.proj is None else F.gelu(self.proj(x_TD))
         return h @ self.w_gate.t()
@@ -100,9 +114,7 @@ class Router(nn.Module):
             if mask_T is not None:
                 idx_TK = idx_TK.masked_fill(~mask_T[:, None], -1)
             if self.capacity_factor is not None and self.training:
-                n_real = int(mask_T.sum()) if mask_T is not None else x_TD.shape[0]
-                capacity = max(1, math.ceil(self.capacity_factor * n_real * self.top_k / self.num_experts))
-                idx_TK = drop_over_capacity(idx_TK, self.num_experts, capacity)
+                idx_TK = drop_over_capacity(idx_TK, self.num_experts, self._capacity(x_TD.shape[0], mask_T))
             weights_TK = weights_TK.masked_fill(idx_TK < 0, 0.0)
         if self.renormalize_topk:
             weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-9)
@@ -121,9 +133,10 @@ def sampled_topk(probs_TE: Tensor, k: int, n_sample: int) -> Tensor:
         return torch.cat([fixed, sampled], dim=-1)
 
 
-def drop_over_capacity(idx_TK: Tensor, num_experts: int, capacity: int) -> Tensor:
+def drop_over_capacity(idx_TK: Tensor, num_experts: int, capacity) -> Tensor:
     """Drop (set to -1) the slots that overflow an expert's capacity. Priority: first choices of all
-    tokens before second choices, and earlier tokens first within a choice rank."""
+    tokens before second choices, and earlier tokens first within a choice rank. ``capacity``: an int
+    or a 0-d tensor."""
     T, K = idx_TK.shape
     flat = idx_TK.t().reshape(-1)  # slot-major order [K*T]
     onehot = F.one_hot(flat.clamp_min(0), num_experts) * (flat >= 0)[:, None]

@@ -9,7 +9,7 @@ optimizer step. Lower-level pieces: `ExpertLoadTracker` (hooks on the MoE sub-la
 from molm_ds.monitor.config import PEAK_FLOPS, MonitorConfig
 from molm_ds.monitor.expert_load import ExpertLoadTracker, SubLayer, find_moe_sublayers
 from molm_ds.monitor.monitor import DEFAULT_OPS, TrainingMonitor, mfu, scalar_tag
-from molm_ds.monitor.reduce import ReduceOp, reduce_metrics
+from molm_ds.parallel.comm import ReduceOp, reduce_metrics
 from molm_ds.monitor.stats import STAT_NAMES, LoadSums, load_stats
 
 __all__ = [

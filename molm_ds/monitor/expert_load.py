@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from molm_ds.log import get_logger
-from molm_ds.monitor.reduce import all_reduce_sum
+from molm_ds.parallel import comm
 from molm_ds.monitor.stats import LoadSums
 
 __all__ = ["SubLayer", "ExpertLoadTracker", "find_moe_sublayers"]
@@ -136,7 +136,7 @@ class ExpertLoadTracker:
         if not keys:
             return {}
         flat = torch.cat([local[k].flatten().cpu() for k in keys])
-        flat = all_reduce_sum(flat, group=group)
+        flat = comm.all_reduce(flat, comm.ReduceOp.SUM, group)
         out, offset = {}, 0
         for k in keys:
             E = local[k].num_experts

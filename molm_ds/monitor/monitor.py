@@ -33,7 +33,7 @@ from molm_ds.model.moe import AUX_KEYS
 from molm_ds.monitor.config import MonitorConfig
 from molm_ds.monitor.expert_load import ExpertLoadTracker, SubLayer
 from molm_ds.monitor.heatmap import render_heatmap, share_matrix
-from molm_ds.monitor.reduce import ReduceOp, reduce_metrics, world_size
+from molm_ds.parallel.comm import ReduceOp, reduce_metrics, world_size
 from molm_ds.monitor.stats import LoadSums, load_stats
 from molm_ds.monitor import tags
 

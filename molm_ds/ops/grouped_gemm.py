@@ -2,6 +2,7 @@
 
 Legend: N = rows (token-expert pairs), E = experts, I = input width, O = output width.
 `x_NI` holds the rows of expert 0 first, then expert 1, ...; `counts_E[e]` rows belong to expert e.
+Counts are an int64 tensor [E], a list, or a `GroupCounts` (tensor + host list made once and shared).
 
 Paths (picked by `molm_ds.ops.backend`, env `MOLM_DS_KERNELS`): the Triton scattered GEMM
 (`kernels.grouped_gemm`) for CUDA tensors, otherwise `_GroupedGemmLoop`, a custom autograd Function
@@ -12,30 +13,81 @@ by hand (dX_e = dY_e W_e^T, dW_e = X_e^T dY_e). On this CPU build it is as fast 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
+from molm_ds.errors import debug_enabled
 from molm_ds.ops.backend import use_triton
 
 
-def _check(x_NI: Tensor, w_EIO: Tensor, counts_E: Tensor) -> list[int]:
+class GroupCounts:
+    """Rows per expert of a grouped batch: the device tensor the Triton kernels read, and the host list
+    the per-expert loop slices with. The host list is made once, on first use (a host sync when the
+    tensor lives on a GPU), and shared by every GEMM of the layer that holds this object; a dispatcher
+    that already has the counts on the host (the all-to-all split sizes) passes them in."""
+
+    __slots__ = ("tensor", "_host")
+
+    def __init__(self, tensor: Tensor, host: Optional[list] = None) -> None:
+        self.tensor = tensor
+        self._host = None if host is None else [int(c) for c in host]
+
+    def host(self) -> list:
+        if self._host is None:
+            self._host = [int(c) for c in self.tensor.tolist()]  # host sync: only the per-expert loop asks
+        return self._host
+
+    @classmethod
+    def of(cls, counts) -> "GroupCounts":
+        if isinstance(counts, GroupCounts):
+            return counts
+        if isinstance(counts, Tensor):
+            return cls(counts)
+        return cls(torch.tensor(list(counts), dtype=torch.int64), list(counts))
+
+    def __repr__(self) -> str:
+        return f"GroupCounts({self._host if self._host is not None else tuple(self.tensor.shape)})"
+
+
+def _check_shapes(x_NI: Tensor, w_EIO: Tensor, counts: GroupCounts) -> None:
+    """Shape checks (free). The counts' values are checked where they are on the host anyway (the loop
+    path) or, under MOLM_DS_DEBUG=1, on the Triton path."""
     if x_NI.dim() != 2 or w_EIO.dim() != 3 or x_NI.shape[1] != w_EIO.shape[1]:
         raise ValueError(f"grouped_gemm: x {tuple(x_NI.shape)} and w {tuple(w_EIO.shape)} do not fit (need x [N, I], w [E, I, O])")
-    if counts_E.dim() != 1 or counts_E.shape[0] != w_EIO.shape[0]:
-        raise ValueError(f"grouped_gemm: counts {tuple(counts_E.shape)} must be [E] with E = {w_EIO.shape[0]} experts")
-    counts = [int(c) for c in counts_E.tolist()]
+    if counts.tensor.dim() != 1 or counts.tensor.shape[0] != w_EIO.shape[0]:
+        raise ValueError(f"grouped_gemm: counts {tuple(counts.tensor.shape)} must be [E] with E = {w_EIO.shape[0]} experts")
+
+
+def _check_values(x_NI: Tensor, counts: list) -> None:
     if sum(counts) != x_NI.shape[0] or min(counts, default=0) < 0:
-        raise ValueError(f"grouped_gemm: counts sum to {sum(counts)} but x has {x_NI.shape[0]} rows")
-    return counts
+        raise ValueError(f"grouped_gemm: counts sum to {sum(counts)} but x has {x_NI.shape[0]} rows (counts {counts})")
 
 
-def grouped_gemm_reference(x_NI: Tensor, w_EIO: Tensor, counts_E: Tensor) -> Tensor:
+def _host_counts(x_NI: Tensor, w_EIO: Tensor, counts) -> list:
+    counts = GroupCounts.of(counts)
+    _check_shapes(x_NI, w_EIO, counts)
+    host = counts.host()
+    _check_values(x_NI, host)
+    return host
+
+
+def _triton_counts(x_NI: Tensor, w_EIO: Tensor, counts) -> Tensor:
+    counts = GroupCounts.of(counts)
+    _check_shapes(x_NI, w_EIO, counts)
+    if debug_enabled():
+        _check_values(x_NI, counts.host())
+    return counts.tensor
+
+
+def grouped_gemm_reference(x_NI: Tensor, w_EIO: Tensor, counts_E) -> Tensor:
     """Readable loop: y[rows of e] = x[rows of e] @ w[e]."""
     if x_NI.dim() != 2 or w_EIO.dim() != 3 or x_NI.shape[1] != w_EIO.shape[1]:
         raise ValueError(f"grouped_gemm: x {tuple(x_NI.shape)} and w {tuple(w_EIO.shape)} do not fit")
     outs = []
     start = 0
-    for e, n in enumerate(counts_E.tolist()):
+    for e, n in enumerate(GroupCounts.of(counts_E).host()):
         outs.append(x_NI[start : start + n] @ w_EIO[e])
         start += n
     if start != x_NI.shape[0]:
@@ -84,7 +136,7 @@ class _GroupedGemmLoop(torch.autograd.Function):
         return dx, dw, None
 
 
-def grouped_gemm(x_NI: Tensor, w_EIO: Tensor, counts_E: Tensor) -> Tensor:
+def grouped_gemm(x_NI: Tensor, w_EIO: Tensor, counts_E) -> Tensor:
     """y_NO[rows of e] = x_NI[rows of e] @ w_EIO[e]; differentiable in x and w.
 
     Triton on CUDA (under MOLM_DS_KERNELS=auto|triton), the per-expert loop otherwise.
@@ -92,13 +144,11 @@ def grouped_gemm(x_NI: Tensor, w_EIO: Tensor, counts_E: Tensor) -> Tensor:
     if use_triton(x_NI):
         from kernels.grouped_gemm import grouped_gemm_triton
 
-        _check(x_NI, w_EIO, counts_E)
-        return grouped_gemm_triton(x_NI, w_EIO, counts_E)
-    counts = _check(x_NI, w_EIO, counts_E)
-    return _GroupedGemmLoop.apply(x_NI, w_EIO, counts)
+        return grouped_gemm_triton(x_NI, w_EIO, _triton_counts(x_NI, w_EIO, counts_E))
+    return _GroupedGemmLoop.apply(x_NI, w_EIO, _host_counts(x_NI, w_EIO, counts_E))
 
 
-def grouped_mlp_reference(x_NI: Tensor, w1_EIH: Tensor, w2_EHO: Tensor, counts_E: Tensor) -> Tensor:
+def grouped_mlp_reference(x_NI: Tensor, w1_EIH: Tensor, w2_EHO: Tensor, counts_E) -> Tensor:
     """Readable loop: y[rows of e] = gelu_tanh(x[rows of e] @ w1[e]) @ w2[e]."""
     h = grouped_gemm_reference(x_NI, w1_EIH, counts_E)
     return grouped_gemm_reference(torch.nn.functional.gelu(h, approximate="tanh"), w2_EHO, counts_E)
@@ -151,7 +201,7 @@ class _GroupedMLPLoop(torch.autograd.Function):
         return dx, dw1, dw2, None
 
 
-def grouped_mlp(x_NI: Tensor, w1_EIH: Tensor, w2_EHO: Tensor, counts_E: Tensor) -> Tensor:
+def grouped_mlp(x_NI: Tensor, w1_EIH: Tensor, w2_EHO: Tensor, counts_E) -> Tensor:
     """y_NO[rows of e] = gelu_tanh(x_NI[rows of e] @ w1[e]) @ w2[e]; differentiable in x, w1, w2.
 
     One autograd Function on the PyTorch path (`_GroupedMLPLoop`); on the Triton path two
@@ -162,5 +212,4 @@ def grouped_mlp(x_NI: Tensor, w1_EIH: Tensor, w2_EHO: Tensor, counts_E: Tensor) 
     if use_triton(x_NI):
         h = grouped_gemm(x_NI, w1_EIH, counts_E)
         return grouped_gemm(torch.nn.functional.gelu(h, approximate="tanh"), w2_EHO, counts_E)
-    counts = _check(x_NI, w1_EIH, counts_E)
-    return _GroupedMLPLoop.apply(x_NI, w1_EIH, w2_EHO, counts)
+    return _GroupedMLPLoop.apply(x_NI, w1_EIH, w2_EHO, _host_counts(x_NI, w1_EIH, counts_E))

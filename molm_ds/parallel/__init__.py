@@ -1,21 +1,36 @@
-"""Expert parallelism on DeepSpeed: groups, all-to-all dispatcher, DeepSpeed-MoE bridge, param groups,
-expert-aware gradient clipping and the expert checkpoint layout. See docs/parallel.md."""
+"""Expert parallelism on DeepSpeed and the one door to the network. See docs/parallel.md.
 
-from molm_ds.parallel.all_to_all import all_to_all_variable, exchange_counts
-from molm_ds.parallel.bridge import EXPERT_KEY, is_deepspeed_moe_bridge, to_deepspeed_moe
-from molm_ds.parallel.checkpoint import check_expert_files, expert_file, list_expert_files, load_weights
-from molm_ds.parallel.clip import clip_grad_norm_, fix_grad_clipping, grad_norm, grad_norm_reference
-from molm_ds.parallel.dispatch import AllToAllDispatcher
-from molm_ds.parallel.groups import (
-    check_expert_parallel, check_zero_stage, ensure_distributed, expert_parallel_groups, group_name,
-)
-from molm_ds.parallel.optim import build_param_groups
-from molm_ds.parallel.parallelize import ExpertParallelInfo, MoELayerInfo, find_moe_sublayers, parallelize
+- ``comm``: every collective except the expert all-to-all (declared reduce ops, backend devices);
+- ``groups``: DeepSpeed's expert-parallel groups and the checks that must fail before any work;
+- ``dispatch`` / ``all_to_all``: the all-to-all dispatcher (same contract as the local one);
+- ``bridge`` / ``parallelize``: stacked experts presented to DeepSpeed's engine as its MoE layers;
+- ``optim`` / ``clip``: DeepSpeed-split param groups, expert-aware gradient norm.
 
-__all__ = [
-    "AllToAllDispatcher", "EXPERT_KEY", "ExpertParallelInfo", "MoELayerInfo", "all_to_all_variable",
-    "build_param_groups", "check_expert_files", "check_expert_parallel", "check_zero_stage", "clip_grad_norm_",
-    "ensure_distributed", "exchange_counts", "expert_file", "expert_parallel_groups", "find_moe_sublayers",
-    "fix_grad_clipping", "grad_norm", "grad_norm_reference", "group_name", "is_deepspeed_moe_bridge",
-    "list_expert_files", "load_weights", "parallelize", "to_deepspeed_moe",
-]
+Names are imported lazily, so ``molm_ds.parallel.comm`` does not pull in DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "all_to_all_variable": "all_to_all", "exchange_counts": "all_to_all",
+    "EXPERT_KEY": "bridge", "is_deepspeed_moe_bridge": "bridge", "to_deepspeed_moe": "bridge",
+    "clip_grad_norm_": "clip", "grad_norm": "clip", "grad_norm_reference": "clip", "fix_grad_clipping": "clip",
+    "check_expert_files": "checkpoint", "load_weights": "checkpoint", "expert_file": "checkpoint",
+    "list_expert_files": "checkpoint",
+    "AllToAllDispatcher": "dispatch",
+    "check_expert_parallel": "groups", "check_zero_stage": "groups", "ensure_distributed": "groups",
+    "expert_parallel_groups": "groups", "group_name": "groups",
+    "build_param_groups": "optim",
+    "ExpertParallelInfo": "parallelize", "MoELayerInfo": "parallelize", "find_moe_sublayers": "parallelize",
+    "parallelize": "parallelize",
+}
+
+__all__ = sorted(_EXPORTS) + ["comm"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

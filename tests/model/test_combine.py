@@ -1,15 +1,18 @@
-"""LocalDispatcher.combine (fused unpermute + gate sum) and MoEMLP's fused path vs the generic path."""
+"""Dispatcher.combine (fused unpermute + gate sum) against its slow path, undispatch then the weighted sum."""
 
 import pytest
 import torch
 
 from molm_ds.config import ModelConfig
-from molm_ds.model.dispatch import LocalDispatcher
-from molm_ds.model.moe import MoEMLP, combine
+from molm_ds.model.dispatch import LocalDispatcher, combine_reference
+from molm_ds.model.moe import MoEMLP
 
 
-class _GenericDispatcher(LocalDispatcher):
-    """Same routing, but not exactly LocalDispatcher: MoEMLP takes the generic undispatch + combine path."""
+class _UnfusedDispatcher(LocalDispatcher):
+    """The local dispatcher whose combine is the slow path (undispatch, then the weighted sum)."""
+
+    def combine(self, y_ND, weights_TK, plan):
+        return combine_reference(weights_TK, self.undispatch(y_ND, plan))
 
 
 @pytest.mark.parametrize("T,K,E,D", [(1, 1, 3, 4), (9, 2, 4, 5), (17, 4, 6, 3)])
@@ -23,12 +26,13 @@ def test_combine_matches_undispatch_then_sum(T, K, E, D, drop):
     w = torch.rand(T, K, generator=g, dtype=torch.float64).masked_fill(idx < 0, 0.0).requires_grad_()
     x = torch.randn(T, D, generator=g, dtype=torch.float64, requires_grad=True)
     disp = LocalDispatcher(E)
-    x_ND, counts, ctx = disp.dispatch(x, idx)
+    plan = disp.plan(idx)
+    x_ND = disp.dispatch(x, plan)
     y_ND = x_ND * torch.arange(1, x_ND.shape[0] + 1, dtype=torch.float64)[:, None]  # row-dependent stand-in for experts
-    got = disp.combine(y_ND, w, ctx)
-    want = (w[..., None] * disp.undispatch(y_ND, ctx)).sum(1)
+    got = disp.combine(y_ND, w, plan)
+    want = (w[..., None] * disp.undispatch(y_ND, plan)).sum(1)
     torch.testing.assert_close(got, want)
-    torch.testing.assert_close(combine(w, disp.undispatch(y_ND, ctx)), want)
+    torch.testing.assert_close(combine_reference(w, disp.undispatch(y_ND, plan)), want)
     dy = torch.randn(T, D, generator=g, dtype=torch.float64)
     for a, b in zip(torch.autograd.grad(got, (x, w), dy, retain_graph=True), torch.autograd.grad(want, (x, w), dy)):
         torch.testing.assert_close(a, b)
@@ -36,9 +40,12 @@ def test_combine_matches_undispatch_then_sum(T, K, E, D, drop):
 
 def test_combine_rejects_mismatch():
     disp = LocalDispatcher(3)
-    x_ND, _, ctx = disp.dispatch(torch.randn(4, 2), torch.zeros(4, 2, dtype=torch.long))
+    plan = disp.plan(torch.zeros(4, 2, dtype=torch.long))
+    x_ND = disp.dispatch(torch.randn(4, 2), plan)
     with pytest.raises(ValueError, match="do not match"):
-        disp.combine(x_ND, torch.rand(4, 3), ctx)
+        disp.combine(x_ND, torch.rand(4, 3), plan)
+    with pytest.raises(ValueError, match="do not match"):
+        disp.combine(x_ND[:5], torch.rand(4, 2), plan)
 
 
 @pytest.mark.parametrize("activation", ["gelu_tanh", "swiglu"])
@@ -50,7 +57,7 @@ def test_moe_mlp_fused_path_equals_generic(activation, capacity):
     fused = MoEMLP(cfg).double()
     generic = MoEMLP(cfg).double()
     generic.load_state_dict(fused.state_dict())
-    generic.dispatcher = _GenericDispatcher(fused.num_experts)
+    generic.dispatcher = _UnfusedDispatcher(fused.num_experts)
     x = torch.randn(2, 7, 8, dtype=torch.float64)
     mask = torch.ones(2, 7, dtype=torch.bool)
     mask[1, 5:] = False  # padded tokens: dropped slots

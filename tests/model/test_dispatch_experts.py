@@ -31,9 +31,10 @@ def test_mlp_experts_dispatch_matches_loop(T, K, E, D, activation):
         idx[1, 0] = -1
     w = torch.rand(T, K).masked_fill(idx < 0, 0.0).requires_grad_()
     disp = LocalDispatcher(E)
-    x_ND, counts, ctx = disp.dispatch(x, idx)
+    plan = disp.plan(idx)
+    x_ND, counts = disp.dispatch(x, plan), plan.counts_E
     assert int(counts.sum()) == int((idx >= 0).sum())
-    y_TKD = disp.undispatch(experts(x_ND, counts), ctx)
+    y_TKD = disp.undispatch(experts(x_ND, counts), plan)
     y = (w[..., None] * y_TKD).sum(1)
     torch.testing.assert_close(experts(x_ND, counts), experts.forward_reference(x_ND, counts))
 
@@ -54,22 +55,34 @@ def test_dispatch_hand_computed_order_and_per_slot_rows():
     idx = torch.tensor([[2, 0], [0, -1], [2, 1]])
     x = torch.arange(3 * 2 * 1, dtype=torch.float32).view(3, 2, 1)  # row per slot: value t*2+s
     disp = LocalDispatcher(4)
-    x_ND, counts, ctx = disp.dispatch(x, idx)
-    assert counts.tolist() == [2, 1, 2, 0]
+    plan = disp.plan(idx)
+    x_ND, counts = disp.dispatch(x, plan), plan.counts_E
+    assert counts.tolist() == [2, 1, 2, 0] and plan.counts.host() == [2, 1, 2, 0]
     # expert 0: (t0,s1)=1, (t1,s0)=2; expert 1: (t2,s1)=5; expert 2: (t0,s0)=0, (t2,s0)=4
     assert x_ND.flatten().tolist() == [1, 2, 5, 0, 4]
-    back = disp.undispatch(x_ND * 10, ctx)
+    back = disp.undispatch(x_ND * 10, plan)
     want = (x * 10).clone()
     want[1, 1] = 0
     assert torch.equal(back, want)
 
 
-def test_dispatch_rejects_bad_shapes():
+def test_dispatch_rejects_bad_shapes(monkeypatch):
     disp = LocalDispatcher(2)
     with pytest.raises(ValueError, match=r"\[T, D\]"):
-        disp.dispatch(torch.randn(3, 4), torch.zeros(2, 1, dtype=torch.long))
-    with pytest.raises(ValueError, match="num_experts"):
-        disp.dispatch(torch.randn(2, 4), torch.full((2, 1), 5))
+        disp.dispatch(torch.randn(3, 4), disp.plan(torch.zeros(2, 1, dtype=torch.long)))
+    disp.plan(torch.full((2, 1), 5))  # value checks read tensors (a host sync): only under MOLM_DS_DEBUG=1
+    monkeypatch.setenv("MOLM_DS_DEBUG", "1")
+    with pytest.raises(ValueError, match="valid are -1"):
+        disp.plan(torch.full((2, 1), 5))
+
+
+def test_dropless_plan_equals_counted_plan():
+    """dropless=True skips counting the kept slots (no host sync) and must give the same plan."""
+    idx = torch.tensor([[2, 0], [0, 1], [2, 1]])
+    disp = LocalDispatcher(3)
+    a, b = disp.plan(idx, dropless=True), disp.plan(idx)
+    assert torch.equal(a.order_N, b.order_N) and torch.equal(a.counts_E, b.counts_E)
+    assert a.counts._host is None and b.counts._host == [2, 2, 2]
 
 
 def test_attention_experts_q_and_o():
@@ -89,8 +102,9 @@ def test_all_dropped_gives_zeros():
     ex = MLPExperts(3, 4, 5)
     x = torch.randn(2, 4)
     idx = torch.full((2, 2), -1)
-    x_ND, counts, ctx = disp.dispatch(x, idx)
-    y = disp.undispatch(ex(x_ND, counts), ctx)
+    plan = disp.plan(idx)
+    x_ND = disp.dispatch(x, plan)
+    y = disp.undispatch(ex(x_ND, plan.counts), plan)
     assert x_ND.shape == (0, 4) and torch.equal(y, torch.zeros(2, 2, 4))
 
 
@@ -102,8 +116,9 @@ def test_empty_batch_round_trips(per_slot):
     disp = LocalDispatcher(E)
     idx = torch.zeros(0, K, dtype=torch.long)
     x = torch.randn(0, K, D) if per_slot else torch.randn(0, D)
-    x_ND, counts, ctx = disp.dispatch(x, idx)
-    assert x_ND.shape == (0, D) and counts.tolist() == [0] * E
-    y_ND = experts(x_ND, counts)
-    assert disp.undispatch(y_ND, ctx).shape == (0, K, D)
-    assert disp.combine(y_ND, torch.zeros(0, K), ctx).shape == (0, D)
+    plan = disp.plan(idx)
+    x_ND = disp.dispatch(x, plan)
+    assert x_ND.shape == (0, D) and plan.counts_E.tolist() == [0] * E
+    y_ND = experts(x_ND, plan.counts)
+    assert disp.undispatch(y_ND, plan).shape == (0, K, D)
+    assert disp.combine(y_ND, torch.zeros(0, K), plan).shape == (0, D)

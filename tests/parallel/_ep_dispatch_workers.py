@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from molm_ds.model.dispatch import LocalDispatcher
+from molm_ds.model.dispatch import LocalDispatcher, combine_reference
 from molm_ds.model.experts import MLPExperts
 
 
@@ -58,8 +58,8 @@ def dispatch_worker(rank: int, world: int, E: int, K: int, D: int, H: int, case_
                     ref_y.append(torch.zeros(0, K, D, dtype=x.dtype))
                     ref_gx.append(torch.zeros_like(x))
                     continue
-                x_ND, counts, ctx = ref.dispatch(x, idx)
-                y = ref.undispatch(full(x_ND, counts), ctx)
+                plan = ref.plan(idx)
+                y = ref.undispatch(full(ref.dispatch(x, plan), plan.counts), plan)
                 (y * gy).sum().backward()
                 ref_y.append(y.detach())
                 ref_gx.append(x.grad)
@@ -67,9 +67,19 @@ def dispatch_worker(rank: int, world: int, E: int, K: int, D: int, H: int, case_
             local.zero_grad()
             x_TD, x_TKD, idx, gy = cases[rank]
             x = (x_TD if form == "TD" else x_TKD).clone().requires_grad_(True)
-            x_ND, counts_El, ctx = a2a.dispatch(x, idx)
-            y = a2a.undispatch(local(x_ND, counts_El), ctx)
+            plan = a2a.plan(idx)
+            x_ND, counts_El = a2a.dispatch(x, plan), plan.counts_E
+            y = a2a.undispatch(local(x_ND, plan.counts), plan)
             (y * gy).sum().backward()
+            # the fused combine against its slow path (undispatch, then the weighted sum), same plan
+            w0 = torch.rand(idx.shape, generator=torch.Generator().manual_seed(7 + rank), dtype=torch.float64)
+            comb = {}
+            for fused in (True, False):
+                xc, wc = x.detach().clone().requires_grad_(True), w0.clone().requires_grad_(True)
+                y_ND = local(a2a.dispatch(xc, plan), plan.counts)
+                yc = a2a.combine(y_ND, wc, plan) if fused else combine_reference(wc, a2a.undispatch(y_ND, plan))
+                gy_TD = gy.sum(1)
+                comb[fused] = (yc.detach(), *torch.autograd.grad((yc * gy_TD).sum(), (xc, wc)))
             all_idx = torch.cat([c[2].reshape(-1) for c in cases])
             out[(name, form)] = dict(
                 y=y.detach(), ref_y=ref_y[rank], gx=x.grad, ref_gx=ref_gx[rank],
@@ -77,5 +87,7 @@ def dispatch_worker(rank: int, world: int, E: int, K: int, D: int, H: int, case_
                 gw2=local.w2.grad, ref_gw2=full.w2.grad[rank * El:(rank + 1) * El],
                 counts_El=counts_El, ref_counts_El=torch.bincount(all_idx[all_idx >= 0], minlength=E)[rank * El:(rank + 1) * El],
                 rows=x_ND.shape[0],
+                comb=comb[True][0], ref_comb=comb[False][0], gcx=comb[True][1], ref_gcx=comb[False][1],
+                gcw=comb[True][2], ref_gcw=comb[False][2],
             )
     return out
