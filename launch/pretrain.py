@@ -1,7 +1,7 @@
 """Pretrain a MoLM from a job YAML on DeepSpeed (CPU or GPU, one process or many).
 
-Single process (a one-rank gloo group is started here):
-    DS_ACCELERATOR=cpu python launch/pretrain.py --config configs/demo.yaml --set training.steps=20
+Single process (a one-rank gloo group is started here; the demo job is ep_size 2, so set it to 1):
+    DS_ACCELERATOR=cpu python launch/pretrain.py --config configs/demo.yaml --set parallel.ep_size=1 --set training.steps=20
 DeepSpeed launcher, 2 ranks on this machine (CPU: DS_ACCELERATOR=cpu; GPU: drop it):
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launch/pretrain.py --config configs/demo.yaml
 Several machines over ssh/pdsh (hostfile lines: `node1 slots=8`):
@@ -18,38 +18,37 @@ Change any job field:                   ... --set training.steps=10 --set parall
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout, when run as a script
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+from molm_ds import cli  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = cli.ArgumentParser(prog="launch/pretrain.py", description=__doc__.split("\n")[0], epilog=__doc__)
     p.add_argument("--config", required=True, help="job YAML (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a job field (repeatable), value parsed as YAML")
     p.add_argument("--resume", default=None, help="'auto' or a checkpoint directory / tag (overrides the job's resume)")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    p.add_argument("--local_rank", type=int, default=None, help=cli.SUPPRESS)  # set by the deepspeed launcher
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from molm_ds.jobs import run
     from molm_ds.log import print0, setup_logging
-    from molm_ds.train import JobConfigError, load_job, train
+    from molm_ds.train import load_job
 
     setup_logging()
     overrides = list(args.overrides) + ([f"resume={args.resume}"] if args.resume is not None else [])
-    try:
-        job = load_job(args.config, overrides)
-    except JobConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    summary = train(job)
+    summary = run(load_job(args.config, overrides))
     print0("summary: " + json.dumps(summary))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

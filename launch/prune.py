@@ -19,15 +19,17 @@ sub-layer f_m, f_m / max and the monitor's load statistics), prune.json (what wa
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout, when run as a script
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+from molm_ds import cli  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = cli.ArgumentParser(prog="launch/prune.py", description=__doc__.split("\n")[0], epilog=__doc__)
     p.add_argument("--checkpoint", required=True, help="trainer checkpoint dir / tag, or a HF ModuleFormer dir")
     p.add_argument("--data", required=True, nargs="+", help="task shard directories (or Megatron prefixes)")
     p.add_argument("--tau", type=float, default=None, help="prune threshold on f_m / max f (writes the checkpoint)")
@@ -39,26 +41,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=None, help="default: the checkpoint job's data.seq_len, else 128")
     p.add_argument("--seed", type=int, default=1234, help="order of the counting windows")
     p.add_argument("--no-hf", action="store_true", help="do not write the Hugging Face export")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--local_rank", type=int, default=None, help=cli.SUPPRESS)
     args = p.parse_args(argv)
     if args.tau is None and args.sweep is None:
         p.error("give --tau T (prune and write a checkpoint) and/or --sweep T1,T2,... (compare)")
+    try:
+        args.taus = [float(t) for t in args.sweep.split(",")] if args.sweep else []
+    except ValueError:
+        p.error(f"--sweep {args.sweep!r}: give comma-separated numbers, e.g. --sweep 0.01,0.1,0.3")
+    for tau in args.taus + ([args.tau] if args.tau is not None else []):
+        if not 0.0 <= tau <= 1.0:
+            p.error(f"tau {tau:g} must be in [0, 1] (a fraction of the most used expert's frequency)")
+    for name in ("batches", "eval_batches", "batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
 
 
 def load_source(path: str):
     """(model, job dict, tag) from a trainer checkpoint or a HF directory."""
-    import yaml
-
-    from molm_ds.continual import load_checkpoint_model, resolve_checkpoint
     from molm_ds.interop import load_moduleformer
+    from molm_ds.train import checkpoint as ckpt
 
     if os.path.isfile(os.path.join(path, "config.json")):
         return load_moduleformer(path), {}, "step_00000000"
-    ckpt_dir, tag = resolve_checkpoint(path)
-    with open(os.path.join(ckpt_dir, tag, "job.yaml")) as f:
-        job = yaml.safe_load(f) or {}
-    return load_checkpoint_model(os.path.join(ckpt_dir, tag)), job, tag
+    ckpt_dir, tag = ckpt.resolve(path, what="--checkpoint")
+    return ckpt.load_model(os.path.join(ckpt_dir, tag), what="--checkpoint"), ckpt.read_job(ckpt_dir, tag), tag
 
 
 def plot_sweep(rows: list[dict], base: dict, path: str) -> None:
@@ -88,6 +96,7 @@ def main(argv=None) -> int:
     import torch
 
     from molm_ds.data import DataSource, MixtureLoader
+    from molm_ds.errors import ConfigError, DataError
     from molm_ds.log import print0, setup_logging
     from molm_ds.monitor import load_stats
     from molm_ds.prune import (
@@ -103,9 +112,11 @@ def main(argv=None) -> int:
 
         rank, world = init_distributed()
     if args.batch_size % world:
-        print(f"error: --batch-size {args.batch_size} must be divisible by the {world} ranks", file=sys.stderr)
-        return 2
-    taus = [float(t) for t in args.sweep.split(",")] if args.sweep else []
+        raise ConfigError(f"--batch-size {args.batch_size} must be divisible by the {world} ranks")
+    for p in args.data:
+        if not os.path.exists(p) and not os.path.exists(p + ".idx"):
+            raise DataError(f"--data {p} does not exist: give shard directories (python -m data_prep.build_shards --out DIR)")
+    taus = args.taus
 
     torch.manual_seed(0)
     model, job, tag = load_source(args.checkpoint)
@@ -173,12 +184,11 @@ def main(argv=None) -> int:
                 json.dump(info, f, indent=1)
             print(f"tau {args.tau:g}: kept {row['experts_kept']}/{total_experts} experts, {row['params']:,} parameters "
                   f"({row['params_kept']:.1%}), task perplexity {base['ppl']:.3f} -> {row['ppl']:.3f}; wrote {d}")
-    if world > 1:
-        import torch.distributed as dist
+    from molm_ds.parallel import comm
 
-        dist.barrier()
+    comm.barrier()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

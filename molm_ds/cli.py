@@ -24,9 +24,10 @@ from typing import Callable, NoReturn, Optional, Sequence
 
 from molm_ds.errors import UserError, debug_enabled, one_line
 
-__all__ = ["ArgumentParser", "run", "fail", "EXIT_USER_ERROR"]
+__all__ = ["ArgumentParser", "run", "fail", "EXIT_USER_ERROR", "SUPPRESS"]
 
 EXIT_USER_ERROR = 2
+SUPPRESS = argparse.SUPPRESS
 
 
 def _rank() -> int:

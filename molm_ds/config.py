@@ -186,6 +186,13 @@ class ModelConfig(BaseModel):
         k_att = sum(self.k_att_at(i) for i in range(self.n_layer))
         return 6 * matmul_params + 12 * k_att * self.att_hidden * seq_len
 
+    def grown(self, *, attention: int = 0, mlp: int = 0) -> "ModelConfig":
+        """This config with ``attention`` / ``mlp`` more experts per layer (continual learning)."""
+        if not attention and not mlp:
+            return self
+        return ModelConfig(**{**self.model_dump(), "n_att_experts": self.n_att_experts + attention,
+                              "n_mlp_experts": self.n_mlp_experts + mlp})
+
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "ModelConfig":
         if name not in PRESETS:

@@ -23,13 +23,10 @@ kept experts only, k stays (capped at the experts left). The pruned model record
 
 from __future__ import annotations
 
-import math
-import os
 from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import Tensor, nn
 
 from molm_ds.config import ModelConfig
@@ -111,7 +108,7 @@ def pruned_config(config: ModelConfig, keep: dict[SubLayer, list[int]]) -> Model
 def _check_keep(model: MoLM, keep: dict[SubLayer, list[int]]) -> None:
     if getattr(model, "_molm_expert_parallel", None) is not None:
         raise ValueError("prune_model needs the plain (full) model, not an expert-parallel one: load the checkpoint "
-                         "with molm_ds.continual.load_checkpoint_model (all experts on one process)")
+                         "with molm_ds.train.checkpoint.load_model (all experts on one process)")
     for key, ids in keep.items():
         if key.kind not in _SUBLAYER_ATTR or not 0 <= key.layer < len(model.blocks):
             raise ValueError(f"keep: no MoE sub-layer {key} in a model of {len(model.blocks)} layers")
@@ -170,71 +167,19 @@ def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-# ---- evaluation ----------------------------------------------------------------------------------
-@torch.no_grad()
+# ---- evaluation and checkpoints ---------------------------------------------------------------------
 def perplexity(model: nn.Module, batches: Iterable[dict], *, group=None) -> float:
-    """exp(mean next-token cross-entropy) over `batches` ({"input_ids", "labels"} [B, T]); token-weighted
-    and SUM-all-reduced over `group` (collective)."""
-    from molm_ds.monitor.reduce import all_reduce_sum
+    """exp(mean next-token cross-entropy) over `batches` ({"input_ids", "labels"} [B, T]), token-weighted
+    over all ranks of `group` (collective): the trainer's own `molm_ds.train.evaluate`."""
+    from molm_ds.train.evaluate import evaluate
 
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total = torch.zeros(2, dtype=torch.float64)
-    for b in batches:
-        logits = model(b["input_ids"].to(device)).logits
-        labels = b["labels"].to(device)
-        total[0] += F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                    reduction="sum").double().cpu()
-        total[1] += float((labels != -100).sum())
-    model.train(was_training)
-    total = all_reduce_sum(total, group=group)
-    if total[1] == 0:
-        raise ValueError("perplexity: no labelled tokens")
-    return math.exp(min(float(total[0] / total[1]), 50.0))
-
-
-# ---- checkpoints ---------------------------------------------------------------------------------
-MODEL_FILE = "mp_rank_00_model_states.pt"
+    return evaluate(model, batches, group=group).ppl
 
 
 def save_pruned_checkpoint(model: MoLM, job: dict, out_dir: str, *, tag: str, info: Optional[dict] = None) -> str:
-    """Write a weights-only checkpoint in the trainer's DeepSpeed layout: `out_dir/<tag>/` with
-    `mp_rank_00_model_states.pt` ({"module": non-expert weights}), one
-    `layer_{L}_expert_{E}_mp_rank_00_model_states.pt` per global expert (L = index of the MoE sub-layer,
-    block 0 attention first), `job.yaml` (the source job with model.overrides holding the per-layer
-    counts, so `molm_ds.continual.load_checkpoint_model` and `init_from` rebuild the pruned model),
-    `prune.yaml` (`info`), `COMPLETE`, and `out_dir/latest`. Returns the tag directory."""
+    """Write the pruned model as a weights-only checkpoint `out_dir/<tag>/` in the trainer's layout, with
+    `prune.yaml` (`info`) beside; its job.yaml's model section holds the per-layer counts, so
+    `molm_ds.train.checkpoint.load_model` and `init_from` rebuild the pruned model. Returns the tag directory."""
     from molm_ds.train import checkpoint as ckpt
 
-    d = os.path.join(out_dir, tag)
-    os.makedirs(d, exist_ok=True)
-    sd = model.state_dict()
-    expert_keys = set()
-    for L, layer in enumerate(model.moe_layers()):
-        prefix = next(n for n, m in model.named_modules() if m is layer.experts)
-        for e in range(layer.num_experts):
-            out = {f"{prefix}.deepspeed_moe.experts.deepspeed_experts.{e}.{name}": p[e].detach().clone().cpu()
-                   for name, p in layer.experts.named_parameters(recurse=False)}
-            torch.save(out, os.path.join(d, f"layer_{L}_expert_{e}_mp_rank_00_model_states.pt"))
-        expert_keys.update(f"{prefix}.{name}" for name, _ in layer.experts.named_parameters(recurse=False))
-    torch.save({"module": {k: v.detach().cpu() for k, v in sd.items() if k not in expert_keys}},
-               os.path.join(d, MODEL_FILE))
-    job = dict(job)
-    cfg = model.config
-    overrides = dict((job.get("model") or {}).get("overrides") or {})
-    overrides.update(n_att_experts=cfg.n_att_experts, n_mlp_experts=cfg.n_mlp_experts,
-                     att_experts_per_layer=list(cfg.att_experts_per_layer or [cfg.n_att_experts] * cfg.n_layer),
-                     mlp_experts_per_layer=list(cfg.mlp_experts_per_layer or [cfg.n_mlp_experts] * cfg.n_layer))
-    job["model"] = {"preset": (job.get("model") or {}).get("preset", "tiny"), "overrides": overrides}
-    for key in ("init_from", "continual", "resume"):
-        job.pop(key, None)
-    with open(os.path.join(d, "job.yaml"), "w") as f:
-        yaml.safe_dump(job, f, sort_keys=False)
-    with open(os.path.join(d, "prune.yaml"), "w") as f:
-        yaml.safe_dump(info or {}, f, sort_keys=False)
-    with open(os.path.join(d, ckpt.COMPLETE), "w") as f:
-        f.write('{"pruned": true}\n')
-    with open(os.path.join(out_dir, "latest"), "w") as f:
-        f.write(tag)
-    return d
+    return ckpt.write_model(model, job, out_dir, tag=tag, kind="pruned", extra_files={"prune.yaml": info or {}})

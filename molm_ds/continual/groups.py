@@ -19,8 +19,6 @@ has the same group structure (DeepSpeed needs that).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor, nn
 
@@ -96,12 +94,9 @@ def apply_strategy(model: nn.Module, *, strategy: str, train_others: bool = Fals
 
 
 def continual_param_groups(model: nn.Module, *, strategy: str, train_others: bool, weight_decay: float,
-                           lr_new_experts: float, lr_router: float, lr_others: float,
-                           max_group_size: Optional[int] = None) -> list[dict]:
-    """``apply_strategy`` then DeepSpeed-ready param groups (``build_param_groups``), each with ``lr`` and
-    ``base_lr`` (the trainer's schedule scales base_lr)."""
-    from molm_ds.parallel import build_param_groups
-
+                           lr_new_experts: float, lr_router: float, lr_others: float) -> list[dict]:
+    """``apply_strategy`` then param groups (named, each with ``lr`` and ``base_lr``: the trainer's
+    schedule scales base_lr), ready for ``molm_ds.parallel.build_param_groups``."""
     g = apply_strategy(model, strategy=strategy, train_others=train_others)
     masked = {id(p) for p in g["masked"]}
     lrs = {"new_experts": lr_new_experts, "router": lr_router, "others": lr_others}
@@ -116,4 +111,4 @@ def continual_param_groups(model: nn.Module, *, strategy: str, train_others: boo
     n_all = sum(p.numel() for p in model.parameters())
     info0(f"continual ({strategy}): {n_train:,} of {n_all:,} local parameters in the optimizer "
           f"({len(g['masked'])} tensors row-masked); groups {[r['name'] for r in raw]}")
-    return build_param_groups(raw, max_group_size=max_group_size)
+    return raw

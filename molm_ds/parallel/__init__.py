@@ -3,7 +3,7 @@
 - ``comm``: every collective except the expert all-to-all (declared reduce ops, backend devices);
 - ``groups``: DeepSpeed's expert-parallel groups and the checks that must fail before any work;
 - ``dispatch`` / ``all_to_all``: the all-to-all dispatcher (same contract as the local one);
-- ``bridge`` / ``parallelize``: stacked experts presented to DeepSpeed's engine as its MoE layers;
+- ``bridge`` / ``expert_parallel``: stacked experts presented to DeepSpeed's engine as its MoE layers;
 - ``optim`` / ``clip``: DeepSpeed-split param groups, expert-aware gradient norm.
 
 Names are imported lazily, so ``molm_ds.parallel.comm`` does not pull in DeepSpeed.
@@ -16,15 +16,13 @@ import importlib
 _EXPORTS = {
     "all_to_all_variable": "all_to_all", "exchange_counts": "all_to_all",
     "EXPERT_KEY": "bridge", "is_deepspeed_moe_bridge": "bridge", "to_deepspeed_moe": "bridge",
-    "clip_grad_norm_": "clip", "grad_norm": "clip", "grad_norm_reference": "clip", "fix_grad_clipping": "clip",
-    "check_expert_files": "checkpoint", "load_weights": "checkpoint", "expert_file": "checkpoint",
-    "list_expert_files": "checkpoint",
+    "clip_grad_norm_": "clip", "grad_norm": "clip", "grad_norm_reference": "clip", "guard_plain_optimizer": "clip",
     "AllToAllDispatcher": "dispatch",
     "check_expert_parallel": "groups", "check_zero_stage": "groups", "ensure_distributed": "groups",
     "expert_parallel_groups": "groups", "group_name": "groups",
     "build_param_groups": "optim",
-    "ExpertParallelInfo": "parallelize", "MoELayerInfo": "parallelize", "find_moe_sublayers": "parallelize",
-    "parallelize": "parallelize",
+    "ExpertParallelInfo": "expert_parallel", "MoELayerInfo": "expert_parallel", "find_moe_sublayers": "expert_parallel",
+    "parallelize": "expert_parallel",
 }
 
 __all__ = sorted(_EXPORTS) + ["comm"]

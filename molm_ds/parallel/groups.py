@@ -15,6 +15,7 @@ from typing import Mapping, Union
 
 import torch.distributed as dist
 
+from molm_ds.errors import ConfigError
 from molm_ds.log import get_logger
 
 __all__ = ["check_expert_parallel", "check_zero_stage", "ensure_distributed", "expert_parallel_groups", "group_name"]
@@ -28,19 +29,19 @@ def group_name(ep_size: int) -> str:
 
 
 def check_expert_parallel(*, ep_size: int, world_size: int, expert_counts: Mapping[str, int]) -> None:
-    """Raise ValueError (saying what to change) unless ep_size >= 1 divides world_size and every
+    """Raise ConfigError (saying what to change) unless ep_size >= 1 divides world_size and every
     expert-parallel expert count. `expert_counts`: name -> global experts of each EP'd kind/layer."""
     if not isinstance(ep_size, int) or ep_size < 1:
-        raise ValueError(f"ep_size must be a positive integer, got {ep_size!r}")
+        raise ConfigError(f"ep_size must be a positive integer, got {ep_size!r}")
     if world_size % ep_size:
-        raise ValueError(
+        raise ConfigError(
             f"ep_size={ep_size} does not divide the world size {world_size}: expert-parallel groups must tile "
             f"the ranks; use an ep_size among {[d for d in range(1, world_size + 1) if world_size % d == 0]} "
             f"or launch a multiple of {ep_size} ranks"
         )
     for name, n in expert_counts.items():
         if n % ep_size:
-            raise ValueError(
+            raise ConfigError(
                 f"{name}: {n} experts cannot be split over ep_size={ep_size} ranks (must divide evenly); "
                 f"use an ep_size among {[d for d in range(1, n + 1) if n % d == 0 and world_size % d == 0]}"
                 " or change the expert count (or replicate the attention experts)"
@@ -48,14 +49,14 @@ def check_expert_parallel(*, ep_size: int, world_size: int, expert_counts: Mappi
 
 
 def check_zero_stage(ds_config_or_stage: Union[Mapping, int]) -> int:
-    """Return the ZeRO stage of a DeepSpeed config (dict) or stage number; ValueError for stage 3,
+    """Return the ZeRO stage of a DeepSpeed config (dict) or stage number; ConfigError for stage 3,
     which DeepSpeed's native MoE path does not support."""
     if isinstance(ds_config_or_stage, Mapping):
         stage = int((ds_config_or_stage.get("zero_optimization") or {}).get("stage", 0))
     else:
         stage = int(ds_config_or_stage)
     if stage not in SUPPORTED_ZERO_STAGES:
-        raise ValueError(
+        raise ConfigError(
             f"ZeRO stage {stage} is not supported with expert parallelism (MoE): DeepSpeed's MoE path supports "
             f"ZeRO stages {', '.join(map(str, SUPPORTED_ZERO_STAGES))}; pick a ds_config with stage 0, 1 or 2 "
             "(ZeRO-2 with optimizer CPU offload saves the most memory)"

@@ -1,7 +1,7 @@
-"""Training: job config (YAML), DeepSpeed config handling, the loop, checkpoints and exact resume.
+"""Training: job config (YAML), preflight checks, the loop and its recipes, checkpoints, evaluation.
 
-Public API: ``load_job``, ``JobConfig``, ``train``, ``build_ds_config`` and ``checkpoint``
-(``resolve_resume``, ``newest_complete``). See docs/training.md.
+Public API: ``load_job``, ``JobConfig``, ``train`` (the loop; ``molm_ds.jobs.run`` picks the recipe of a
+job), ``checkpoint`` (the layout owner). See docs/training.md.
 """
 
 from molm_ds.train.job import JobConfig, JobConfigError, apply_overrides, job_from_dict, load_job

@@ -1,16 +1,25 @@
-"""Checkpoints in DeepSpeed's layout, a completeness marker, newest-complete lookup, RNG states.
+"""The checkpoint layout: the one module that writes, resolves and reads molm-ds checkpoints.
 
-    <checkpoint.dir>/
+    <checkpoint dir>/
       latest                          DeepSpeed's pointer to the newest tag
       step_00000100/                  one tag per save
-        mp_rank_00_model_states.pt    non-expert weights + client_state (step, loader state, job config)
-        layer_{L}_expert_{E}_mp_rank_00_model_states.pt   one file per global expert (molm_ds.parallel bridge)
-        *optim_states.pt              optimizer shards
-        rng_rank{r}.pt                python / numpy / torch RNG state of rank r
-        job.yaml                      the job, readable
-        COMPLETE                      written by rank 0 after a barrier once every rank finished
+        mp_rank_00_model_states.pt    {"module": non-expert weights, ...} (+ client_state when trained)
+        layer_{L}_expert_{E}_mp_rank_00_model_states.pt   one file per (MoE sub-layer L, GLOBAL expert E)
+        *optim_states.pt              optimizer shards (training checkpoints only)
+        rng_rank{r}.pt                python / numpy / torch RNG state of rank r (training checkpoints)
+        job.yaml                      the job that wrote it; its model section describes the model
+        COMPLETE                      written last, once every rank finished (JSON: step, kind, files)
 
-A tag without COMPLETE is partial (a run killed while saving) and is never resumed from.
+Two writers share it: ``save`` (the trainer, through DeepSpeed's engine, with optimizer state) and
+``write_model`` (a plain model, weights only: pruning, expert insertion, imports). Everything else reads
+it through ``resolve`` / ``resolve_resume`` (which tag), ``model_config`` / ``read_model_state`` /
+``load_model`` (a plain single-process model at whatever ep_size the files were written) and ``load``
+(the trainer's resume). Expert files are keyed by global expert id: that is what lets the weights load
+at any ep_size. L counts expert-parallel MoE sub-layers in ``named_modules()`` order (block 0
+attention, block 0 MLP, ...), each file holding ``<sub-layer>.experts.deepspeed_moe.experts.
+deepspeed_experts.{E}.{w1|w2|w_q|w_o}`` (one expert's slice, DeepSpeed's MoE naming).
+
+A tag without COMPLETE is partial (a run killed while saving) and is never read.
 """
 
 from __future__ import annotations
@@ -25,22 +34,30 @@ from typing import Optional
 
 import numpy as np
 import torch
+import yaml
 
+from molm_ds.errors import CheckpointError
 from molm_ds.log import get_logger
 
 log = get_logger("train.checkpoint")
 
-__all__ = ["COMPLETE", "tag_for", "step_of", "list_tags", "is_complete", "newest_complete",
-           "resolve_resume", "save", "load", "rng_state", "set_rng_state", "CheckpointError"]
+__all__ = [
+    "COMPLETE", "MODEL_FILE", "JOB_FILE", "CheckpointError", "tag_for", "step_of", "list_tags", "is_complete",
+    "newest_complete", "resolve", "resolve_resume", "expert_file", "list_expert_files", "check_expert_files",
+    "save", "load", "load_weights", "read_job", "model_config", "read_model_state", "load_model", "write_model",
+    "model_section", "rng_state", "set_rng_state",
+]
 
 COMPLETE = "COMPLETE"
+MODEL_FILE = "mp_rank_00_model_states.pt"
+JOB_FILE = "job.yaml"
+EXPERT_INFIX = "deepspeed_moe.experts.deepspeed_experts"  # DeepSpeed's per-expert key infix
 _TAG = re.compile(r"^step_(\d+)$")
+_EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+_EXPERT_KEY = re.compile(r"^(?P<prefix>.+\.experts)\." + re.escape(EXPERT_INFIX) + r"\.(?P<e>\d+)\.(?P<name>\w+)$")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing or partial where one was asked for."""
-
-
+# ---- names ---------------------------------------------------------------------------------------
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -69,6 +86,57 @@ def newest_complete(ckpt_dir: str) -> Optional[str]:
     return done[-1] if done else None
 
 
+def expert_file(ckpt_dir: str, tag: str, layer_id: int, expert_id: int, mp_rank: int = 0) -> str:
+    """Path of one expert's file (DeepSpeed's ``_get_expert_ckpt_name``)."""
+    return os.path.join(ckpt_dir, str(tag), f"layer_{layer_id}_expert_{expert_id}_mp_rank_{mp_rank:02d}_model_states.pt")
+
+
+def list_expert_files(ckpt_dir: str, tag: str) -> dict[tuple[int, int], str]:
+    """{(layer L, global expert E): path} of the expert files in a tag directory."""
+    d = os.path.join(ckpt_dir, str(tag))
+    out = {}
+    for f in os.listdir(d):
+        m = _EXPERT_FILE.match(f)
+        if m:
+            out[(int(m.group(1)), int(m.group(2)))] = os.path.join(d, f)
+    return out
+
+
+def check_expert_files(ckpt_dir: str, tag: str, info) -> None:
+    """CheckpointError naming what is missing unless the tag has exactly one file per (expert-parallel
+    sub-layer, global expert) of ``info`` (an ``ExpertParallelInfo``)."""
+    have = list_expert_files(ckpt_dir, tag)
+    want = {(l.ckpt_layer_id, e) for l in info.layers for e in range(l.num_experts)}
+    missing, extra = sorted(want - set(have)), sorted(set(have) - want)
+    if missing or extra:
+        raise CheckpointError(
+            f"checkpoint {os.path.join(ckpt_dir, str(tag))}: expert files do not match the model "
+            f"({len(info.layers)} expert-parallel sub-layers): missing (layer, expert) {missing[:8]}"
+            f"{'...' if len(missing) > 8 else ''}, unexpected {extra[:8]}; was it written with the same model and "
+            "replicate_attention_experts setting, and did every rank finish writing?")
+
+
+# ---- which tag -----------------------------------------------------------------------------------
+def resolve(path: str, *, what: str = "checkpoint") -> tuple[str, str]:
+    """(checkpoint dir, tag) for a checkpoint directory (its newest complete tag) or a tag directory
+    (which must be complete). ``what`` names the option in error messages (``init_from``, ``--checkpoint``)."""
+    p = os.path.normpath(path)
+    if not os.path.exists(p):
+        raise CheckpointError(f"{what}: {path} does not exist; give a checkpoint directory or a step_NNNNNNNN tag "
+                              "directory of a finished run")
+    if os.path.isfile(os.path.join(p, MODEL_FILE)) or _TAG.match(os.path.basename(p)):  # a tag directory
+        parent, tag = os.path.dirname(p) or ".", os.path.basename(p)
+        if not is_complete(parent, tag):
+            older = [t for t in list_tags(parent) if is_complete(parent, t) and t != tag]
+            raise CheckpointError(f"{what}: {p} is a partial checkpoint (no {COMPLETE} marker: a rank did not finish "
+                                  f"writing); use a complete one{': ' + older[-1] if older else ''}")
+        return parent, tag
+    tag = newest_complete(p)
+    if tag is None:
+        raise CheckpointError(f"{what}: no complete checkpoint in {p} (tags found: {list_tags(p) or 'none'})")
+    return p, tag
+
+
 def resolve_resume(resume: Optional[str], ckpt_dir: str) -> Optional[tuple[str, str]]:
     """(checkpoint dir, tag) to resume from, or None for a fresh start.
 
@@ -78,33 +146,20 @@ def resolve_resume(resume: Optional[str], ckpt_dir: str) -> Optional[tuple[str, 
     """
     if resume is None:
         return None
-    if resume == "auto":
-        tags = list_tags(ckpt_dir)
-        if not tags:
-            log.info("resume: auto: no checkpoint in %s, starting fresh", ckpt_dir)
-            return None
-        tag = newest_complete(ckpt_dir)
-        if tag is None:
-            raise CheckpointError(f"resume: auto: {ckpt_dir} holds only partial checkpoints ({', '.join(tags)}; no "
-                                  f"{COMPLETE} marker); delete them to start fresh or point resume at a complete one")
-        newer = [t for t in tags if step_of(t) > step_of(tag)]
-        if newer:
-            log.warning("resume: skipping partial checkpoint(s) %s (no %s marker)", ", ".join(newer), COMPLETE)
-        return ckpt_dir, tag
-    path = os.path.normpath(resume)
-    if not os.path.exists(path):
-        raise CheckpointError(f"resume: {resume} does not exist; give a checkpoint directory, a step_NNNNNNNN tag "
-                              "directory in it, or resume: auto")
-    if _TAG.match(os.path.basename(path)):
-        parent, tag = os.path.dirname(path) or ".", os.path.basename(path)
-        if not is_complete(parent, tag):
-            raise CheckpointError(f"resume: {path} is a partial checkpoint (no {COMPLETE} marker: a rank did not finish "
-                                  f"writing); resume from an older complete tag: {newest_complete(parent)}")
-        return parent, tag
-    tag = newest_complete(path)
+    if resume != "auto":
+        return resolve(resume, what="resume")
+    tags = list_tags(ckpt_dir)
+    if not tags:
+        log.info("resume: auto: no checkpoint in %s, starting fresh", ckpt_dir)
+        return None
+    tag = newest_complete(ckpt_dir)
     if tag is None:
-        raise CheckpointError(f"resume: no complete checkpoint in {path} (tags found: {list_tags(path) or 'none'})")
-    return path, tag
+        raise CheckpointError(f"resume: auto: {ckpt_dir} holds only partial checkpoints ({', '.join(tags)}; no "
+                              f"{COMPLETE} marker); delete them to start fresh or point resume at a complete one")
+    newer = [t for t in tags if step_of(t) > step_of(tag)]
+    if newer:
+        log.warning("resume: skipping partial checkpoint(s) %s (no %s marker)", ", ".join(newer), COMPLETE)
+    return ckpt_dir, tag
 
 
 # ---- RNG -----------------------------------------------------------------------------------------
@@ -127,37 +182,43 @@ def _rng_file(ckpt_dir: str, tag: str, rank: int) -> str:
     return os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt")
 
 
-# ---- save / load ---------------------------------------------------------------------------------
+def _mark_complete(tag_dir: str, info: dict) -> None:
+    """The COMPLETE marker, written last: what wrote the tag and every file's size."""
+    files = {f: os.path.getsize(os.path.join(tag_dir, f)) for f in sorted(os.listdir(tag_dir)) if f != COMPLETE}
+    tmp = os.path.join(tag_dir, COMPLETE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({**info, "time": time.time(), "files": files}, f)
+    os.replace(tmp, os.path.join(tag_dir, COMPLETE))
+
+
+# ---- the trainer's checkpoints (DeepSpeed engine) ------------------------------------------------
 def save(engine, ckpt_dir: str, step: int, client_state: dict, *, job_yaml: str, ep_info=None, keep: int = 0) -> str:
     """Save on every rank (collective); rank 0 writes COMPLETE after a barrier. Returns the tag."""
-    import torch.distributed as dist
+    from molm_ds.parallel import comm
 
     tag = tag_for(step)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = comm.rank(), comm.world_size()
     t0 = time.time()
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)
     torch.save(rng_state(), _rng_file(ckpt_dir, tag, rank))
-    dist.barrier()  # every rank's files are on disk
+    comm.barrier()  # every rank's files are on disk
     if rank == 0:
         if ep_info is not None:
-            from molm_ds.parallel import check_expert_files
-
             check_expert_files(ckpt_dir, tag, ep_info)
-        with open(os.path.join(ckpt_dir, tag, "job.yaml"), "w") as f:
+        with open(os.path.join(ckpt_dir, tag, JOB_FILE), "w") as f:
             f.write(job_yaml)
-        with open(os.path.join(ckpt_dir, tag, COMPLETE), "w") as f:
-            json.dump({"step": step, "world_size": world, "time": time.time()}, f)
+        _mark_complete(os.path.join(ckpt_dir, tag), {"kind": "train", "step": step, "world_size": world})
         if keep > 0:
             for old in [t for t in list_tags(ckpt_dir) if is_complete(ckpt_dir, t)][:-keep]:
                 shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
-    dist.barrier()  # nobody reads a checkpoint before it is marked
+    comm.barrier()  # nobody reads a checkpoint before it is marked
     log.info("saved checkpoint %s in %.1fs", os.path.join(ckpt_dir, tag), time.time() - t0)
     return tag
 
 
 def load(engine, ckpt_dir: str, tag: str) -> dict:
-    """Load weights, optimizer state and this rank's RNG; returns the client_state."""
-    import torch.distributed as dist
+    """Load weights, optimizer state and this rank's RNG into a trainer's engine; returns the client_state."""
+    from molm_ds.parallel import comm
 
     if not is_complete(ckpt_dir, tag):
         raise CheckpointError(f"{os.path.join(ckpt_dir, tag)} is partial (no {COMPLETE} marker)")
@@ -165,9 +226,139 @@ def load(engine, ckpt_dir: str, tag: str) -> dict:
                                                 load_lr_scheduler_states=False)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {os.path.join(ckpt_dir, tag)}")
-    rng = _rng_file(ckpt_dir, tag, dist.get_rank())
+    rng = _rng_file(ckpt_dir, tag, comm.rank())
     if os.path.isfile(rng):
         set_rng_state(torch.load(rng, weights_only=False))
     else:
         log.warning("%s missing (saved with a different world size?): RNG streams restart from the seed", rng)
-    return client_state
+    return client_state or {}
+
+
+def load_weights(engine, ckpt_dir: str, tag: Optional[str] = None, *, strict: bool = True):
+    """Only the model weights into ``engine``, at any ep_size (each rank reads its own global experts).
+    Returns (load_path, client_state)."""
+    path, client_state = engine.load_checkpoint(ckpt_dir, tag, load_module_strict=strict, load_optimizer_states=False,
+                                                load_lr_scheduler_states=False, load_module_only=True)
+    if path is None:
+        raise CheckpointError(f"no DeepSpeed checkpoint found in {ckpt_dir!r} (tag {tag!r})")
+    return path, client_state
+
+
+# ---- plain models --------------------------------------------------------------------------------
+def read_job(ckpt_dir: str, tag: str) -> dict:
+    """The job.yaml of a tag, as a dict."""
+    job_file = os.path.join(ckpt_dir, tag, JOB_FILE)
+    if not os.path.isfile(job_file):
+        raise CheckpointError(f"{job_file} missing: not a molm-ds checkpoint (written by launch/pretrain.py, "
+                              "launch/prune.py or molm_ds.continual.grow_checkpoint)")
+    with open(job_file) as f:
+        return yaml.safe_load(f) or {}
+
+
+def model_config(ckpt_dir: str, tag: str):
+    """The model a tag holds: its job's model section, grown by its continual section (if any)."""
+    from molm_ds.train.job import ModelSection
+
+    raw = read_job(ckpt_dir, tag)
+    try:
+        cfg = ModelSection(**raw.get("model", {})).build()
+    except ValueError as exc:
+        raise CheckpointError(f"{os.path.join(ckpt_dir, tag, JOB_FILE)}: model section does not build ({exc})") from None
+    cont = raw.get("continual") or {}
+    return cfg.grown(attention=int(cont.get("attention", 0)), mlp=int(cont.get("mlp", 0)))
+
+
+def read_model_state(ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
+    """Non-expert weights plus every expert file stacked back by global id: a single-process state dict."""
+    d = os.path.join(ckpt_dir, tag)
+    main = os.path.join(d, MODEL_FILE)
+    if not os.path.isfile(main):
+        raise CheckpointError(f"{main} missing: {d} is not a complete checkpoint")
+    sd = dict(torch.load(main, map_location="cpu", weights_only=False)["module"])
+    per: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    for (_, _), f in sorted(list_expert_files(ckpt_dir, tag).items()):
+        for k, v in torch.load(f, map_location="cpu", weights_only=False).items():
+            m = _EXPERT_KEY.match(k)
+            if m is None:
+                raise CheckpointError(f"{f}: unexpected key {k!r} (not a molm-ds expert slice)")
+            per.setdefault((m["prefix"], m["name"]), {})[int(m["e"])] = v
+    for (prefix, name), by_id in per.items():
+        ids = sorted(by_id)
+        if ids != list(range(len(ids))):
+            raise CheckpointError(f"checkpoint {d}: {prefix}.{name} has expert files for ids {ids}; some are missing")
+        sd[f"{prefix}.{name}"] = torch.stack([by_id[i] for i in ids])
+    return sd
+
+
+def load_model(path: str, *, expect=None, what: str = "checkpoint"):
+    """The plain (full, single-process) MoLM held by a checkpoint directory or tag. ``expect``: the
+    ModelConfig the caller believes it holds; a mismatch is a CheckpointError naming the fields."""
+    from molm_ds.model import MoLM
+
+    ckpt_dir, tag = resolve(path, what=what)
+    cfg = model_config(ckpt_dir, tag)
+    if expect is not None:
+        check_same_model(cfg, expect, where=os.path.join(ckpt_dir, tag), what=what)
+    model = MoLM(cfg)
+    missing, unexpected = model.load_state_dict(read_model_state(ckpt_dir, tag), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {os.path.join(ckpt_dir, tag)} does not fit its job's model: missing "
+                              f"{missing[:6]}, unexpected {unexpected[:6]}")
+    return model
+
+
+def check_same_model(have, want, *, where: str, what: str = "init_from") -> None:
+    """CheckpointError unless two ModelConfigs are equal, naming the differing fields and the fix."""
+    if have == want:
+        return
+    a, b = have.model_dump(), want.model_dump()
+    diff = {k: a[k] for k in a if a[k] != b[k]}
+    raise CheckpointError(f"{what} {where} holds a different model than the job's model section: the checkpoint has "
+                          f"{diff}, the job {({k: b[k] for k in diff})}; the model section must describe the model in "
+                          f"the checkpoint: set model.overrides to include {diff} (or pick the right preset / checkpoint)")
+
+
+def model_section(cfg, preset: str = "tiny") -> dict:
+    """A job's ``model`` section that builds exactly ``cfg``: the preset plus every field that differs."""
+    from molm_ds.config import ModelConfig
+
+    base = ModelConfig.from_preset(preset).model_dump(mode="json")
+    full = cfg.model_dump(mode="json")
+    return {"preset": preset, "overrides": {k: v for k, v in full.items() if v != base[k]}}
+
+
+def write_model(model, job: dict, out_dir: str, *, tag: str, kind: str, extra_files: Optional[dict] = None) -> str:
+    """Write a plain model as a weights-only checkpoint ``out_dir/<tag>/`` in the trainer's layout (loads
+    with ``load_model``, as a job's ``init_from``, at any ep_size that divides the expert counts).
+
+    ``job``: the job dict to store (its ``model`` section is replaced by one that builds this model;
+    ``init_from``, ``continual`` and ``resume`` are dropped: they described how it was made, not what
+    it is). ``kind``: recorded in COMPLETE (``pruned``, ``grown``, ``imported``). ``extra_files``:
+    {name: YAML-able dict} written beside (e.g. prune.yaml). Returns the tag directory."""
+    d = os.path.join(out_dir, tag)
+    os.makedirs(d, exist_ok=True)
+    expert_keys = set()
+    layer_id = 0
+    for prefix, module in model.named_modules():
+        if not (hasattr(module, "router") and hasattr(module, "experts")):
+            continue
+        names = [n for n, _ in module.experts.named_parameters(recurse=False)]
+        for e in range(int(module.num_experts)):
+            out = {f"{prefix}.experts.{EXPERT_INFIX}.{e}.{n}": getattr(module.experts, n)[e].detach().clone().cpu()
+                   for n in names}
+            torch.save(out, expert_file(out_dir, tag, layer_id, e))
+        expert_keys.update(f"{prefix}.experts.{n}" for n in names)
+        layer_id += 1
+    sd = model.state_dict()
+    torch.save({"module": {k: v.detach().cpu() for k, v in sd.items() if k not in expert_keys}}, os.path.join(d, MODEL_FILE))
+    job = {k: v for k, v in job.items() if k not in ("init_from", "continual", "resume")}
+    job["model"] = model_section(model.config, (job.get("model") or {}).get("preset", "tiny"))
+    with open(os.path.join(d, JOB_FILE), "w") as f:
+        yaml.safe_dump(job, f, sort_keys=False)
+    for name, content in (extra_files or {}).items():
+        with open(os.path.join(d, name), "w") as f:
+            yaml.safe_dump(content, f, sort_keys=False)
+    _mark_complete(d, {"kind": kind, "step": step_of(tag) if _TAG.match(tag) else None})
+    with open(os.path.join(out_dir, "latest"), "w") as f:
+        f.write(tag)
+    return d

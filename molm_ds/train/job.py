@@ -3,10 +3,11 @@
 Sections (each a small pydantic model, unknown keys rejected with the list of valid ones):
 ``model`` (preset + overrides), ``data`` (sources, seq_len), ``training`` (steps, batch, schedule,
 loss weights), ``parallel`` (ep_size), ``deepspeed`` (a ds_configs JSON), ``checkpoint``,
-``monitor``, ``resume``, ``init_from`` + ``continual`` (molm_ds.continual), ``finetune`` (load concentration,
-molm_ds.prune). ``prune`` is reserved (pruning is ``launch/prune.py``): naming it is an error. Adding a section = a field on ``JobConfig``
-plus the one place in ``molm_ds.train.loop`` that consumes it (build_model, param_groups or
-loss_weights).
+``monitor``, ``resume``, ``init_from`` (start from a checkpoint's weights), ``continual`` (insert new
+experts: molm_ds.continual), ``finetune`` (load concentration before pruning). This module owns the
+schema of every section; the code that acts on a section lives with its job kind (the recipes in
+``molm_ds.train.recipe`` and ``molm_ds.continual.recipe``). Pruning is ``launch/prune.py`` on a
+finished checkpoint, not a section. YAML with a duplicate key is refused.
 
     job = load_job("configs/demo.yaml", overrides=["training.steps=10"])
 """
@@ -17,21 +18,22 @@ import copy
 import os
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from molm_ds.config import ModelConfig, preset_names
-from molm_ds.continual.config import ContinualSection, grown_config
+from molm_ds.errors import ConfigError
 from molm_ds.monitor.config import MonitorConfig
 
-__all__ = ["JobConfig", "JobConfigError", "load_job", "parse_overrides", "apply_overrides", "REPO_ROOT"]
+__all__ = ["JobConfig", "JobConfigError", "load_job", "job_from_dict", "parse_overrides", "apply_overrides", "parse_yaml",
+           "ContinualSection", "FinetuneSection", "REPO_ROOT"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-class JobConfigError(ValueError):
+class JobConfigError(ConfigError):
     """A job file or override that does not validate; the message says what to change."""
 
 
@@ -153,6 +155,66 @@ class MonitorSection(_Section):
         description="Expert-load monitoring, histograms/heatmaps, MFU peak FLOPs (molm_ds.monitor; docs/monitoring.md).")
 
 
+class ContinualLR(_Section):
+    """Peak learning rates per parameter group (null = training.lr); all follow training's schedule."""
+
+    new_experts: Optional[float] = Field(None, gt=0, description="The inserted experts.")
+    router: Optional[float] = Field(None, gt=0, description="Router parameters that train (all of them, or A' only).")
+    others: Optional[float] = Field(None, gt=0, description="Embeddings, norms, lm_head, shared K/V (if train_others).")
+
+
+class ContinualEval(_Section):
+    """Validation sources for the before/after perplexities (shard directories or Megatron prefixes)."""
+
+    old: list[str] = Field(default_factory=list, description="Old-domain sources (forgetting).")
+    new: list[str] = Field(default_factory=list, description="New-domain sources (learning).")
+
+
+class ContinualSection(_Section):
+    """Insert new experts into the ``init_from`` model and train only some parameter groups."""
+
+    attention: int = Field(0, description="New attention experts per layer (>= 0).")
+    mlp: int = Field(0, description="New MLP experts per layer (>= 0).")
+    strategy: Literal["full_router", "new_only"] = Field(
+        "new_only", description="full_router: new experts + every router parameter train, old experts frozen. "
+        "new_only: only the new experts and the new router rows A' train, everything else frozen.")
+    train_others: bool = Field(
+        False, description="full_router only: also train embeddings, norms, lm_head and shared K/V (lr.others).")
+    router_reg_weight: float = Field(0.0, ge=0, description="Weight of ||A'||_F^2 (new router rows), summed over sub-layers.")
+    lr: ContinualLR = Field(default_factory=ContinualLR)
+    distill_weight: float = Field(0.0, ge=0, description="Weight of KL(starting model || trained model) on the logits (0 = off).")
+    distill_temperature: float = Field(1.0, gt=0, description="Softmax temperature of the distillation KL.")
+    init_seed: Optional[int] = Field(None, description="Seed of the new experts' init (null = training.seed).")
+    eval: ContinualEval = Field(default_factory=ContinualEval)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ContinualSection":
+        for kind in ("attention", "mlp"):
+            n = getattr(self, kind)
+            if n < 0:
+                raise ValueError(f"continual.{kind}={n}: the number of new experts per layer must be >= 0")
+        if self.attention + self.mlp == 0:
+            raise ValueError("continual: add at least one expert (continual.attention or continual.mlp > 0); "
+                             "for a warm start without new experts use init_from alone")
+        if self.train_others and self.strategy == "new_only":
+            raise ValueError("continual.train_others=true contradicts strategy new_only (everything but the new "
+                             "experts and A' is frozen): use strategy full_router or drop train_others")
+        return self
+
+    def check_ep_size(self, start: ModelConfig, *, ep_size: int, replicate_attention_experts: bool) -> None:
+        """ValueError unless ep_size divides every expert-parallel expert count after insertion."""
+        kinds = [("mlp", start.n_mlp_experts, self.mlp)]
+        if not replicate_attention_experts:
+            kinds.append(("attention", start.n_att_experts, self.attention))
+        for kind, old, new in kinds:
+            if (old + new) % ep_size:
+                ok = [n for n in range(0, 4 * ep_size + 1) if (old + n) % ep_size == 0][:3]
+                raise ValueError(
+                    f"continual.{kind}={new}: {old} + {new} = {old + new} {kind} experts per layer cannot be split over "
+                    f"parallel.ep_size={ep_size}; insert a number of experts among {ok} or change ep_size"
+                    + (" (or set parallel.replicate_attention_experts: true)" if kind == "attention" else ""))
+
+
 class FinetuneSection(_Section):
     """Fine-tuning before pruning (ModuleFormer): concentrate each sub-layer's load on few experts."""
 
@@ -161,7 +223,7 @@ class FinetuneSection(_Section):
         "training.loss_weights.load_concentration, every other term unchanged. The paper used 0.001.")
 
 
-RESERVED_SECTIONS = {"prune": "issue 7 (pruning: run launch/prune.py on the finished checkpoint)"}
+NOT_SECTIONS = {"prune": "pruning runs on a finished checkpoint: python launch/prune.py --checkpoint CKPT ... (docs/finetune_prune.md)"}
 
 
 class JobConfig(_Section):
@@ -190,9 +252,9 @@ class JobConfig(_Section):
 
     @model_validator(mode="after")
     def _cross(self) -> "JobConfig":
-        for key, owner in RESERVED_SECTIONS.items():
+        for key, instead in NOT_SECTIONS.items():
             if getattr(self, key) is not None:
-                raise ValueError(f"section {key!r} is reserved for {owner} and not supported by this version; remove it")
+                raise ValueError(f"section {key!r} is not part of a training job: remove it; {instead}")
         if self.continual is not None and self.init_from is None:
             raise ValueError("continual needs init_from: the checkpoint whose model gets the new experts")
         if self.continual is not None:
@@ -214,7 +276,7 @@ class JobConfig(_Section):
     def build_model_config(self) -> ModelConfig:
         """The model this job trains: the model section, grown by the continual section's new experts."""
         if self.continual is not None:
-            return grown_config(self.model.build(), attention=self.continual.attention, mlp=self.continual.mlp)
+            return self.model.build().grown(attention=self.continual.attention, mlp=self.continual.mlp)
         return self.model.build()
 
     @property
@@ -230,6 +292,32 @@ class JobConfig(_Section):
 
 
 # ---- loading ----------------------------------------------------------------------------------
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping with the same key twice (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {seen[key] + 1}); keep one of them",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str, source: str):
+    """YAML text -> Python objects; syntax errors and duplicate keys become one JobConfigError line."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source} line {mark.line + 1}, column {mark.column + 1}" if mark is not None else source
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise JobConfigError(f"{where}: invalid YAML: {problem}") from None
+
+
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
@@ -243,7 +331,7 @@ def parse_overrides(items: list[str]) -> list[tuple[list[str], Any]]:
         path = [k for k in key.strip().split(".") if k]
         if not path:
             raise JobConfigError(f"override {item!r} has an empty key")
-        parsed = yaml.safe_load(value)
+        parsed = parse_yaml(value, f"override {item!r}")
         if isinstance(parsed, str) and _NUMBER.match(parsed):  # YAML 1.1 reads 1e-3 as a string
             parsed = float(parsed)
         out.append((path, parsed))
@@ -283,17 +371,21 @@ def _section_class(loc: tuple) -> type[BaseModel] | None:
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
-    lines = [f"invalid job config {source}:"]
+    """One line: every problem, each with where it is and what to change (nearest key for a typo)."""
+    import difflib
+
+    items = []
     for err in exc.errors():
         loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":
             owner = _section_class(tuple(err["loc"]))
-            valid = ", ".join(owner.model_fields) if owner is not None else "?"
-            lines.append(f"  {loc}: unknown key; valid keys here: {valid}")
+            valid = list(owner.model_fields) if owner is not None else []
+            near = difflib.get_close_matches(str(err["loc"][-1]), valid, n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            items.append(f"{loc}: unknown key; {hint}valid keys here: {', '.join(valid) or '?'}")
         else:
-            msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"  {loc}: {msg}")
-    return "\n".join(lines)
+            items.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
+    return f"invalid job config {source}: " + "; ".join(items)
 
 
 def job_from_dict(raw: dict, source: str = "<dict>") -> JobConfig:
@@ -312,5 +404,5 @@ def load_job(path: str | os.PathLike, overrides: Optional[list[str]] = None) -> 
         shipped = sorted(p.name for p in (REPO_ROOT / "configs").glob("*.yaml"))
         raise JobConfigError(f"job file {path} not found; shipped jobs: {', '.join('configs/' + s for s in shipped)}")
     with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+        raw = parse_yaml(f.read(), path) or {}
     return job_from_dict(apply_overrides(raw, overrides or []), path)

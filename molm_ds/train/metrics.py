@@ -1,8 +1,10 @@
-"""Per-step metrics: the progress line, metrics.jsonl (rank 0) and the hook list other parts extend.
+"""Per-step metrics: the progress line, metrics.jsonl (rank 0), TensorBoard and the hook list.
 
-A hook is any callable ``hook(step: int, metrics: dict[str, float]) -> None``; the loop calls every
+A hook is any callable ``hook(step: int, metrics: dict[str, float]) -> None``; ``StepLog`` calls every
 hook on every logged step with values already reduced across ranks (means over ranks and
-micro-batches), on every rank (hooks that write should check the rank themselves).
+micro-batches), on every rank (hooks that write check the rank themselves; the TensorBoard monitor
+runs collectives, so every rank must call it at the same steps). Values are read from the device
+only on logged steps: that is where the step's host syncs are.
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from typing import Callable, Optional
 
 from molm_ds.log import is_rank0
 
-__all__ = ["MetricsWriter", "TensorBoardHook", "format_progress", "format_duration", "MetricsHook"]
+__all__ = ["MetricsWriter", "StepLog", "format_progress", "format_duration", "MetricsHook"]
 
 MetricsHook = Callable[[int, dict], None]
 
@@ -70,16 +73,75 @@ class MetricsWriter:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
-class TensorBoardHook:
-    """Scalars through DeepSpeed's monitor (``engine.monitor.write_events``; it writes on rank 0)."""
+def _grad_norm(engine) -> Optional[float]:
+    g = engine.get_global_grad_norm()
+    if g is None:
+        return None
+    g = float(g.item() if hasattr(g, "item") else g)  # host sync: logged steps only
+    return g if math.isfinite(g) else None
 
-    def __init__(self, engine, prefix: str = "Train/") -> None:
-        self.engine, self.prefix = engine, prefix
 
-    def __call__(self, step: int, metrics: dict) -> None:
-        monitor = getattr(self.engine, "monitor", None)
-        if monitor is None or not getattr(monitor, "enabled", False):
+class StepLog:
+    """Everything the loop reports at a logged step: metrics.jsonl, TensorBoard (expert load through
+    ``molm_ds.monitor``), the caller's hooks and the progress line."""
+
+    def __init__(self, job, engine, hooks, *, resume_step: int, world: int) -> None:
+        from molm_ds.monitor import TrainingMonitor
+
+        self.job, self.engine, self.world = job, engine, world
+        self.metrics_path = os.path.join(job.run_dir, "metrics.jsonl")
+        self.monitor = TrainingMonitor.for_engine(
+            engine, config=job.monitor.expert_load, run_dir=job.run_dir, tensorboard_dir=job.tensorboard_dir,
+            flops_per_token=job.build_model_config().flops_per_token(job.data.seq_len)) if job.monitor.tensorboard else None
+        self.hooks = [MetricsWriter(self.metrics_path, resume_step=resume_step), *([self.monitor] if self.monitor else []),
+                      *hooks]
+        t = job.training
+        self.tokens_per_step = t.micro_batch_size * t.grad_accum_steps * world * job.data.seq_len
+        self.first_step, self.last_logged = resume_step, resume_step
+        self.t_start = self.t_last = time.time()
+        self.last: dict = {}
+
+    def banner(self, step: int) -> str:
+        cfg, t = self.job.build_model_config(), self.job.training
+        stage = self.engine.zero_optimization_stage() if self.engine.zero_optimization() else 0
+        return (f"training {cfg.total_params:,} parameters ({cfg.active_params:,} active) on {self.world} rank(s), "
+                f"ep_size {self.job.parallel.ep_size}, ZeRO-{stage}, {self.tokens_per_step:,} tokens/step, "
+                f"steps {step + 1}..{t.steps}")
+
+    def write(self, step: int, metrics: dict) -> None:
+        """Hand a row to every hook (every rank), skipping empty rows and None values."""
+        row = {k: v for k, v in metrics.items() if v is not None}
+        if row:
+            for hook in self.hooks:
+                hook(step, row)
+
+    def due(self, step: int) -> bool:
+        return step % self.job.monitor.log_interval == 0 or step in (1, self.job.training.steps)
+
+    def step(self, state, sums, reduced, *, lr: float, extra: dict) -> None:
+        """After optimizer step ``state.step``: on logged steps (and any step with ``extra`` metrics, such
+        as an evaluation) read the reduced sums, then write the row."""
+        step = state.step
+        if not (self.due(step) or extra):
             return
-        events = [(self.prefix + k, float(v), step) for k, v in metrics.items()
-                  if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None]
-        monitor.write_events(events)
+        from molm_ds.log import info0
+
+        now = time.time()
+        applied = state.nonfinite_in_a_row == 0
+        values = sums.to_metrics(reduced)  # host sync
+        values.pop("nonfinite")
+        m = {k: (v if applied else None) for k, v in values.items()}
+        window = max(1, step - self.last_logged)
+        m.update(lr=lr, grad_norm=_grad_norm(self.engine) if applied else None,
+                 tokens_per_s=self.tokens_per_step * window / max(now - self.t_last, 1e-9),
+                 skipped_steps=state.skipped_steps, **extra)
+        self.last_logged, self.t_last = step, now
+        done = step - self.first_step
+        eta = (now - self.t_start) / max(done, 1) * (self.job.training.steps - step)
+        info0(format_progress(step, self.job.training.steps, m, eta))
+        self.write(step, m)
+        self.last = m
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()

@@ -11,8 +11,9 @@ import pytest
 import torch
 import yaml
 
-from molm_ds.continual import grow_experts, load_checkpoint_model
-from molm_ds.parallel import list_expert_files
+from molm_ds.continual import grow_experts
+from molm_ds.jobs import run as run_job
+from molm_ds.train.checkpoint import list_expert_files, load_model
 from molm_ds.train import load_job
 from molm_ds.train import loop
 from tests.train.helpers import REPO, TINY_JOB, tiny_job_overrides, write_shard
@@ -24,8 +25,8 @@ FAST = ["training.grad_accum_steps=1", "training.eval_interval=0", "checkpoint.i
 
 def test_grow_4_to_6_at_ep_size_2(tmp_path):
     old, new = write_shard(tmp_path / "old", seed=0, n_docs=30), write_shard(tmp_path / "new", seed=1, n_docs=30)
-    loop.train(load_job(TINY_JOB, tiny_job_overrides(old, tmp_path / "pre") + FAST + ["training.steps=1"]))
-    start = load_checkpoint_model(str(tmp_path / "pre" / "checkpoints"))
+    run_job(load_job(TINY_JOB, tiny_job_overrides(old, tmp_path / "pre") + FAST + ["training.steps=1"]))
+    start = load_model(str(tmp_path / "pre" / "checkpoints"))
     job = load_job(TINY_JOB, tiny_job_overrides(new, tmp_path / "cl") + FAST + [
         f"init_from={tmp_path / 'pre' / 'checkpoints'}", "parallel.ep_size=2", "training.steps=2",
         f"continual={{attention: 2, mlp: 2, strategy: new_only, router_reg_weight: 0.01, "
@@ -40,7 +41,7 @@ def test_grow_4_to_6_at_ep_size_2(tmp_path):
     ckpt_dir = tmp_path / "cl" / "checkpoints"
     files = list_expert_files(str(ckpt_dir), "step_00000002")
     assert sorted(files) == [(L, e) for L in range(4) for e in range(6)]
-    end = load_checkpoint_model(str(ckpt_dir))  # written at ep_size 2, read in one process
+    end = load_model(str(ckpt_dir))  # written at ep_size 2, read in one process
     assert (end.config.n_att_experts, end.config.n_mlp_experts) == (6, 6)
     s0, s1 = start.state_dict(), end.state_dict()
     for k, v in s0.items():
@@ -49,7 +50,7 @@ def test_grow_4_to_6_at_ep_size_2(tmp_path):
             assert s1[k].shape[0] == 6
         else:
             assert torch.equal(s1[k], v), k
-    init = grow_experts(load_checkpoint_model(str(tmp_path / "pre" / "checkpoints")), attention=2, mlp=2,
+    init = grow_experts(load_model(str(tmp_path / "pre" / "checkpoints")), attention=2, mlp=2,
                         seed=job.training.seed).state_dict()
     trained = [k for k in s0 if ".experts." in k and not torch.equal(init[k][4:], s1[k][4:])]
     assert trained  # some new experts (all on rank 1) got tokens and moved

@@ -42,8 +42,12 @@ def train_steps(model, groups, steps=3):
 
 
 def groups_for(model, strategy, train_others=False):
-    return continual_param_groups(model, strategy=strategy, train_others=train_others, weight_decay=0.1,
-                                  lr_new_experts=1e-2, lr_router=5e-3, lr_others=1e-3)
+    """The strategy's groups as the trainer hands them to DeepSpeed (split by its MoE helper)."""
+    from molm_ds.parallel import build_param_groups
+
+    return build_param_groups(continual_param_groups(model, strategy=strategy, train_others=train_others,
+                                                     weight_decay=0.1, lr_new_experts=1e-2, lr_router=5e-3,
+                                                     lr_others=1e-3))
 
 
 def test_new_only_changes_only_new_experts_and_new_router_rows():

@@ -16,7 +16,7 @@ CL = "continual={attention: 2, mlp: 2, strategy: new_only}"
     (["init_from=x", "continual={mlp: 2, train_others: true}"], "contradicts strategy new_only"),
     (["init_from=x", "continual={mlp: 1}", "parallel.ep_size=2"], r"continual.mlp=1: 4 \+ 1 = 5 mlp experts .* among \[0, 2, 4\]"),
     (["init_from=x", "continual={attention: 1, mlp: 2}", "parallel.ep_size=2"], "continual.attention=1.*replicate_attention_experts"),
-    (["init_from=x", "continual={mlp: 2, lr: {experts: 1.0}}"], "continual.lr.experts: unknown key; valid keys here: new_experts, router, others"),
+    (["init_from=x", "continual={mlp: 2, lr: {experts: 1.0}}"], "continual.lr.experts: unknown key; did you mean 'new_experts'. valid keys here: new_experts, router, others"),
 ])
 def test_bad_sections_are_refused_at_load(overrides, needle):
     with pytest.raises(JobConfigError, match=needle):

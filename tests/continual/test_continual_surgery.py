@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from molm_ds.config import ModelConfig
-from molm_ds.continual import grow_experts, grown_config, new_expert_counts
+from molm_ds.continual import grow_experts, new_expert_counts
 from molm_ds.model import MoLM
 
 
@@ -19,7 +19,7 @@ def test_old_weights_kept_and_shapes_grow():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     grow_experts(model, attention=1, mlp=3, seed=5)
     assert model.config.n_att_experts == 5 and model.config.n_mlp_experts == 7
-    assert model.config == grown_config(ModelConfig.from_preset("tiny"), attention=1, mlp=3)
+    assert model.config == ModelConfig.from_preset("tiny").grown(attention=1, mlp=3)
     sd = model.state_dict()
     assert set(sd) == set(before)
     for k, old in before.items():

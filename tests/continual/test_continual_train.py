@@ -8,10 +8,11 @@ import os
 import pytest
 import torch
 
-from molm_ds.continual import grow_checkpoint, grow_experts, load_checkpoint_model
-from molm_ds.parallel import list_expert_files
+from molm_ds.continual import grow_checkpoint, grow_experts
+from molm_ds.errors import CheckpointError
+from molm_ds.jobs import run as run_job
+from molm_ds.train.checkpoint import list_expert_files, load_model
 from molm_ds.train import load_job
-from molm_ds.train import loop
 from tests.train.helpers import TINY_JOB, read_metrics, tiny_job_overrides, write_shard
 
 pytestmark = pytest.mark.slow
@@ -24,7 +25,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("cl")
     old = write_shard(root / "old", seed=0, n_docs=40)
     new = write_shard(root / "new", seed=1, n_docs=40)
-    loop.train(load_job(TINY_JOB, tiny_job_overrides(old, root / "pre") + FAST + ["training.steps=2"]))
+    run_job(load_job(TINY_JOB, tiny_job_overrides(old, root / "pre") + FAST + ["training.steps=2"]))
     return {"old": old, "new": new, "ckpt": str(root / "pre" / "checkpoints"), "root": root}
 
 
@@ -38,9 +39,9 @@ def continual_job(w, run_dir, *extra, strategy="new_only"):
 @pytest.mark.parametrize("strategy, ds", [("new_only", "zero1_fp32"), ("full_router", "zero2_fp32"),
                                           ("new_only", "zero0_fp32")])
 def test_frozen_parameters_bit_identical_and_report(world, tmp_path, strategy, ds):
-    s = loop.train(continual_job(world, tmp_path, f"deepspeed.config=ds_configs/{ds}.json", strategy=strategy))
-    start = load_checkpoint_model(world["ckpt"]).state_dict()
-    end = load_checkpoint_model(os.path.join(s["checkpoint_dir"], s["last_checkpoint"])).state_dict()
+    s = run_job(continual_job(world, tmp_path, f"deepspeed.config=ds_configs/{ds}.json", strategy=strategy))
+    start = load_model(world["ckpt"]).state_dict()
+    end = load_model(os.path.join(s["checkpoint_dir"], s["last_checkpoint"])).state_dict()
     assert len(list_expert_files(s["checkpoint_dir"], s["last_checkpoint"])) == 4 * 6  # new per-expert files
     for k, old in start.items():
         new = end[k]
@@ -66,18 +67,18 @@ def test_frozen_parameters_bit_identical_and_report(world, tmp_path, strategy, d
 
 def grow_experts_rows(world, key):
     """A' right after insertion (same seed as the job: training.seed of the tiny job)."""
-    m = grow_experts(load_checkpoint_model(world["ckpt"]), attention=2, mlp=2, seed=load_job(TINY_JOB).training.seed)
+    m = grow_experts(load_model(world["ckpt"]), attention=2, mlp=2, seed=load_job(TINY_JOB).training.seed)
     return m.state_dict()[key][4:]
 
 
 def _weights(d):
-    return load_checkpoint_model(d).state_dict()
+    return load_model(d).state_dict()
 
 
 def test_continual_job_resumes_exactly(world, tmp_path):
     """4 steps in one go vs 2 steps, then resume (into another run_dir) and 2 more."""
-    a = loop.train(continual_job(world, tmp_path / "a", "training.steps=4", "checkpoint.interval=2"))
-    b = loop.train(continual_job(world, tmp_path / "b", "training.steps=4",
+    a = run_job(continual_job(world, tmp_path / "a", "training.steps=4", "checkpoint.interval=2"))
+    b = run_job(continual_job(world, tmp_path / "b", "training.steps=4",
                                  f"resume={a['checkpoint_dir']}/step_00000002"))
     wa = _weights(os.path.join(a["checkpoint_dir"], "step_00000004"))
     wb = _weights(os.path.join(b["checkpoint_dir"], "step_00000004"))
@@ -94,19 +95,19 @@ def test_continual_job_resumes_exactly(world, tmp_path):
 
 
 def test_stage_after_stage_and_offline_surgery(world, tmp_path):
-    s1 = loop.train(continual_job(world, tmp_path / "s1", "training.steps=1"))
+    s1 = run_job(continual_job(world, tmp_path / "s1", "training.steps=1"))
     stage1 = os.path.join(s1["checkpoint_dir"], s1["last_checkpoint"])
     job2 = load_job(TINY_JOB, tiny_job_overrides(world["new"], tmp_path / "s2") + FAST + [
         f"init_from={stage1}", "model.overrides={n_att_experts: 6, n_mlp_experts: 6}",
         "continual={mlp: 2, strategy: full_router}", "training.steps=1"])
-    s2 = loop.train(job2)
-    m2 = load_checkpoint_model(os.path.join(s2["checkpoint_dir"], s2["last_checkpoint"]))
+    s2 = run_job(job2)
+    m2 = load_model(os.path.join(s2["checkpoint_dir"], s2["last_checkpoint"]))
     assert (m2.config.n_att_experts, m2.config.n_mlp_experts) == (6, 8)
-    assert torch.equal(m2.blocks[1].mlpf.experts.w2[:6], load_checkpoint_model(stage1).blocks[1].mlpf.experts.w2)
+    assert torch.equal(m2.blocks[1].mlpf.experts.w2[:6], load_model(stage1).blocks[1].mlpf.experts.w2)
     # offline: same surgery on the checkpoint files as on the loaded model
     d = grow_checkpoint(world["ckpt"], str(tmp_path / "grown"), attention=2, mlp=4, seed=3)
-    on_files = load_checkpoint_model(d).state_dict()
-    in_memory = grow_experts(load_checkpoint_model(world["ckpt"]), attention=2, mlp=4, seed=3).state_dict()
+    on_files = load_model(d).state_dict()
+    in_memory = grow_experts(load_model(world["ckpt"]), attention=2, mlp=4, seed=3).state_dict()
     assert len(list_expert_files(str(tmp_path / "grown"), os.path.basename(d))) == 2 * 6 + 2 * 8
     for k in in_memory:
         assert torch.equal(on_files[k], in_memory[k]), k
@@ -114,9 +115,9 @@ def test_stage_after_stage_and_offline_surgery(world, tmp_path):
 
 def test_bad_init_from_fails_before_any_work(world, tmp_path):
     bad_path = continual_job(world, tmp_path / "r1", "init_from=" + str(tmp_path / "nope"))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        loop.train(bad_path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        run_job(bad_path)
     wrong_model = continual_job(world, tmp_path / "r2", "model.overrides={n_mlp_experts: 6}")
-    with pytest.raises(ValueError, match=r"holds a different model.*n_mlp_experts.: 4"):
-        loop.train(wrong_model)
+    with pytest.raises(CheckpointError, match=r"holds a different model.*n_mlp_experts.: 4"):
+        run_job(wrong_model)
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()

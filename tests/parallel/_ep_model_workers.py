@@ -64,7 +64,7 @@ def engine_worker(rank: int, world: int, ep_size: int, configs: list):
     from deepspeed.runtime.utils import clip_grad_norm_ as ds_stock_clip_grad_norm_
     from deepspeed.utils import safe_get_full_grad
 
-    from molm_ds.parallel import build_param_groups, fix_grad_clipping, grad_norm, parallelize
+    from molm_ds.parallel import build_param_groups, guard_plain_optimizer, grad_norm, parallelize
 
     cfg = tiny_config()
     init, ref_rank, ref_grads, ref_norm, ref_after = reference(cfg, world)
@@ -79,7 +79,7 @@ def engine_worker(rank: int, world: int, ep_size: int, configs: list):
                      "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
         assert engine.has_moe_layers
-        fix_grad_clipping(engine)
+        guard_plain_optimizer(engine)
         out = engine(ids)
         loss = loss_fn(out, ids)
         engine.backward(loss)

@@ -52,10 +52,10 @@ def test_ep2_matches_single_process(ranks, stage, replicate):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_stock_zero0_norm_is_what_fix_grad_clipping_corrects(ranks):
-    """Records why fix_grad_clipping exists: DeepSpeed's ZeRO-0 fp32 clip averages per-rank norms."""
+def test_stock_zero0_norm_is_what_guard_plain_optimizer_corrects(ranks):
+    """Records why guard_plain_optimizer exists: DeepSpeed's ZeRO-0 fp32 clip averages per-rank norms."""
     got = ranks[0]["results"][(0, False)]
     ref = float(ranks[0]["ref_norm"])
     stock = float(got["stock_norm"])
-    # If DeepSpeed fixes this, fix_grad_clipping becomes redundant (still correct): revisit then.
+    # If DeepSpeed fixes this, guard_plain_optimizer becomes redundant (still correct): revisit then.
     assert abs(stock - ref) > 1e-3 * ref, f"stock ZeRO-0 norm {stock} equals the true norm {ref}"

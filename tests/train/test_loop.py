@@ -10,7 +10,8 @@ import torch
 
 from molm_ds.train import checkpoint as ckpt
 from molm_ds.train import load_job
-from molm_ds.train import loop
+from molm_ds.train import loop, step
+from molm_ds.train.recipe import Recipe
 from tests.train.helpers import TINY_JOB, read_metrics, tiny_job_overrides, write_ds_config, write_shard
 
 pytestmark = pytest.mark.slow
@@ -111,14 +112,14 @@ def test_partial_and_missing_checkpoints_are_errors(shard, tmp_path):
 
 @pytest.mark.parametrize("ds", ["zero0_fp32", "zero2_fp32", "zero0_bf16"])
 def test_nonfinite_step_is_skipped_and_counted(shard, tmp_path, monkeypatch, ds):
-    real, calls = loop.total_loss, []
+    real, calls = step.total_loss, []
 
     def nan_on_step_2(**kw):  # 2 micro-batches per step: calls 3 and 4 belong to step 2
         calls.append(1)
         out = real(**kw)
         return out * float("nan") if len(calls) == 3 else out
 
-    monkeypatch.setattr(loop, "total_loss", nan_on_step_2)
+    monkeypatch.setattr(step, "total_loss", nan_on_step_2)
     run(shard, tmp_path, "training.steps=3", "checkpoint.interval=1", "training.eval_interval=0",
         f"deepspeed.config=ds_configs/{ds}.json")
     rows = read_metrics(tmp_path)
@@ -132,7 +133,7 @@ def test_nonfinite_step_is_skipped_and_counted(shard, tmp_path, monkeypatch, ds)
 
 
 def test_too_many_nonfinite_steps_stop_the_run(shard, tmp_path, monkeypatch):
-    monkeypatch.setattr(loop, "total_loss", lambda **kw: kw["lm"] * float("inf"))
+    monkeypatch.setattr(step, "total_loss", lambda **kw: kw["lm"] * float("inf"))
     with pytest.raises(loop.NonFiniteLossError, match="2 non-finite steps in a row"):
         run(shard, tmp_path, "training.steps=5", "training.max_nonfinite_in_a_row=2", "training.eval_interval=0")
 
@@ -143,16 +144,16 @@ def test_too_many_nonfinite_steps_stop_the_run(shard, tmp_path, monkeypatch):
     (["model.overrides={vocab_size: 100}"], "vocab_size >= "),
 ])
 def test_config_errors_fail_before_any_work(shard, tmp_path, monkeypatch, overrides, needle):
-    def no_model(job):
+    def no_model(self):
         raise AssertionError("the model was built before the config error")
 
-    monkeypatch.setattr(loop, "build_model", no_model)
+    monkeypatch.setattr(Recipe, "build_model", no_model)
     with pytest.raises((ValueError, ckpt.CheckpointError), match=needle):
         run(shard, tmp_path, *overrides)
 
 
 def test_batch_keys_disagreeing_fail_before_any_work(shard, tmp_path, monkeypatch):
-    monkeypatch.setattr(loop, "build_model", lambda job: pytest.fail("model built"))
+    monkeypatch.setattr(Recipe, "build_model", lambda self: pytest.fail("model built"))
     bad = write_ds_config(tmp_path / "ds.json", gradient_accumulation_steps=8)
     with pytest.raises(ValueError, match="gradient_accumulation_steps=8 disagrees"):
         run(shard, tmp_path, f"deepspeed.config={bad}")

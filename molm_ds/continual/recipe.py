@@ -1,0 +1,143 @@
+"""The continual-learning recipe: what a ``continual`` job changes in the training loop.
+
+    build_model      the ``init_from`` model with the new experts inserted (``grow_experts``)
+    param_groups     the strategy: frozen / row-masked parameters, per-group learning rates
+    loss_terms       + ``router_reg`` (lambda * sum ||A'||^2) and ``distill_kl`` (KL to the starting
+                     model), logged like every other term
+    start / finish   old- and new-domain validation perplexities before the first step (step 0 row)
+                     and after the last, and the run's report ``<run_dir>/continual_report.{json,md}``
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from molm_ds.continual.groups import continual_param_groups
+from molm_ds.continual.losses import distillation_kl, new_router_rows_penalty
+from molm_ds.continual.surgery import grow_experts
+from molm_ds.errors import ConfigError
+from molm_ds.log import get_logger, info0, is_rank0
+from molm_ds.train import checkpoint as ckpt
+from molm_ds.train.evaluate import evaluate
+from molm_ds.train.recipe import Recipe, Run
+
+__all__ = ["ContinualRecipe", "REPORT_JSON", "write_report"]
+
+log = get_logger("continual")
+REPORT_JSON = "continual_report.json"
+
+
+class ContinualRecipe(Recipe):
+    name = "continual"
+
+    def __init__(self, job) -> None:
+        if job.continual is None or job.init_from is None:
+            raise ConfigError("ContinualRecipe needs a job with init_from and a continual section")
+        super().__init__(job)
+        self.teacher: Optional[nn.Module] = None
+
+    # ---- build -------------------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        c = self.job.continual
+        model = ckpt.load_model(self.job.init_from, expect=self.job.model.build(), what="init_from")
+        grow_experts(model, attention=c.attention, mlp=c.mlp, seed=self.job.training.seed if c.init_seed is None else c.init_seed)
+        if c.distill_weight > 0:
+            self.teacher = ckpt.load_model(self.job.init_from).eval().requires_grad_(False)
+            info0("distillation: teacher = the starting model (frozen), weight %g" % c.distill_weight)
+        return model
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        c, t = self.job.continual, self.job.training
+        return continual_param_groups(
+            model, strategy=c.strategy, train_others=c.train_others, weight_decay=t.weight_decay,
+            lr_new_experts=c.lr.new_experts or t.lr, lr_router=c.lr.router or t.lr, lr_others=c.lr.others or t.lr)
+
+    # ---- the loss ----------------------------------------------------------------------------
+    def loss_terms(self, model: nn.Module, batch: dict, out) -> dict[str, tuple[float, Tensor]]:
+        c = self.job.continual
+        terms = super().loss_terms(model, batch, out)
+        terms["router_reg"] = (c.router_reg_weight, new_router_rows_penalty(model).to(out.logits.device))
+        if self.teacher is not None:
+            if next(self.teacher.parameters()).device != out.logits.device:
+                self.teacher.to(out.logits.device)
+            with torch.no_grad():
+                teacher_logits = self.teacher(batch["input_ids"].to(out.logits.device)).logits
+            terms["distill_kl"] = (c.distill_weight, distillation_kl(
+                student_logits_BTV=out.logits, teacher_logits_BTV=teacher_logits, temperature=c.distill_temperature))
+        return terms
+
+    # ---- old / new domains -------------------------------------------------------------------
+    def _domains(self, run: Run) -> dict:
+        """{old_val_loss, old_val_ppl, new_val_loss, new_val_ppl} for the domains the job names (collective)."""
+        out = {}
+        for name, paths in (("old", self.job.continual.eval.old), ("new", self.job.continual.eval.new)):
+            if paths:
+                r = evaluate(run.model, run.data.val_batches(paths))
+                out[f"{name}_val_loss"], out[f"{name}_val_ppl"] = r.loss, r.ppl
+        return out
+
+    def _report_path(self) -> str:
+        return os.path.join(self.job.run_dir, REPORT_JSON)
+
+    def start(self, run: Run, *, resumed: bool) -> dict[str, float]:
+        """Before the first step of a fresh run: the grown, untrained model's perplexities (the step-0 row)."""
+        if resumed:
+            self._carry_before_over()
+            return {}
+        before = self._domains(run)
+        if before:
+            info0("continual: before training: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
+            if is_rank0():
+                with open(self._report_path(), "w") as f:
+                    json.dump({"before": before}, f, indent=1)
+        return before
+
+    def _carry_before_over(self) -> None:
+        """A resumed run in a new run_dir keeps the 'before' numbers of the run that wrote the checkpoint."""
+        if not is_rank0() or os.path.isfile(self._report_path()) or not self.job.continual.eval.old + self.job.continual.eval.new:
+            return
+        ckpt_dir, _ = ckpt.resolve_resume(self.job.resume, self.job.checkpoint_dir)
+        src = os.path.join(os.path.dirname(os.path.abspath(ckpt_dir)), REPORT_JSON)
+        if os.path.isfile(src):
+            with open(src) as f:
+                before = json.load(f).get("before", {})
+            with open(self._report_path(), "w") as f:
+                json.dump({"before": before}, f, indent=1)
+        else:
+            log.warning("continual: resumed without %s next to %s: the report will have no 'before' numbers",
+                        REPORT_JSON, ckpt_dir)
+
+    def finish(self, run: Run, step: int) -> dict[str, float]:
+        after = self._domains(run)
+        if after and is_rank0():
+            before = {}
+            if os.path.isfile(self._report_path()):
+                with open(self._report_path()) as f:
+                    before = json.load(f).get("before", {})
+            write_report(self.job, before=before, after=after, step=step,
+                         source=os.path.join(*ckpt.resolve(self.job.init_from, what="init_from")))
+        return after
+
+
+def write_report(job, *, before: dict, after: dict, step: int, source: str) -> None:
+    c = job.continual
+    report = {"job": job.name, "init_from": source, "step": step, "before": before, "after": after,
+              "strategy": c.strategy, "new_experts": {"attention": c.attention, "mlp": c.mlp},
+              "model": job.build_model_config().model_dump()}
+    with open(os.path.join(job.run_dir, REPORT_JSON), "w") as f:
+        json.dump(report, f, indent=1)
+    lines = [f"# continual report: {job.name}", "",
+             f"init_from `{source}`, strategy `{report['strategy']}`, new experts per layer {report['new_experts']}, "
+             f"{step} steps", "", "| domain | val loss before | after | ppl before | after |", "| --- | --- | --- | --- | --- |"]
+    for d in ("old", "new"):
+        if f"{d}_val_loss" in after:
+            b = lambda k: f"{before[k]:.4f}" if k in before else "-"
+            lines.append(f"| {d} | {b(d + '_val_loss')} | {after[d + '_val_loss']:.4f} | {b(d + '_val_ppl')} | "
+                         f"{after[d + '_val_ppl']:.2f} |")
+    with open(os.path.join(job.run_dir, "continual_report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
