@@ -318,8 +318,8 @@ def build_shards(specs: list[SourceSpec], tokenizer_path: str, out_dir: str, *, 
                 elif writer is not None:
                     writer.abort()
                 writer = None
-                log.info("%s: stopped; %d finished shards kept in %s", out_dir,
-                         sum(1 for r in prog["shards"].values() if r["docs"]), PROGRESS)
+                log.info("%s: stopped; %d finished shards kept (a rerun continues from them)", out_dir,
+                         sum(1 for r in prog["shards"].values() if r["docs"]))
                 raise item.error
             if isinstance(item, _FileEnd):
                 finish_current()

@@ -49,7 +49,7 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 class CorruptInputError(DataError):
     def __init__(self, path: str, line: int, why: str):
         super().__init__(f"{path}:{line}: {why} (rerun the same command with --skip-corrupt to skip and count "
-                         "such input; finished shards are kept)")
+                         "such input)")
         self.path, self.line, self.why = path, line, why
 
 
