@@ -201,8 +201,9 @@ def read_json_records(path: str, *, text_key: str = "text", subsets: set[str] | 
         if subsets is not None and name not in subsets:
             stats.filtered += 1
             continue
-        # Only a \u escape can put a surrogate into the parsed string: look for one only then.
-        if "\\ud" in s or "\\uD" in s:
+        # Fast path: an ASCII string (an O(1) test) holds no surrogate, and only a \uD800-\uDFFF escape in
+        # the line can put one into the parsed text; the regex (the slow path) runs only past both.
+        if not text.isascii() and ("\\ud" in s or "\\uD" in s):
             text = replace_lone_surrogates(text, stats)
         stats.docs += 1
         yield text

@@ -148,17 +148,10 @@ class _Data:
 
 
 def _check_vocab(job: JobConfig) -> None:
-    from molm_ds.data import tokenizer_info
+    """The sources are complete, share one tokenizer, and it fits the model (molm_ds.data.check_sources)."""
+    from molm_ds.data import check_sources
 
-    V = job.build_model_config().vocab_size
-    for s in job.data.sources:
-        try:
-            info = tokenizer_info(s.path)
-        except (FileNotFoundError, KeyError, ValueError):
-            continue  # plain prefixes carry no tokenizer
-        if info.vocab_size > V:
-            raise ValueError(f"data source {s.path} uses a tokenizer of {info.vocab_size} tokens but the model has "
-                             f"vocab_size={V}: set model.overrides.vocab_size >= {info.vocab_size}")
+    check_sources([s.path for s in job.data.sources], model_vocab_size=job.build_model_config().vocab_size)
 
 
 def _all_reduce(x: torch.Tensor, op) -> torch.Tensor:
