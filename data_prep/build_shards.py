@@ -115,7 +115,7 @@ def build_command(specs, tokenizer_path, out_dir, *, subsets, text_key, docs_per
     if text_key != "text":
         args += ["--text-key", text_key]
     args += ["--docs-per-shard", str(docs_per_shard)] + (["--skip-corrupt"] if skip_corrupt else [])
-    return shlex.join(args)
+    return f"cd {shlex.quote(os.getcwd())} && {shlex.join(args)}"
 
 
 def fingerprint_diff(old: dict, new: dict) -> list[str]:
