@@ -13,7 +13,7 @@ import difflib
 from typing import Iterable
 
 from data_prep.readers import ReadStats, SourceSpec, read_json_records
-from molm_ds.errors import ConfigError
+from molm_ds.errors import ConfigError, DataError
 
 PEEK_RECORDS = 2000
 
@@ -41,16 +41,20 @@ def unmatched_message(name: str, seen: dict) -> str:
 
 
 def peek_set_names(specs: list[SourceSpec], limit: int = PEEK_RECORDS) -> dict:
-    """meta.pile_set_name counts in the first ``limit`` records of the Pile inputs (corrupt lines ignored)."""
+    """meta.pile_set_name counts in the first ``limit`` records of the Pile inputs. Corrupt input ends the
+    peek there (without searching on for what decodes): the run itself reports it."""
     stats = ReadStats()
     n = 0
     for spec in specs:
         if spec.kind != "pile":
             continue
-        for _ in read_json_records(spec.path, stats=stats, skip_corrupt=True):
-            n += 1
-            if n >= limit:
-                return stats.set_names
+        try:
+            for _ in read_json_records(spec.path, stats=stats):
+                n += 1
+                if n >= limit:
+                    return stats.set_names
+        except DataError:
+            return stats.set_names
     return stats.set_names
 
 

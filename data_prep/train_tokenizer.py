@@ -63,7 +63,7 @@ class SampleReader:
                     for s in split_sentences(doc, self.max_bytes):
                         self.sentences += 1
                         yield s
-        except BaseException as e:
+        except Exception as e:
             self.error = e
             raise
 
@@ -92,13 +92,6 @@ def split_sentences(doc: str, max_bytes: int) -> Iterator[str]:
             b = b[cut:]
         if b:
             yield b.decode("utf-8")
-
-
-def sentences(specs: list[SourceSpec], *, docs_per_source: int, max_bytes: int, subsets=None,
-              skip_corrupt: bool = False) -> Iterator[str]:
-    """Training sentences: lines of the first documents of every source, cut to max_bytes bytes."""
-    return iter(SampleReader(specs, docs_per_source=docs_per_source, max_bytes=max_bytes, subsets=subsets,
-                             skip_corrupt=skip_corrupt))
 
 
 def _check_options(vocab_size, sample_sentences, docs_per_source, character_coverage, max_sentence_length,

@@ -63,13 +63,14 @@ def test_unfinished_build_is_refused_with_the_command_that_finishes_it(tmp_path,
                   lambda: shard_prefixes(str(out)), lambda: TokenStream(str(out)),
                   lambda: loader(str(out / "part-00000-00000"))):
         with pytest.raises(DataError, match=r"unfinished build_shards output \(2 shards done.*To finish it, rerun the "
-                                            r"command that built it: python -m data_prep.build_shards"):
+                                            r"command that built it: cd .* && python -m data_prep.build_shards"):
             check()
     err = str(pytest.raises(DataError, check_sources, [str(out)]).value)
     command = err.split("rerun the command that built it: ")[1].split(" (it resumes")[0]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
-    args = shlex.split(command)
-    r = subprocess.run([sys.executable, *args[1:], "--no-progress"], capture_output=True, text=True, env=env)
+    assert command.startswith(f"cd {shlex.quote(os.getcwd())} && python -m data_prep.build_shards ")
+    env = dict(os.environ, PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]]),
+               PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
+    r = subprocess.run(["bash", "-c", command + " --no-progress"], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert "resuming" in r.stderr and "8 shards" in r.stdout
     L = loader(str(out))
