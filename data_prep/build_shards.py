@@ -162,7 +162,12 @@ def _prepare_dir(out_dir: str, fingerprint: dict, overwrite: bool) -> dict | Non
     nothing to do, else None (the caller starts or resumes from progress.json)."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise DataError(f"--out {out_dir} is a file, not a directory")
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--out {out_dir} cannot be created: {e.strerror or e}") from None
+    if not os.access(out_dir, os.W_OK):
+        raise DataError(f"--out {out_dir} is not writable")
     man_path, prog_path = os.path.join(out_dir, MANIFEST), os.path.join(out_dir, PROGRESS)
     state = man_path if os.path.exists(man_path) else prog_path if os.path.exists(prog_path) else None
     old = _read_json(state) if state else None
@@ -210,8 +215,8 @@ def build_shards(specs: list[SourceSpec], tokenizer_path: str, out_dir: str, *, 
     # 1. every check a user's mistake can fail, before any tokenising
     _check_settings(specs, docs_per_shard, workers)
     tok = tokenizer_record(tokenizer_path)
-    check_inputs(specs, skip_corrupt)
     idents = [identity(s.path) for s in specs]
+    check_inputs(specs, skip_corrupt)
     subset_names.check_before_run(specs, subsets)
     dtype = best_dtype(tok["vocab_size"])
     fingerprint = {

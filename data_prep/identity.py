@@ -39,7 +39,17 @@ def _file_identity(path: str) -> dict:
 
 
 def identity(path: str) -> dict:
-    """Size, mtime and sampled hash of a file; for a directory (a saved dataset), of all its files."""
+    """Size, mtime and sampled hash of a file; for a directory (a saved dataset), of all its files.
+    DataError when it cannot be read."""
+    try:
+        return _identity(path)
+    except OSError as e:
+        from molm_ds.errors import DataError
+
+        raise DataError(f"cannot read input {path}: {e.strerror or e}") from None
+
+
+def _identity(path: str) -> dict:
     if not os.path.isdir(path):
         return _file_identity(path)
     h, size, mtime = hashlib.sha256(), 0, 0
