@@ -5,41 +5,51 @@
 
 Output directory: ``part-FFFFF-CCCCC.bin/.idx`` (input file F, chunk C of ``--docs-per-shard``
 documents; every document is its SentencePiece ids followed by EOS, empty documents are dropped
-and counted) and ``manifest.json`` (shards in order, per-input sha256 / documents / skipped
-counts, token totals, tokenizer hash and special ids, dtype). uint16 tokens when the vocabulary
-is below 65500, else int32.
+and counted) and ``manifest.json`` (shards in order with their file sizes, per-input identity,
+sha256, documents and what was dropped, token totals, tokenizer hash and special ids, dtype),
+written last: a directory without it is unfinished and the loader refuses it. uint16 tokens when
+the vocabulary is below 65500, else int32.
 
 Every shard is written to ``*.tmp`` and renamed when complete, and recorded in ``progress.json``;
 a rerun with the same settings skips finished shards and finished inputs (an interrupted run
-resumes), and a rerun of a finished directory does nothing. Different settings on an existing
-directory are an error unless ``--overwrite``.
+resumes), and a rerun of a finished directory does nothing. Other settings, or an input whose
+content changed (size, modification time or sampled blocks, see ``data_prep.identity``), are
+refused unless ``--overwrite``. ``--skip-corrupt`` is not a setting in that sense: after a stop on
+corrupt input, the same command with ``--skip-corrupt`` continues from the finished shards.
 
-Corrupt input stops with ``FILE:LINE: why``; with ``--skip-corrupt`` it is skipped and counted in
-the manifest (a truncated archive ends that input).
+Corrupt input stops with ``FILE:LINE: why``; with ``--skip-corrupt`` it is dropped and counted
+(records or documents, their bytes, undecodable compressed bytes; decoding resumes at the next
+member that decodes) in the manifest and on the console. A run that yields no document is an error
+(exit 2, no manifest) naming the subset names that would have matched.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import glob
 import json
 import multiprocessing as mp
 import os
+import shlex
+import sys
 import time
 
 import numpy as np
 
+from data_prep import subsets as subset_names
+from data_prep.identity import describe_change, identity
 from data_prep.indexed_writer import IndexedShardWriter, atomic_write_bytes
-from data_prep.readers import ReadStats, SourceSpec, expand_inputs, read_source
-from data_prep.train_tokenizer import file_sha256
+from data_prep.readers import ReadStats, SourceSpec, check_inputs, expand_inputs, read_source
+from data_prep.spm_model import tokenizer_record
 from molm_ds.data.indexed import best_dtype
+from molm_ds.data.manifest import MANIFEST, PROGRESS
+from molm_ds.errors import ConfigError, DataError, UserError
 from molm_ds.log import get_logger
 
 log = get_logger("data_prep.shards")
 
-FORMAT = 1
+FORMAT = 2  # 2: shard file sizes and input identities in the manifest
 BATCH_BYTES = 1 << 18  # text per task sent to a worker
 BATCH_DOCS = 1024
 
@@ -75,23 +85,54 @@ def encode_batch(task: tuple[str, list[str]]) -> tuple[str, np.ndarray, np.ndarr
     return name, np.array(flat, dtype=np.int32), np.array(lengths, dtype=np.int32), empty
 
 
-def tokenizer_record(model_path: str) -> dict:
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=model_path)
-    if sp.eos_id() < 0:
-        raise ValueError(f"{model_path} has no EOS piece; train one with data_prep.train_tokenizer (EOS id 2)")
-    return {"model_path": os.path.abspath(model_path), "sha256": file_sha256(model_path),
-            "vocab_size": sp.vocab_size(), "eos_id": sp.eos_id(), "bos_id": sp.bos_id(),
-            "pad_id": sp.pad_id(), "unk_id": sp.unk_id()}
-
-
 def _atomic_json(path: str, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
 
 
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path} cannot be read ({e}); remove it and rerun, or pass --overwrite") from None
+
+
 def _shard_name(file_idx: int, chunk: int) -> str:
     return f"part-{file_idx:05d}-{chunk:05d}"
+
+
+def _shard_files(out_dir: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(out_dir, "part-*")))
+
+
+def build_command(specs, tokenizer_path, out_dir, *, subsets, text_key, docs_per_shard, skip_corrupt) -> str:
+    """The command line that builds (or finishes) ``out_dir`` with these settings."""
+    args = ["python", "-m", "data_prep.build_shards", "--tokenizer", tokenizer_path, "--out", out_dir]
+    for s in specs:
+        args += ["--input", f"{s.kind}:{s.path}"]
+    for name in sorted(subsets or ()):
+        args += ["--pile-subset", name]
+    if text_key != "text":
+        args += ["--text-key", text_key]
+    args += ["--docs-per-shard", str(docs_per_shard)] + (["--skip-corrupt"] if skip_corrupt else [])
+    return f"cd {shlex.quote(os.getcwd())} && {shlex.join(args)}"
+
+
+def fingerprint_diff(old: dict, new: dict) -> list[str]:
+    """What differs between two fingerprints, in words (empty when they are equal)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if key == "inputs" or old.get(key) == new.get(key):
+            continue
+        out.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    a, b = old.get("inputs") or [], new.get("inputs") or []
+    if [(i.get("kind"), i.get("path")) for i in a] != [(i["kind"], i["path"]) for i in b]:
+        out.append(f"inputs: {len(a)} files -> {len(b)} files (other files or order)")
+    else:
+        for i, j in zip(a, b):
+            if i.get("identity") != j["identity"]:
+                out.append(describe_change(j["path"], i.get("identity") or {}, j["identity"]))
+    return out
 
 
 @dataclasses.dataclass
@@ -100,52 +141,112 @@ class _FileEnd:
     stats: ReadStats
 
 
+@dataclasses.dataclass
+class _Stop:
+    """The reader of the current input raised a user error; everything read before it is still written."""
+
+    error: UserError
+
+
+def _check_settings(specs, docs_per_shard, workers) -> None:
+    if not specs:
+        raise ConfigError("no inputs given: pass --input KIND:PATH (one or more)")
+    if not isinstance(docs_per_shard, int) or docs_per_shard < 1:
+        raise ConfigError(f"--docs-per-shard must be a whole number >= 1, got {docs_per_shard!r}")
+    if not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"--workers must be a whole number >= 1, got {workers!r}")
+
+
+def _prepare_dir(out_dir: str, fingerprint: dict, overwrite: bool) -> dict | None:
+    """Check what ``out_dir`` already holds against this build. Returns the finished manifest when there is
+    nothing to do, else None (the caller starts or resumes from progress.json)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise DataError(f"--out {out_dir} is a file, not a directory")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--out {out_dir} cannot be created: {e.strerror or e}") from None
+    if not os.access(out_dir, os.W_OK):
+        raise DataError(f"--out {out_dir} is not writable")
+    man_path, prog_path = os.path.join(out_dir, MANIFEST), os.path.join(out_dir, PROGRESS)
+    state = man_path if os.path.exists(man_path) else prog_path if os.path.exists(prog_path) else None
+    old = _read_json(state) if state else None
+    stray = _shard_files(out_dir)
+
+    def discard(reason: str) -> None:
+        log.warning("%s: %s; discarding %d shard files (--overwrite)", out_dir, reason, len(stray))
+        for p in stray + [man_path, prog_path]:
+            if os.path.exists(p):
+                os.remove(p)
+
+    if old is None:
+        if stray:
+            if not overwrite:
+                raise DataError(f"{out_dir} holds {len(stray)} shard files but no {MANIFEST} or {PROGRESS}, so they "
+                                "cannot be resumed or checked; use a new --out or pass --overwrite to replace them")
+            discard("shard files without progress")
+        return None
+    diff = fingerprint_diff(old.get("fingerprint") or {}, fingerprint)
+    if not diff:
+        return old if state == man_path else None
+    finished = state == man_path
+    done = len(old.get("shards") or []) if finished else sum(1 for r in old.get("shards", {}).values() if r.get("docs"))
+    if not done and not overwrite:
+        log.info("%s: the earlier run wrote no shard; starting over (%s)", out_dir, "; ".join(diff))
+        for p in stray + [prog_path]:
+            if os.path.exists(p):
+                os.remove(p)
+        return None
+    if not overwrite:
+        what = "a finished build" if finished else f"an unfinished build ({done} shards done)"
+        raise DataError(f"{out_dir} holds {what} with other settings or inputs: " + "; ".join(diff)
+                        + ". Use a new --out, or pass --overwrite to discard its shards and rebuild")
+    discard("; ".join(diff))
+    return None
+
+
 def build_shards(specs: list[SourceSpec], tokenizer_path: str, out_dir: str, *, workers: int = 1,
                  docs_per_shard: int = 100_000, subsets: set[str] | None = None, text_key: str = "text",
-                 skip_corrupt: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
-    """Tokenise ``specs`` into ``out_dir``; returns the manifest. See the module docstring."""
-    if not specs:
-        raise ValueError("no inputs given")
+                 skip_corrupt: bool = False, overwrite: bool = False, progress: bool = True,
+                 command: str | None = None) -> dict:
+    """Tokenise ``specs`` into ``out_dir``; returns the manifest. See the module docstring.
+    ``command``: how to rerun this build (kept in progress.json for the loader's advice); by default it
+    is written out from the arguments."""
+    # 1. every check a user's mistake can fail, before any tokenising
+    _check_settings(specs, docs_per_shard, workers)
     tok = tokenizer_record(tokenizer_path)
+    idents = [identity(s.path) for s in specs]
+    check_inputs(specs, skip_corrupt)
+    subset_names.check_before_run(specs, subsets)
     dtype = best_dtype(tok["vocab_size"])
     fingerprint = {
         "format": FORMAT, "tokenizer_sha256": tok["sha256"], "dtype": dtype.name,
-        "inputs": [{"kind": s.kind, "path": os.path.abspath(s.path), "size": os.path.getsize(s.path)
-                    if os.path.isfile(s.path) else None} for s in specs],
-        "subsets": sorted(subsets) if subsets else None, "text_key": text_key,
-        "docs_per_shard": docs_per_shard, "skip_corrupt": skip_corrupt,
+        "inputs": [{"kind": s.kind, "path": os.path.abspath(s.path), "identity": i} for s, i in zip(specs, idents)],
+        "subsets": sorted(subsets) if subsets else None, "text_key": text_key, "docs_per_shard": docs_per_shard,
     }
-    os.makedirs(out_dir, exist_ok=True)
-    man_path, prog_path = os.path.join(out_dir, "manifest.json"), os.path.join(out_dir, "progress.json")
-    for path in (man_path, prog_path):
-        if os.path.exists(path):
-            with open(path) as f:
-                old = json.load(f)
-            if old.get("fingerprint") != fingerprint:
-                if not overwrite:
-                    raise ValueError(f"{out_dir} was built with different settings or inputs ({path}); "
-                                     "use a new --out directory or pass --overwrite")
-                for p in glob.glob(os.path.join(out_dir, "part-*")) + [man_path, prog_path]:
-                    if os.path.exists(p):
-                        os.remove(p)
-    if os.path.exists(man_path):
+    command = command or build_command(specs, tokenizer_path, out_dir, subsets=subsets, text_key=text_key,
+                                       docs_per_shard=docs_per_shard, skip_corrupt=skip_corrupt)
+    finished = _prepare_dir(out_dir, fingerprint, overwrite)
+    if finished is not None:
         log.info("%s is complete; nothing to do", out_dir)
-        with open(man_path) as f:
-            return json.load(f)
+        return finished
+    man_path, prog_path = os.path.join(out_dir, MANIFEST), os.path.join(out_dir, PROGRESS)
     for p in glob.glob(os.path.join(out_dir, "*.tmp")):
         os.remove(p)
-    prog = {"fingerprint": fingerprint, "shards": {}, "files": {}}
+    prog = {"fingerprint": fingerprint, "command": command, "shards": {}, "files": {}}
     if os.path.exists(prog_path):
-        with open(prog_path) as f:
-            prog = json.load(f)
-        prog["shards"] = {n: r for n, r in prog["shards"].items()
+        old = _read_json(prog_path)
+        prog["shards"] = {n: r for n, r in old.get("shards", {}).items()
                           if os.path.exists(os.path.join(out_dir, n + ".idx"))
                           and os.path.exists(os.path.join(out_dir, n + ".bin"))}
+        prog["files"] = old.get("files", {})
         if prog["shards"] or prog["files"]:
             log.info("resuming %s: %d shards and %d inputs already done", out_dir, len(prog["shards"]), len(prog["files"]))
+    _atomic_json(prog_path, prog)
 
-    total_bytes = sum(os.path.getsize(s.path) for i, s in enumerate(specs)
-                      if os.path.isfile(s.path) and str(i) not in prog["files"])
+    # 2. read, tokenise, write in order
+    total_bytes = sum(fp["identity"]["size"] for i, fp in enumerate(fingerprint["inputs"])
+                      if str(i) not in prog["files"])
     bar = None
     if progress:
         from tqdm import tqdm
@@ -160,19 +261,25 @@ def build_shards(specs: list[SourceSpec], tokenizer_path: str, out_dir: str, *, 
             docs = read_source(spec, subsets=subsets, text_key=text_key, stats=stats, skip_corrupt=skip_corrupt,
                                on_bytes=bar.update if bar else None)
             batch, size, name = [], 0, None
-            for n, doc in enumerate(docs):
-                cur = _shard_name(fi, n // docs_per_shard)
-                if cur != name and batch:
+            try:
+                for n, doc in enumerate(docs):
+                    cur = _shard_name(fi, n // docs_per_shard)
+                    if cur != name and batch:
+                        yield name, batch
+                        batch, size = [], 0
+                    name = cur
+                    if name in prog["shards"]:
+                        continue
+                    batch.append(doc)
+                    size += len(doc)
+                    if size >= BATCH_BYTES or len(batch) >= BATCH_DOCS:
+                        yield name, batch
+                        batch, size = [], 0
+            except UserError as e:
+                if batch:
                     yield name, batch
-                    batch, size = [], 0
-                name = cur
-                if name in prog["shards"]:
-                    continue
-                batch.append(doc)
-                size += len(doc)
-                if size >= BATCH_BYTES or len(batch) >= BATCH_DOCS:
-                    yield name, batch
-                    batch, size = [], 0
+                yield _Stop(e)
+                return
             if batch:
                 yield name, batch
             yield _FileEnd(fi, stats)
@@ -184,7 +291,9 @@ def build_shards(specs: list[SourceSpec], tokenizer_path: str, out_dir: str, *, 
         if writer is None:
             return
         ndocs, ntok = writer.finish()
-        prog["shards"][cur["name"]] = {"docs": ndocs, "tokens": ntok, "empty": cur["empty"]}
+        p = os.path.join(out_dir, cur["name"])
+        prog["shards"][cur["name"]] = {"docs": ndocs, "tokens": ntok, "empty": cur["empty"],
+                                       "bin_bytes": os.path.getsize(p + ".bin"), "idx_bytes": os.path.getsize(p + ".idx")}
         _atomic_json(prog_path, prog)
 
     pool = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(
@@ -200,20 +309,33 @@ def build_shards(specs: list[SourceSpec], tokenizer_path: str, out_dir: str, *, 
                 item = next(source, None)
                 if item is None:
                     break
-                if isinstance(item, _FileEnd):
+                if isinstance(item, (_FileEnd, _Stop)):
                     pending.append(item)
                 else:
                     pending.append(pool.apply_async(encode_batch, (item,)) if pool else encode_batch(item))
             if not pending:
                 break
             item = pending.popleft()
+            if isinstance(item, _Stop):
+                # The shard in progress is kept only if it already holds all its documents.
+                if writer is not None and writer.num_docs + cur["empty"] == docs_per_shard:
+                    finish_current()
+                elif writer is not None:
+                    writer.abort()
+                writer = None
+                log.info("%s: stopped; %d finished shards kept (a rerun continues from them)", out_dir,
+                         sum(1 for r in prog["shards"].values() if r["docs"]))
+                raise item.error
             if isinstance(item, _FileEnd):
                 finish_current()
                 writer, cur["name"] = None, None
                 s = item.stats
                 prog["files"][str(item.file_idx)] = {
                     "sha256": s.sha256, "docs": s.docs, "skipped_corrupt": s.skipped_corrupt,
-                    "filtered": s.filtered, "truncated": s.truncated, "errors": s.first_errors}
+                    "skipped_bytes": s.skipped_bytes, "undecodable_bytes": s.undecodable_bytes,
+                    "corrupt_regions": s.corrupt_regions, "filtered": s.filtered, "truncated": s.truncated,
+                    "surrogates": s.surrogates, "surrogate_docs": s.surrogate_docs, "set_names": s.set_names,
+                    "errors": s.first_errors}
                 _atomic_json(prog_path, prog)
                 continue
             name, tokens, lengths, empty = item.get() if pool else item
@@ -236,21 +358,11 @@ def build_shards(specs: list[SourceSpec], tokenizer_path: str, out_dir: str, *, 
     finish_current()
     secs = time.perf_counter() - t0
 
-    shards, sources = [], []
-    for name in sorted(prog["shards"]):
-        r = prog["shards"][name]
-        if r["docs"]:
-            shards.append({"prefix": name, "docs": r["docs"], "tokens": r["tokens"], "input": int(name[5:10])})
-    for fi, spec in enumerate(specs):
-        f = prog["files"][str(fi)]
-        empty = sum(r["empty"] for n, r in prog["shards"].items() if int(n[5:10]) == fi)
-        sources.append({"kind": spec.kind, "path": os.path.abspath(spec.path), **f, "empty_docs": empty})
-    manifest = {
-        "format": FORMAT, "fingerprint": fingerprint, "tokenizer": tok, "dtype": dtype.name,
-        "documents": sum(s["docs"] for s in shards), "tokens": sum(s["tokens"] for s in shards),
-        "skipped_corrupt": sum(s["skipped_corrupt"] for s in sources),
-        "shards": shards, "sources": sources,
-    }
+    # 3. the manifest, unless nothing came out
+    manifest = _manifest(specs, prog, fingerprint, tok, dtype, command, subsets)
+    if manifest["documents"] == 0:
+        raise DataError(_nothing_message(manifest, subsets) + f" ({out_dir} has no manifest; fix the command and "
+                        "rerun it: nothing was written that a rerun would have to keep)")
     _atomic_json(man_path, manifest)
     os.remove(prog_path)
     log.info("%s: %d documents, %d tokens (%d this run in %.1fs)", out_dir, manifest["documents"],
@@ -258,18 +370,91 @@ def build_shards(specs: list[SourceSpec], tokenizer_path: str, out_dir: str, *, 
     return manifest
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m data_prep.build_shards", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+SUMMED = ("skipped_corrupt", "skipped_bytes", "undecodable_bytes", "corrupt_regions", "filtered", "surrogates",
+          "surrogate_docs")
+
+
+def _manifest(specs, prog, fingerprint, tok, dtype, command, subsets) -> dict:
+    shards, sources = [], []
+    for name in sorted(prog["shards"]):
+        r = prog["shards"][name]
+        if r["docs"]:
+            shards.append({"prefix": name, "docs": r["docs"], "tokens": r["tokens"], "input": int(name[5:10]),
+                           "bin_bytes": r["bin_bytes"], "idx_bytes": r["idx_bytes"]})
+    seen: dict = {}
+    for fi, spec in enumerate(specs):
+        f = prog["files"][str(fi)]
+        empty = sum(r["empty"] for n, r in prog["shards"].items() if int(n[5:10]) == fi)
+        sources.append({"kind": spec.kind, "path": os.path.abspath(spec.path),
+                        "identity": fingerprint["inputs"][fi]["identity"], **f, "empty_docs": empty})
+        for k, v in f.get("set_names", {}).items():
+            seen[k] = seen.get(k, 0) + v
+    warnings = subset_names.unmatched(subsets, seen)
+    warnings += [f"input {s['path']} gave no document" for s in sources if s["docs"] == 0]
+    return {
+        "format": FORMAT, "fingerprint": fingerprint, "command": command, "tokenizer": tok, "dtype": dtype.name,
+        "documents": sum(s["docs"] for s in shards), "tokens": sum(s["tokens"] for s in shards),
+        **{k: sum(s.get(k, 0) for s in sources) for k in SUMMED},
+        "empty_docs": sum(s["empty_docs"] for s in sources),
+        "truncated_inputs": [s["path"] for s in sources if s["truncated"]],
+        "set_names": seen, "warnings": warnings, "shards": shards, "sources": sources,
+    }
+
+
+def _nothing_message(man: dict, subsets) -> str:
+    parts = [f"no documents in {len(man['sources'])} input(s)"]
+    if subsets and man["set_names"]:
+        parts += subset_names.unmatched(subsets, man["set_names"])
+    elif subsets:
+        parts.append("no record has a meta.pile_set_name, so --pile-subset matches nothing")
+    if man["filtered"]:
+        parts.append(f"{man['filtered']} records were filtered out by --pile-subset")
+    if man["skipped_corrupt"]:
+        parts.append(f"{man['skipped_corrupt']} were dropped as corrupt (first: {_first_error(man)})")
+    if man["empty_docs"]:
+        parts.append(f"{man['empty_docs']} documents were empty")
+    return "; ".join(parts)
+
+
+def _first_error(man: dict) -> str:
+    return next((e for s in man["sources"] for e in s.get("errors", [])), "?")
+
+
+def summary_lines(man: dict) -> list[str]:
+    """What a run dropped, replaced and warns about, for the console."""
+    out = []
+    if man.get("skipped_corrupt") or man.get("undecodable_bytes") or man.get("truncated_inputs"):
+        parts = [f"{man['skipped_corrupt']} corrupt records/documents dropped ({man['skipped_bytes']:,} bytes)"]
+        if man.get("corrupt_regions"):
+            parts.append(f"{man['undecodable_bytes']:,} undecodable compressed bytes in {man['corrupt_regions']} "
+                         "region(s) skipped")
+        if man.get("truncated_inputs"):
+            parts.append(f"{len(man['truncated_inputs'])} input(s) truncated: " + ", ".join(man["truncated_inputs"]))
+        out.append("skipped (--skip-corrupt): " + "; ".join(parts))
+        errors = [e for s in man["sources"] for e in s.get("errors", [])]
+        out += [f"  {e}" for e in errors[:5]] + ([f"  ... {len(errors) - 5} more in the manifest"] if len(errors) > 5 else [])
+    else:
+        out.append("corrupt input: none")
+    if man.get("surrogates"):
+        out.append(f"replaced {man['surrogates']} lone surrogate(s) with U+FFFD in {man['surrogate_docs']} document(s)")
+    out += [f"warning: {w}" for w in man.get("warnings", [])]
+    return out
+
+
+def main(argv=None) -> int:
+    from molm_ds import cli
+    from data_prep.options import positive_int
+
+    p = cli.ArgumentParser(prog="python -m data_prep.build_shards", description=__doc__)
     p.add_argument("--input", action="append", required=True, metavar="KIND:PATH",
                    help="corpus file(s), glob allowed (quote it); KIND: pile, cc100, jsonl, text, lines, hf")
     p.add_argument("--tokenizer", required=True, help="SentencePiece .model (from data_prep.train_tokenizer or existing)")
     p.add_argument("--out", required=True, help="output shard directory (give it to the loader as a DataSource)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenising processes")
-    p.add_argument("--docs-per-shard", type=int, default=100_000, help="documents per shard file (resume unit)")
+    p.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, help="tokenising processes")
+    p.add_argument("--docs-per-shard", type=positive_int, default=100_000, help="documents per shard file (resume unit)")
     p.add_argument("--pile-subset", action="append", help="keep only records with this meta.pile_set_name (repeat)")
     p.add_argument("--text-key", default="text", help="text field for jsonl and hf inputs")
-    p.add_argument("--skip-corrupt", action="store_true", help="skip and count corrupt input instead of stopping")
+    p.add_argument("--skip-corrupt", action="store_true", help="drop and count corrupt input instead of stopping")
     p.add_argument("--overwrite", action="store_true", help="discard an existing output built with other settings")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
@@ -277,13 +462,21 @@ def main(argv=None) -> None:
 
     setup_logging()
     t0 = time.perf_counter()
-    man = build_shards(expand_inputs(a.input), a.tokenizer, a.out, workers=a.workers,
-                       docs_per_shard=a.docs_per_shard, subsets=set(a.pile_subset) if a.pile_subset else None,
-                       text_key=a.text_key, skip_corrupt=a.skip_corrupt, overwrite=a.overwrite,
-                       progress=not a.no_progress)
-    print(f"{a.out}: {len(man['shards'])} shards, {man['documents']} documents, {man['tokens']} tokens, "
-          f"{man['skipped_corrupt']} corrupt skipped ({time.perf_counter() - t0:.1f}s)")
+    specs = expand_inputs(a.input)
+    # as typed (globs and all), run from here: what the loader tells a user to rerun to finish the directory
+    command = f"cd {shlex.quote(os.getcwd())} && " + shlex.join(
+        ["python", "-m", "data_prep.build_shards", *(sys.argv[1:] if argv is None else argv)])
+    man = build_shards(specs, a.tokenizer, a.out, workers=a.workers, docs_per_shard=a.docs_per_shard,
+                       subsets=set(a.pile_subset) if a.pile_subset else None, text_key=a.text_key,
+                       skip_corrupt=a.skip_corrupt, overwrite=a.overwrite, progress=not a.no_progress, command=command)
+    print(f"{a.out}: {len(man['shards'])} shards, {man['documents']} documents, {man['tokens']} tokens "
+          f"({time.perf_counter() - t0:.1f}s)")
+    for line in summary_lines(man):
+        print(line)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from molm_ds import cli
+
+    cli.run(main)

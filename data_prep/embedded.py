@@ -17,7 +17,6 @@ Idempotent: every step is skipped when its output exists (and the manifest match
 
 from __future__ import annotations
 
-import argparse
 import json
 import lzma
 import os
@@ -27,10 +26,12 @@ import time
 
 import zstandard
 
-from data_prep.build_shards import build_shards, tokenizer_record
+from data_prep.build_shards import build_shards
 from data_prep.indexed_writer import atomic_write_bytes
 from data_prep.readers import SourceSpec
+from data_prep.spm_model import tokenizer_record
 from data_prep.train_tokenizer import train_tokenizer
+from molm_ds.errors import DataError
 
 PROSE, CODE = "pydoc_topics", "python_stdlib"
 
@@ -85,8 +86,8 @@ def build_embedded(out: str, *, vocab_size: int = 512, code_bytes: int = 1_500_0
         if man.get("options") == options:
             say(f"embedded corpus in {out} is up to date ({man_path})")
             return man
-        raise ValueError(f"{out} holds an embedded corpus built with {man.get('options')}, not {options}; "
-                         "use another --out or delete it")
+        raise DataError(f"{out} holds an embedded corpus built with {man.get('options')}, not {options}; "
+                        "use another --out or delete it")
     pile = os.path.join(out, "pile", "train", "00.jsonl.zst")
     cc100 = os.path.join(out, "cc100", "en.txt.xz")
     os.makedirs(os.path.dirname(pile), exist_ok=True)
@@ -118,18 +119,25 @@ def build_embedded(out: str, *, vocab_size: int = 512, code_bytes: int = 1_500_0
     return man
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m data_prep.embedded", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    from molm_ds import cli
+    from data_prep.options import positive_int
+
+    p = cli.ArgumentParser(prog="python -m data_prep.embedded", description=__doc__)
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--vocab-size", type=int, default=512, help="512 for the tiny preset, 4096 for small")
-    p.add_argument("--code-bytes", type=int, default=1_500_000, help="characters of stdlib source to include")
-    p.add_argument("--workers", type=int, default=2, help="tokenising processes")
+    p.add_argument("--vocab-size", type=positive_int, default=512, help="512 for the tiny preset, 4096 for small")
+    p.add_argument("--code-bytes", type=positive_int, default=1_500_000, help="characters of stdlib source to include")
+    p.add_argument("--workers", type=positive_int, default=2, help="tokenising processes")
     a = p.parse_args(argv)
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        raise DataError(f"--out {a.out} is a file, not a directory")
     t0 = time.perf_counter()
     build_embedded(a.out, vocab_size=a.vocab_size, code_bytes=a.code_bytes, workers=a.workers)
     print(f"done in {time.perf_counter() - t0:.1f}s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from molm_ds import cli
+
+    cli.run(main)

@@ -36,6 +36,10 @@ class IndexedShardWriter:
         self._lengths.append(np.asarray(lengths, dtype=np.int32))
         self.num_tokens += len(tokens)
 
+    @property
+    def num_docs(self) -> int:
+        return sum(len(x) for x in self._lengths)
+
     def finish(self) -> tuple[int, int]:
         """Close and publish the shard; returns (documents, tokens)."""
         self._bin.flush()

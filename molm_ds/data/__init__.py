@@ -1,7 +1,7 @@
 """Training data: Megatron indexed shards by memmap, packing into windows, weighted mixtures.
 
 Public API: ``MixtureLoader``, ``DataSource``, ``IndexedShard``, ``TokenStream``, ``read_manifest``,
-``tokenizer_info``, ``shard_prefixes``. See docs/data.md. Names are imported lazily so that
+``tokenizer_info``, ``shard_prefixes``, ``check_sources``. See docs/data.md. Names are imported lazily so that
 data_prep can use the shard format without importing torch.
 """
 
@@ -10,6 +10,7 @@ import importlib
 _WHERE = {
     "IndexedShard": "indexed", "best_dtype": "indexed",
     "TokenizerInfo": "manifest", "read_manifest": "manifest", "shard_prefixes": "manifest", "tokenizer_info": "manifest",
+    "check_sources": "checks", "source_shards": "manifest", "ShardEntry": "manifest",
     "DataSource": "mixture", "MixtureLoader": "mixture", "split_windows": "mixture",
     "TokenStream": "packing", "pack_reference": "packing",
 }

@@ -24,6 +24,8 @@ import struct
 
 import numpy as np
 
+from molm_ds.errors import DataError
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 HEADER_BYTES = len(MAGIC) + 8 + 1 + 8 + 8  # 34
@@ -55,21 +57,21 @@ class IndexedShard:
         idx_path, bin_path = self.prefix + ".idx", self.prefix + ".bin"
         for p in (idx_path, bin_path):
             if not os.path.exists(p):
-                raise FileNotFoundError(f"{p} not found: an indexed shard is a prefix with both .bin and .idx files")
+                raise DataError(f"{p} not found: an indexed shard is a prefix with both .bin and .idx files")
         with open(idx_path, "rb") as f:
             head = f.read(HEADER_BYTES)
         if len(head) < HEADER_BYTES or head[: len(MAGIC)] != MAGIC:
-            raise ValueError(f"{idx_path}: not an MMIDIDX index (bad magic {head[:9]!r})")
+            raise DataError(f"{idx_path}: not an MMIDIDX index (bad magic {head[:9]!r})")
         version, code, n_seq, n_doc = struct.unpack("<QBQQ", head[len(MAGIC):])
         if version != VERSION:
-            raise ValueError(f"{idx_path}: index version {version}, only version {VERSION} is supported")
+            raise DataError(f"{idx_path}: index version {version}, only version {VERSION} is supported")
         if code not in DTYPE_CODES:
-            raise ValueError(f"{idx_path}: unknown dtype code {code}")
+            raise DataError(f"{idx_path}: unknown dtype code {code}")
         self.dtype = np.dtype(DTYPE_CODES[code])
         expect = HEADER_BYTES + 4 * n_seq + 8 * n_seq + 8 * n_doc
         size = os.path.getsize(idx_path)
         if size < expect:
-            raise ValueError(f"{idx_path}: truncated index ({size} bytes, header promises {expect})")
+            raise DataError(f"{idx_path}: truncated index ({size} bytes, header promises {expect})")
         idx = np.memmap(idx_path, dtype=np.uint8, mode="r")
         off = HEADER_BYTES
         self.sequence_lengths = np.frombuffer(idx, dtype="<i4", count=n_seq, offset=off)
@@ -80,7 +82,7 @@ class IndexedShard:
         n_tokens = int(self.sequence_lengths.sum(dtype=np.int64))
         bin_size = os.path.getsize(bin_path)
         if bin_size != n_tokens * self.dtype.itemsize:
-            raise ValueError(
+            raise DataError(
                 f"{bin_path}: {bin_size} bytes but the index lists {n_tokens} tokens of {self.dtype} "
                 f"({n_tokens * self.dtype.itemsize} bytes); the shard is incomplete or does not match its .idx")
         self.num_tokens = n_tokens

@@ -22,7 +22,9 @@ import os
 import numpy as np
 import torch
 
+from molm_ds.data.checks import check_sources
 from molm_ds.data.packing import TokenStream
+from molm_ds.errors import ConfigError, DataError
 from molm_ds.log import get_logger
 
 log = get_logger("data")
@@ -42,7 +44,7 @@ class DataSource:
 def split_windows(n_windows: int, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """(train, val) window indices, disjoint, each sorted. Depends only on n_windows and the fraction."""
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
     all_w = np.arange(n_windows, dtype=np.int64)
     if val_fraction == 0.0:
         return all_w, all_w[:0]
@@ -50,8 +52,8 @@ def split_windows(n_windows: int, val_fraction: float) -> tuple[np.ndarray, np.n
     n_blocks = math.ceil(n_windows / block)
     n_val = max(1, round(val_fraction * n_blocks))
     if n_val >= n_blocks:
-        raise ValueError(f"only {n_windows} windows: too few to hold out val_fraction={val_fraction} and keep "
-                         "training data; use a shorter seq_len, more data or a smaller val_fraction")
+        raise DataError(f"only {n_windows} windows: too few to hold out val_fraction={val_fraction} and keep "
+                        "training data; use a shorter seq_len, more data or a smaller val_fraction")
     val_blocks = np.random.default_rng(SPLIT_SEED).permutation(n_blocks)[:n_val]
     is_val = np.zeros(n_blocks, dtype=bool)
     is_val[val_blocks] = True
@@ -75,16 +77,17 @@ class MixtureLoader:
                  dp_world_size: int = 1, split: str = "train", val_fraction: float = 0.01):
         sources = [s if isinstance(s, DataSource) else DataSource(*s) for s in sources]
         if not sources:
-            raise ValueError("MixtureLoader needs at least one DataSource(path, weight)")
+            raise ConfigError("MixtureLoader needs at least one DataSource(path, weight)")
         if seq_len < 1 or micro_batch_size < 1:
-            raise ValueError(f"seq_len and micro_batch_size must be >= 1, got {seq_len}, {micro_batch_size}")
+            raise ConfigError(f"seq_len and micro_batch_size must be >= 1, got {seq_len}, {micro_batch_size}")
         if not 0 <= dp_rank < dp_world_size:
-            raise ValueError(f"dp_rank {dp_rank} is not in [0, dp_world_size={dp_world_size})")
+            raise ConfigError(f"dp_rank {dp_rank} is not in [0, dp_world_size={dp_world_size})")
         if split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+            raise ConfigError(f"split must be 'train' or 'val', got {split!r}")
         for s in sources:
             if not (s.weight > 0 and math.isfinite(s.weight)):
-                raise ValueError(f"source {s.path}: weight must be a positive number, got {s.weight}")
+                raise ConfigError(f"source {s.path}: weight must be a positive number, got {s.weight}")
+        self.tokenizer = check_sources([s.path for s in sources])  # complete, one tokenizer for all
         self.sources = sources
         self.seq_len, self.micro_batch_size, self.seed = seq_len, micro_batch_size, seed
         self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
@@ -94,13 +97,13 @@ class MixtureLoader:
         for s, st in zip(sources, self.streams):
             try:
                 train, val = split_windows(st.num_windows(seq_len), val_fraction)
-            except ValueError as e:
-                raise ValueError(f"source {s.path}: {st.num_tokens} tokens give no {split} windows of "
-                                 f"seq_len={seq_len}: {e}") from None
+            except DataError as e:
+                raise DataError(f"source {s.path}: {st.num_tokens} tokens give no {split} windows of "
+                                f"seq_len={seq_len}: {e}") from None
             mine = train if split == "train" else val
             if len(mine) == 0:
-                raise ValueError(f"source {s.path}: {st.num_tokens} tokens give no {split} windows of "
-                                 f"seq_len={seq_len} (val_fraction={val_fraction})")
+                raise DataError(f"source {s.path}: {st.num_tokens} tokens give no {split} windows of "
+                                f"seq_len={seq_len} (val_fraction={val_fraction})")
             self.windows.append(mine)
         w = np.array([s.weight for s in sources], dtype=np.float64)
         self.weights = w / w.sum()
@@ -161,12 +164,12 @@ class MixtureLoader:
         mine = self._fingerprint()
         for key in ("seq_len", "seed", "split", "val_fraction"):
             if state.get(key) != mine[key]:
-                raise ValueError(f"loader state has {key}={state.get(key)!r} but this loader has {mine[key]!r}; "
-                                 "resume with the same data settings")
+                raise ConfigError(f"loader state has {key}={state.get(key)!r} but this loader has {mine[key]!r}; "
+                                  "resume with the same data settings")
         theirs = [(s["weight"], s["num_tokens"]) for s in state.get("sources", [])]
         if theirs != [(s["weight"], s["num_tokens"]) for s in mine["sources"]]:
-            raise ValueError(f"loader state was saved for sources {state.get('sources')} but this loader reads "
-                             f"{mine['sources']}; the mixture must have the same weights and shard contents")
+            raise ConfigError(f"loader state was saved for sources {state.get('sources')} but this loader reads "
+                              f"{mine['sources']}; the mixture must have the same weights and shard contents")
         self._samples = int(state["samples"])
         self._counts = np.array(state["counts"], dtype=np.int64)
         self._perm_cache.clear()

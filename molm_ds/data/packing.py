@@ -13,18 +13,22 @@ from __future__ import annotations
 import numpy as np
 
 from molm_ds.data.indexed import IndexedShard
-from molm_ds.data.manifest import shard_prefixes
+from molm_ds.data.manifest import check_shard_files, source_shards
+from molm_ds.errors import DataError
 
 
 class TokenStream:
-    """The concatenated tokens of one source's shards, read by memmap without copying the corpus."""
+    """The concatenated tokens of one source's shards, read by memmap without copying the corpus. The
+    source must be complete and its files the sizes its manifest promises (``manifest.source_shards``)."""
 
     def __init__(self, path: str):
         self.path = path
-        self.shards = [IndexedShard(p) for p in shard_prefixes(path)]
+        entries = source_shards(path)
+        check_shard_files(entries)
+        self.shards = [IndexedShard(e.prefix) for e in entries]
         for s in self.shards:
             if not s.is_contiguous():
-                raise ValueError(f"{s.prefix}: sequences are not stored back to back; rewrite the shard "
+                raise DataError(f"{s.prefix}: sequences are not stored back to back; rewrite the shard "
                                  "with data_prep.build_shards")
         sizes = np.array([s.num_tokens for s in self.shards], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])  # token offset of each shard

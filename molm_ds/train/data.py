@@ -36,16 +36,8 @@ class TrainData:
 
 
 def check_vocab(job: JobConfig) -> None:
-    """ConfigError when a source's tokenizer has more tokens than the model's vocabulary."""
-    from molm_ds.data import tokenizer_info
-    from molm_ds.errors import ConfigError
+    """DataError unless the sources are complete, share one tokenizer and it fits the model's vocabulary
+    (``molm_ds.data.check_sources``)."""
+    from molm_ds.data import check_sources
 
-    V = job.build_model_config().vocab_size
-    for s in job.data.sources:
-        try:
-            info = tokenizer_info(s.path)
-        except (FileNotFoundError, KeyError, ValueError):
-            continue  # plain prefixes carry no tokenizer
-        if info.vocab_size > V:
-            raise ConfigError(f"data source {s.path} uses a tokenizer of {info.vocab_size} tokens but the model has "
-                              f"vocab_size={V}: set model.overrides.vocab_size >= {info.vocab_size}")
+    check_sources([s.path for s in job.data.sources], model_vocab_size=job.build_model_config().vocab_size)

@@ -77,7 +77,7 @@ def preflight(job: JobConfig, recipe, rank: int, world: int) -> Preflight:
     if resume_from is not None:
         _check_resume_target(job, resume_from)
     recipe.check()
-    data = TrainData(job, rank, world)
     check_vocab(job)
+    data = TrainData(job, rank, world)
     _check_run_dir(job)
     return Preflight(ds_cfg, resume_from, data)

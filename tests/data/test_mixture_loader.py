@@ -7,6 +7,7 @@ import torch
 from data_prep.indexed_writer import IndexedShardWriter
 from molm_ds.data import DataSource, MixtureLoader, TokenStream, pack_reference, split_windows
 from molm_ds.data.mixture import choose_source
+from molm_ds.errors import DataError
 
 EOS = 2
 
@@ -163,5 +164,5 @@ def test_bad_arguments(two_sources):
         MixtureLoader([DataSource(p)], seq_len=10**6, micro_batch_size=1, seed=0)
     with pytest.raises(ValueError, match="dp_rank"):
         MixtureLoader([DataSource(p)], seq_len=8, micro_batch_size=1, seed=0, dp_rank=2, dp_world_size=2)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DataError, match="neither a shard directory nor a prefix"):
         MixtureLoader([DataSource(p + "/nope")], seq_len=8, micro_batch_size=1, seed=0)

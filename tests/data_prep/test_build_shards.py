@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,7 +14,9 @@ import zstandard
 import data_prep.build_shards as bs
 from data_prep.build_shards import build_shards
 from data_prep.readers import CorruptInputError, SourceSpec
+from molm_ds import cli
 from molm_ds.data import IndexedShard, shard_prefixes
+from molm_ds.errors import ConfigError, DataError
 
 LONG = "A sentence that repeats to exceed the sentence limit. " * 400  # > SentencePiece's 4192 bytes
 
@@ -100,10 +103,58 @@ def test_resume_after_interruption(tmp_path, corpus, tokenizer, monkeypatch, die
 
 def test_changed_settings_refused(tmp_path, corpus, tokenizer):
     build_shards(corpus, tokenizer, str(tmp_path / "o"), docs_per_shard=4, progress=False)
-    with pytest.raises(ValueError, match="different settings"):
+    with pytest.raises(DataError, match=r"finished build with other settings or inputs: docs_per_shard: 4 -> 5\. "
+                                        r"Use a new --out, or pass --overwrite"):
         build_shards(corpus, tokenizer, str(tmp_path / "o"), docs_per_shard=5, progress=False)
     man = build_shards(corpus, tokenizer, str(tmp_path / "o"), docs_per_shard=5, overwrite=True, progress=False)
     assert len(man["shards"]) == 6
+
+
+def test_changed_input_of_the_same_size_is_refused(tmp_path, corpus, tokenizer):
+    out = str(tmp_path / "o")
+    build_shards(corpus, tokenizer, out, docs_per_shard=4, progress=False)
+    p = corpus[1].path
+    st = os.stat(p)
+    data = bytearray(open(p, "rb").read())
+    data[len(data) // 2] ^= 0xFF  # same size
+    open(p, "wb").write(bytes(data))
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))  # even with its old time: a sampled block differs
+    with pytest.raises(DataError, match=r"01\.jsonl\.zst changed \(sampled content differs\)"):
+        build_shards(corpus, tokenizer, out, docs_per_shard=4, progress=False)
+
+
+def test_touched_input_is_refused_with_the_command_that_restores_its_time(tmp_path, corpus, tokenizer, monkeypatch):
+    out = tmp_path / "o"
+    real_finish = bs.IndexedShardWriter.finish
+    calls = {"n": 0}
+
+    def dying_finish(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return real_finish(self)
+
+    monkeypatch.setattr(bs.IndexedShardWriter, "finish", dying_finish)
+    with pytest.raises(KeyboardInterrupt):
+        build_shards(corpus, tokenizer, str(out), docs_per_shard=4, progress=False)
+    monkeypatch.setattr(bs.IndexedShardWriter, "finish", real_finish)
+    p = corpus[0].path
+    mtime = os.stat(p).st_mtime_ns
+    os.utime(p, ns=(mtime + 10**9, mtime + 10**9))
+    with pytest.raises(DataError, match=r"unfinished build \(2 shards done\).*00\.jsonl\.zst was modified.*"
+                                        r"restore the time with: touch -d @\d+\.\d{9} "):
+        build_shards(corpus, tokenizer, str(out), docs_per_shard=4, progress=False)
+    cmd = re.search(r"touch -d (@\S+) ", str(_raised(build_shards, corpus, tokenizer, str(out), docs_per_shard=4,
+                                                      progress=False))).group(1)
+    subprocess.run(["touch", "-d", cmd, p], check=True)
+    man = build_shards(corpus, tokenizer, str(out), docs_per_shard=4, progress=False)  # resumes
+    assert man["documents"] == 24
+
+
+def _raised(fn, *args, **kw):
+    with pytest.raises(DataError) as e:
+        fn(*args, **kw)
+    return e.value
 
 
 def test_corrupt_line_stops_or_is_counted(tmp_path, tokenizer):
@@ -112,12 +163,138 @@ def test_corrupt_line_stops_or_is_counted(tmp_path, tokenizer):
     with pytest.raises(CorruptInputError, match=r"c\.jsonl\.zst:3"):
         build_shards([SourceSpec("pile", str(p))], tokenizer, str(tmp_path / "x"), progress=False)
     man = build_shards([SourceSpec("pile", str(p))], tokenizer, str(tmp_path / "y"), skip_corrupt=True, progress=False)
-    assert man["skipped_corrupt"] == 1 and man["documents"] == 3
+    assert man["skipped_corrupt"] == 1 and man["documents"] == 3 and man["skipped_bytes"] == len('{"text": "oops')
     assert "c.jsonl.zst:3" in man["sources"][0]["errors"][0]
 
 
+@pytest.mark.parametrize("bad_at", [5, 8])  # inside shard 1, and right after shard 1 is full
+def test_stop_on_corrupt_then_skip_corrupt_continues_from_finished_shards(tmp_path, tokenizer, monkeypatch, bad_at):
+    docs = [f"document number {i}" for i in range(12)]
+    lines = [json.dumps({"text": t}).encode() for t in docs]
+    lines.insert(bad_at, b'{"text": broken')
+    p = tmp_path / "in.jsonl.zst"
+    p.write_bytes(zstandard.ZstdCompressor().compress(b"\n".join(lines) + b"\n"))
+    spec, out = [SourceSpec("pile", str(p))], tmp_path / "out"
+    with pytest.raises(CorruptInputError, match=rf"in\.jsonl\.zst:{bad_at + 1}: bad JSON"):
+        build_shards(spec, tokenizer, str(out), docs_per_shard=4, progress=False)
+    done = {q.name: q.stat().st_mtime_ns for q in out.glob("*.idx")}
+    assert len(done) == bad_at // 4  # every shard whose documents were all read is kept
+    encoded = []
+    real_encode = bs.encode_batch
+    monkeypatch.setattr(bs, "encode_batch", lambda task: encoded.append(task[0]) or real_encode(task))
+    man = build_shards(spec, tokenizer, str(out), docs_per_shard=4, skip_corrupt=True, progress=False)
+    assert not set(encoded) & {n[:-4] for n in done}
+    assert {q.name: q.stat().st_mtime_ns for q in out.glob("*.idx") if q.name in done} == done
+    ref = build_shards(spec, tokenizer, str(tmp_path / "ref"), docs_per_shard=4, skip_corrupt=True, progress=False)
+    assert read_all(out) == read_all(tmp_path / "ref") and man["skipped_corrupt"] == ref["skipped_corrupt"] == 1
+
+
+def test_control_characters_and_surrogates_round_trip(tmp_path, tokenizer):
+    """NUL, C0/C1 controls, DEL, lone CR, U+2028 and a mid-text BOM come back exactly; a lone surrogate
+    (valid JSON, not encodable as UTF-8) becomes U+FFFD and is counted."""
+    controls = "".join(chr(c) for c in range(32)) + "\x7f" + "".join(chr(c) for c in range(0x80, 0xA0))
+    texts = [f"a{controls}z", "nul\x00in the middle\r\nand a lone \r cr", "sep\u2028\u2029 bom\ufeff here"]
+    p = tmp_path / "cc.jsonl"
+    body = "".join(json.dumps({"text": t}) + "\n" for t in texts) + '{"text": "half \\ud800 pair"}\n'
+    p.write_bytes(b"\xef\xbb\xbf" + body.encode())  # a BOM before line 1 too
+    man = build_shards([SourceSpec("jsonl", str(p))], tokenizer, str(tmp_path / "o"), progress=False)
+    sp = spm.SentencePieceProcessor(model_file=tokenizer)
+    got = [sp.decode(doc[:-1]) for doc in read_all(tmp_path / "o")]
+    assert got == texts + ["half \ufffd pair"]
+    assert (man["surrogates"], man["surrogate_docs"]) == (1, 1)
+    assert man["sources"][0]["surrogates"] == 1
+
+
+def test_runs_that_produce_nothing_are_errors(tmp_path, tokenizer):
+    p = tmp_path / "00.jsonl.zst"
+    write_pile(p, ["one", "two"])  # set name Pile-CC
+    spec = [SourceSpec("pile", str(p))]
+    with pytest.raises(ConfigError, match=r"--pile-subset 'pile-cc' is not a set name of these inputs; did you mean "
+                                          r"'Pile-CC'\?"):
+        build_shards(spec, tokenizer, str(tmp_path / "a"), subsets={"pile-cc"}, progress=False)
+    assert not (tmp_path / "a").exists()  # refused before anything was written
+    with pytest.raises(DataError, match=r"no documents in 1 input.*--pile-subset 'Books3' matched no record "
+                                        r"\(names seen: 'Pile-CC'\)"):
+        build_shards(spec, tokenizer, str(tmp_path / "b"), subsets={"Books3"}, progress=False)
+    assert not (tmp_path / "b" / "manifest.json").exists()
+    man = build_shards(spec, tokenizer, str(tmp_path / "b"), subsets={"Pile-CC"}, progress=False)  # no --overwrite needed
+    assert man["documents"] == 2
+    man = build_shards(spec, tokenizer, str(tmp_path / "c"), subsets={"Pile-CC", "ArXiv"}, progress=False)
+    assert man["warnings"] == ["--pile-subset 'ArXiv' matched no record (names seen: 'Pile-CC')"]
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n \n")
+    with pytest.raises(DataError, match="no documents in 1 input"):
+        build_shards([SourceSpec("lines", str(blank))], tokenizer, str(tmp_path / "d"), progress=False)
+    empty = tmp_path / "e.jsonl"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match="every input is an empty file"):
+        build_shards([SourceSpec("jsonl", str(empty))], tokenizer, str(tmp_path / "e"), progress=False)
+    zst = tmp_path / "z.jsonl.zst"
+    zst.write_bytes(b"")
+    with pytest.raises(DataError, match="is an empty file, not a compressed archive"):
+        build_shards([SourceSpec("pile", str(zst)), *spec], tokenizer, str(tmp_path / "f"), progress=False)
+    man = build_shards([SourceSpec("pile", str(zst)), *spec], tokenizer, str(tmp_path / "f"), skip_corrupt=True,
+                       progress=False)
+    assert man["truncated_inputs"] == [str(zst)] and man["documents"] == 2
+    with pytest.raises(ConfigError, match="--docs-per-shard must be a whole number >= 1, got 0"):
+        build_shards(spec, tokenizer, str(tmp_path / "g"), docs_per_shard=0, progress=False)
+
+
+def test_stray_shards_without_progress_are_not_overwritten(tmp_path, corpus, tokenizer):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "part-00000-00000.bin").write_bytes(b"keep me")
+    with pytest.raises(DataError, match="holds 1 shard files but no manifest.json or progress.json"):
+        build_shards(corpus, tokenizer, str(out), progress=False)
+    assert (out / "part-00000-00000.bin").read_bytes() == b"keep me"
+
+
+def run_cli(capsys, module, *argv):
+    """A data_prep command in this process: (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as e:
+        cli.run(module.main, list(argv))
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def test_cli_user_errors_are_one_line(tmp_path, capsys, corpus, tokenizer):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": broken\n')
+    garbage = tmp_path / "garbage.model"
+    garbage.write_bytes(b"not a model")
+    common = ["--out", str(tmp_path / "o"), "--no-progress"]
+    cases = [
+        (["--input", f"jsonl:{bad}", "--tokenizer", tokenizer], r"bad\.jsonl:2: bad JSON .*--skip-corrupt"),
+        (["--input", f"jsonl:{bad}", "--tokenizer", str(garbage)], "is not a SentencePiece model"),
+        (["--input", f"jsonl:{bad}", "--tokenizer", str(tmp_path / "nope.model")], "no such file"),
+        (["--input", f"{bad}", "--tokenizer", tokenizer], "expected KIND:PATH"),
+        (["--input", f"jsonl:{bad}", "--tokenizer", tokenizer, "--docs-per-shard", "0"], "--docs-per-shard: .*not >= 1"),
+        (["--input", f"jsonl:{bad}", "--tokenizer", tokenizer, "--workers", "x"], "--workers: .*not a whole number"),
+        (["--input", f"pile:{corpus[0].path}", "--tokenizer", tokenizer, "--pile-subset", "pile-cc"], "did you mean 'Pile-CC'"),
+    ]
+    for argv, needle in cases:
+        code, out, err = run_cli(capsys, bs, *argv, *common)
+        assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and re.search(needle, err), (argv, err)
+
+
+def test_cli_says_what_skip_corrupt_dropped(tmp_path, capsys, tokenizer):
+    docs = [f"doc {i} " * 30 for i in range(50)]
+    p = tmp_path / "c.jsonl.zst"
+    p.write_bytes(zstandard.ZstdCompressor().compress(b"".join(json.dumps({"text": t}).encode() + b"\n"
+                                                               for t in docs)) + b"garbage" * 100)
+    q = tmp_path / "s.jsonl"
+    q.write_text('{"text": "x \\udc80 y"}\n{"text": oops\n')
+    code, out, err = run_cli(capsys, bs, "--input", f"jsonl:{p}", "--input", f"jsonl:{q}", "--tokenizer", tokenizer,
+                             "--out", str(tmp_path / "o"), "--no-progress", "--skip-corrupt")
+    assert code == 0, err
+    assert "51 documents" in out
+    assert ("skipped (--skip-corrupt): 1 corrupt records/documents dropped (13 bytes); 700 undecodable compressed "
+            "bytes in 1 region(s) skipped") in out
+    assert "replaced 1 lone surrogate(s) with U+FFFD in 1 document(s)" in out and "0 corrupt" not in out
+
+
 def test_cli_help_and_run(tmp_path, corpus, tokenizer):
-    for mod in ("data_prep.build_shards", "data_prep.train_tokenizer", "data_prep.embedded"):
+    for mod in ("data_prep.build_shards", "data_prep.train_tokenizer", "data_prep.embedded", "data_prep.identity"):
         r = subprocess.run([sys.executable, "-m", mod, "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "usage:" in r.stdout, r.stderr
     r = subprocess.run([sys.executable, "-m", "data_prep.build_shards", "--input", f"pile:{tmp_path}/*.jsonl.zst",
@@ -125,3 +302,7 @@ def test_cli_help_and_run(tmp_path, corpus, tokenizer):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "27 documents" not in r.stdout and "24 documents" in r.stdout  # 3 x (9 - 1 empty)
+    assert "corrupt input: none" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "data_prep.build_shards", "--input", f"pile:{tmp_path}/nothing*.zst",
+                        "--tokenizer", tokenizer, "--out", str(tmp_path / "cli2")], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: input") and "Traceback" not in r.stderr

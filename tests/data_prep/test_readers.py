@@ -1,6 +1,7 @@
 """Readers on small files written here in the published formats."""
 
 import gzip
+import hashlib
 import json
 import lzma
 
@@ -9,6 +10,7 @@ import zstandard
 
 from data_prep.readers import (CorruptInputError, ReadStats, SourceSpec, expand_inputs, read_blank_separated,
                                read_json_records, read_lines, read_source, read_text_file)
+from molm_ds.errors import ConfigError, DataError
 
 PILE_DOCS = [("Plain English text.", "Pile-CC"), ("ünïcödé 你好 🙂", "Pile-CC"), ("", "Pile-CC"),
              ("def f():\r\n    return 1\r\n", "Github"), ("x" * 20000, "Pile-CC")]
@@ -71,7 +73,7 @@ def test_undecodable_bytes_error(tmp_path):
 
 @pytest.mark.parametrize("suffix", [".jsonl.zst", ".txt.xz", ".jsonl.gz"])
 def test_truncated_archive(tmp_path, suffix):
-    body = b"".join(json.dumps({"text": f"document {i} " * 20}).encode() + b"\n" for i in range(500))
+    body = b"".join(json.dumps({"text": f"document {i} " * 20}).encode() + b"\n" for i in range(5000))
     comp = {".jsonl.zst": zstandard.ZstdCompressor().compress, ".txt.xz": lzma.compress,
             ".jsonl.gz": gzip.compress}[suffix](body)
     p = tmp_path / ("t" + suffix)
@@ -80,7 +82,60 @@ def test_truncated_archive(tmp_path, suffix):
         list(read_lines(str(p)))
     stats = ReadStats()
     got = list(read_lines(str(p), stats=stats, skip_corrupt=True))
-    assert stats.truncated and stats.sha256 is None and len(got) < 500
+    assert stats.truncated and 0 < len(got) < 5000
+    assert got == body.decode().split("\n")[: len(got)]
+    assert stats.skipped_corrupt == 1 and stats.skipped_bytes > 0  # the cut last line, dropped and counted
+    assert stats.sha256 == hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_cc100_document_cut_by_corrupt_data_is_dropped_whole(tmp_path):
+    first = "".join(f"line {i} of doc A\n" for i in range(5)) + "\n" + "doc B line 1\ndoc B line 2"
+    second = " still B\ndoc B line 3\n\ndoc C\n\n"
+    p = tmp_path / "x.txt.xz"
+    p.write_bytes(lzma.compress(first.encode()) + b"\x01" * 64 + lzma.compress(second.encode()))
+    stats = ReadStats()
+    got = list(read_blank_separated(str(p), stats=stats, skip_corrupt=True))
+    assert got == ["\n".join(f"line {i} of doc A" for i in range(5)), "doc C"]
+    assert stats.skipped_corrupt == 1 and stats.undecodable_bytes == 64 and stats.docs == 2
+
+
+def test_bom_at_file_start_and_on_json_lines(tmp_path):
+    p = tmp_path / "b.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + b'{"text": "one"}\n' + b"\xef\xbb\xbf" + b'{"text": "two \xef\xbb\xbf kept"}\n')
+    assert list(read_json_records(str(p))) == ["one", "two \ufeff kept"]  # inside text a BOM is content
+    t = tmp_path / "b.txt"
+    t.write_bytes(b"\xef\xbb\xbfline\n\xef\xbb\xbfsecond")
+    assert list(read_lines(str(t))) == ["line", "\ufeffsecond"]  # only the file's first BOM is dropped
+
+
+def test_lone_surrogates_replaced_and_counted(tmp_path):
+    p = tmp_path / "s.jsonl"
+    p.write_text('{"text": "a\\ud800b\\udfffc"}\n{"text": "pair \\ud83d\\ude00 ok"}\n{"text": "\\\\ud800 literal"}\n')
+    stats = ReadStats()
+    got = list(read_json_records(str(p), stats=stats))
+    assert got == ["a\ufffdb\ufffdc", "pair \U0001f600 ok", "\\ud800 literal"]
+    assert (stats.surrogates, stats.surrogate_docs) == (2, 1)
+    for t in got:
+        t.encode("utf-8")  # raises on a surrogate left in
+
+
+def test_control_characters_read_exactly(tmp_path):
+    text = "".join(chr(c) for c in range(32)) + "\x7f\x85\u2028\u2029\ufeff end"
+    p = tmp_path / "c.jsonl.zst"
+    p.write_bytes(zstandard.ZstdCompressor().compress(json.dumps({"text": text}).encode() + b"\n"))
+    assert list(read_json_records(str(p))) == [text]
+    raw = "a\x00b\x0bc\x0cd\re\x1cf\x85g\u2028h"  # line breaks other than \n do not split
+    q = tmp_path / "c.txt"
+    q.write_bytes(raw.encode())
+    assert list(read_lines(str(q))) == [raw]
+
+
+def test_missing_text_field_names_the_keys(tmp_path):
+    p = tmp_path / "k.jsonl"
+    p.write_text('{"content": "x", "id": 1}\n')
+    with pytest.raises(CorruptInputError, match=r"k\.jsonl:1: record has no string field 'text'; its keys: "
+                                                r"'content', 'id' \(choose the text field with --text-key\)"):
+        list(read_json_records(str(p)))
 
 
 def test_cc100_blank_line_documents_crlf_unicode(tmp_path):
@@ -109,10 +164,34 @@ def test_hf_saved_dataset_and_files(tmp_path):
 
 
 def test_source_spec_errors(tmp_path):
-    with pytest.raises(ValueError, match="KIND:PATH"):
+    with pytest.raises(ConfigError, match="KIND:PATH"):
         SourceSpec.parse("/no/kind.jsonl")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DataError, match="no file matches"):
         expand_inputs([f"pile:{tmp_path}/*.jsonl.zst"])
+    with pytest.raises(DataError, match="no such file"):
+        expand_inputs([f"pile:{tmp_path}/00.jsonl.zst"])
+    with pytest.raises(DataError, match="is a directory"):
+        expand_inputs([f"lines:{tmp_path}"])
     for i in (1, 0):
         (tmp_path / f"{i:02d}.jsonl.zst").write_bytes(b"")
     assert [s.path[-12:] for s in expand_inputs([f"pile:{tmp_path}/*.jsonl.zst"])] == ["00.jsonl.zst", "01.jsonl.zst"]
+
+
+def test_surrogate_fast_path_equals_the_regex_on_every_text(tmp_path):
+    """The reader skips the regex for ASCII text and lines without a surrogate escape; on random text mixing
+    ASCII, Latin-1, Hangul (U+D000..), astral characters and lone surrogates it gives what the regex gives."""
+    import random
+
+    from data_prep.readers import replace_lone_surrogates
+
+    rng = random.Random(0)
+    alphabet = ["a", " ", "\\", "u", "d", "é", "\ud55c", "\U0001f600", "\ud800", "\udfff", "\udbff"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12))) for _ in range(500)]
+    p = tmp_path / "r.jsonl"
+    p.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))  # ensure_ascii: surrogates as escapes
+    got = list(read_json_records(str(p)))
+    # json.loads joins an escaped high + low surrogate into one character, so compare with what it parses
+    assert got == [replace_lone_surrogates(json.loads(json.dumps(t)), ReadStats()) for t in texts]
+    assert any("\ufffd" in g for g in got)
+    for g in got:
+        g.encode("utf-8")  # raises on a surrogate left in

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -13,10 +14,17 @@ REPO = Path(__file__).resolve().parents[2]
 TINY_JOB = REPO / "configs" / "tiny_test.yaml"
 
 
+def synthetic_tokenizer_sha256(vocab: int) -> str:
+    """Stands in for the SHA-256 of a tokenizer file: one per vocabulary size, so shards written here with
+    the same ``vocab`` count as one tokenizer and can be mixed."""
+    return hashlib.sha256(f"synthetic tokenizer, vocab {vocab}".encode()).hexdigest()
+
+
 def write_shard(directory: str | os.PathLike, *, n_docs: int = 120, doc_len: int = 300, vocab: int = 512,
                 seed: int = 0) -> str:
     """A learnable token stream (each doc walks t -> (5t + 3) mod (vocab - 8) from a random start; EOS=2).
-    Returns the shard directory (with a manifest naming the vocabulary)."""
+    Returns the shard directory, with a complete manifest as build_shards writes it (shard sizes, dtype,
+    a tokenizer hash for ``vocab``; the loader refuses a directory without one)."""
     from data_prep.indexed_writer import IndexedShardWriter
 
     os.makedirs(directory, exist_ok=True)
@@ -32,10 +40,13 @@ def write_shard(directory: str | os.PathLike, *, n_docs: int = 120, doc_len: int
         docs.append(np.array(doc + [2], dtype=np.uint16))
     w = IndexedShardWriter(prefix, np.uint16)
     w.add_documents(np.concatenate(docs), np.array([len(d) for d in docs]))
-    w.finish()
-    manifest = {"tokenizer": {"vocab_size": vocab, "eos_id": 2, "bos_id": 1, "pad_id": 3, "unk_id": 0,
-                              "model_path": None, "sha256": None},
-                "shards": [{"prefix": "part-00000"}]}
+    n_docs_written, n_tokens = w.finish()
+    shard = {"prefix": "part-00000", "docs": n_docs_written, "tokens": n_tokens,
+             "bin_bytes": os.path.getsize(prefix + ".bin"), "idx_bytes": os.path.getsize(prefix + ".idx")}
+    manifest = {"format": 2, "dtype": "uint16", "documents": n_docs_written, "tokens": n_tokens,
+                "tokenizer": {"vocab_size": vocab, "eos_id": 2, "bos_id": 1, "pad_id": 3, "unk_id": 0,
+                              "model_path": None, "sha256": synthetic_tokenizer_sha256(vocab)},
+                "shards": [shard]}
     Path(directory, "manifest.json").write_text(json.dumps(manifest))
     return str(directory)
 
