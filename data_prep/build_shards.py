@@ -46,6 +46,7 @@ from molm_ds.data.indexed import best_dtype
 from molm_ds.data.manifest import MANIFEST, PROGRESS
 from molm_ds.errors import ConfigError, DataError, UserError
 from molm_ds.log import get_logger
+from molm_ds.paths import ensure_writable_dir
 
 log = get_logger("data_prep.shards")
 
@@ -160,14 +161,7 @@ def _check_settings(specs, docs_per_shard, workers) -> None:
 def _prepare_dir(out_dir: str, fingerprint: dict, overwrite: bool) -> dict | None:
     """Check what ``out_dir`` already holds against this build. Returns the finished manifest when there is
     nothing to do, else None (the caller starts or resumes from progress.json)."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise DataError(f"--out {out_dir} is a file, not a directory")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"--out {out_dir} cannot be created: {e.strerror or e}") from None
-    if not os.access(out_dir, os.W_OK):
-        raise DataError(f"--out {out_dir} is not writable")
+    ensure_writable_dir(out_dir, what="--out", error=DataError)
     man_path, prog_path = os.path.join(out_dir, MANIFEST), os.path.join(out_dir, PROGRESS)
     state = man_path if os.path.exists(man_path) else prog_path if os.path.exists(prog_path) else None
     old = _read_json(state) if state else None

@@ -11,7 +11,6 @@ event files under RUN_DIR (or --tensorboard DIR; tags written by molm_ds.monitor
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import math
@@ -20,6 +19,9 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from molm_ds import cli
+from molm_ds.errors import DataError
 
 __all__ = ["RunData", "load_run", "render_report", "main"]
 
@@ -50,7 +52,7 @@ def _read_jsonl(path: str) -> list[dict]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not a JSON line ({e}); fix or remove that line") from None
+                    raise DataError(f"{path}:{n}: not a JSON line ({e}); fix or remove that line") from None
     return rows
 
 
@@ -117,7 +119,7 @@ def _load_matrix(per_step: dict[int, dict[int, list[float]]]):
 def load_run(run_dir: str, tensorboard_dir: str | None = None) -> RunData:
     """Everything the report draws, from whatever the run left behind."""
     if not os.path.isdir(run_dir):
-        raise FileNotFoundError(f"run directory {run_dir!r} does not exist")
+        raise DataError(f"run directory {run_dir!r} does not exist: give the job's run_dir (e.g. runs/demo)")
     data = RunData()
     points: dict[str, dict[int, float]] = {}
     metrics = os.path.join(run_dir, "metrics.jsonl")
@@ -150,7 +152,7 @@ def load_run(run_dir: str, tensorboard_dir: str | None = None) -> RunData:
         data.sources.append(load_path)
     data.load = {kind: _load_matrix(per_step) for kind, per_step in sorted(by_kind.items()) if per_step}
     if not data.series and not data.load:
-        raise FileNotFoundError(
+        raise DataError(
             f"nothing to report in {run_dir!r}: no metrics.jsonl, no TensorBoard event files, no expert_load.jsonl "
             "(pass the run_dir of a training job, or --tensorboard DIR when the events live elsewhere)"
         )
@@ -274,7 +276,7 @@ def write_html(data: RunData, html_path: str, png_name: str, *, title: str) -> N
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m molm_ds.report", description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(prog="python -m molm_ds.report", description=__doc__.splitlines()[0])
     p.add_argument("run_dir", help="the job's run_dir (holds metrics.jsonl, tensorboard/, expert_load.jsonl)")
     p.add_argument("--tensorboard", default=None, help="event-file directory when it is not under run_dir")
     p.add_argument("--out", default=None, help="output directory (default: run_dir)")
@@ -291,4 +293,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run(main)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from molm_ds import report
+from molm_ds import cli, report
+from molm_ds.errors import DataError
 from molm_ds.config import ModelConfig
 from molm_ds.model import MoLM
 from molm_ds.monitor import MonitorConfig, TrainingMonitor
@@ -99,11 +100,14 @@ def test_events_alone_and_jsonl_alone(run_dir, tmp_path):
     check_png(only_jsonl / "report.png")
 
 
-def test_empty_or_missing_run_dir_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nothing to report"):
+def test_empty_or_missing_run_dir_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(DataError, match="nothing to report"):
         report.load_run(str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist"):
         report.load_run(str(tmp_path / "nope"))
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2}\nnot json\n')
     with pytest.raises(ValueError, match="metrics.jsonl:2"):
         report.load_run(str(tmp_path))
+    with pytest.raises(SystemExit) as e:  # the command: one error line, exit 2
+        cli.run(report.main, [str(tmp_path / "nope")])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: run directory")

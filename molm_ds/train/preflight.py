@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from molm_ds.errors import CheckpointError, ConfigError
+from molm_ds.paths import ensure_writable_dir
 from molm_ds.train import checkpoint as ckpt
 from molm_ds.train.data import TrainData, check_vocab
 from molm_ds.train.ds_config import build_ds_config
@@ -59,15 +60,8 @@ def _check_resume_target(job: JobConfig, target: tuple[str, str]) -> None:
 
 
 def _check_run_dir(job: JobConfig) -> None:
-    for path in (job.run_dir, job.checkpoint_dir):
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise ConfigError(f"run directory {path} exists and is not a directory: choose another run_dir / checkpoint.dir")
-        try:
-            os.makedirs(path, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"cannot create {path} ({exc.strerror}): choose a writable run_dir / checkpoint.dir") from None
-        if not os.access(path, os.W_OK):
-            raise ConfigError(f"{path} is not writable: choose a writable run_dir / checkpoint.dir")
+    ensure_writable_dir(job.run_dir, what="run_dir", error=ConfigError)
+    ensure_writable_dir(job.checkpoint_dir, what="checkpoint.dir", error=ConfigError)
 
 
 def preflight(job: JobConfig, recipe, rank: int, world: int) -> Preflight:
