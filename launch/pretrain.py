@@ -12,7 +12,10 @@ Several machines without ssh: the same hostfile and command on every node, each 
 OpenMPI (ranks found through mpi4py):
     mpirun -np 2 python launch/pretrain.py --config configs/demo.yaml
     (as root in a container: mpirun --allow-run-as-root --oversubscribe -np 2 ...)
-Resume the newest complete checkpoint:  ... --resume auto     (or --resume runs/demo/checkpoints/step_00000100)
+Resume the newest complete checkpoint:  ... --resume auto     (or --resume runs/demo/checkpoints/step_00000100);
+                                        any world size and ep_size (the optimizer state is resharded)
+Start over in a used run_dir:           ... --overwrite        (deletes its metrics and checkpoints)
+SIGTERM / SIGUSR1 / Ctrl-C: every rank stops at the next step, saves a checkpoint and exits with code 75.
 Change any job field:                   ... --set training.steps=10 --set parallel.ep_size=2
 """
 
@@ -33,6 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a job field (repeatable), value parsed as YAML")
     p.add_argument("--resume", default=None, help="'auto' or a checkpoint directory / tag (overrides the job's resume)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start fresh in a run_dir that holds an earlier run, deleting its metrics and checkpoints")
     p.add_argument("--local_rank", type=int, default=None, help=cli.SUPPRESS)  # set by the deepspeed launcher
     return p.parse_args(argv)
 
@@ -42,12 +47,14 @@ def main(argv=None) -> int:
     from molm_ds.jobs import run
     from molm_ds.log import print0, setup_logging
     from molm_ds.train import load_job
+    from molm_ds.train.preempt import EXIT_PREEMPTED
 
     setup_logging()
     overrides = list(args.overrides) + ([f"resume={args.resume}"] if args.resume is not None else [])
+    overrides += ["overwrite=true"] if args.overwrite else []
     summary = run(load_job(args.config, overrides))
     print0("summary: " + json.dumps(summary))
-    return 0
+    return EXIT_PREEMPTED if summary.get("stopped") else 0
 
 
 if __name__ == "__main__":

@@ -108,6 +108,7 @@ def to_deepspeed_moe(experts: nn.Module, *, num_experts: int, ep_size: int, ep_r
         local = nn.Parameter(p.detach()[first:first + El].clone(), requires_grad=p.requires_grad)
         local.allreduce = False
         local.group_name = group_name
+        local._molm_first_expert = first  # global id of local expert 0 (topology-free optimizer state)
         setattr(experts, name, local)
         stacked.append(name)
     if not stacked or any(True for _ in experts.children()) or any(True for _ in experts.buffers()):

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 __all__ = [
     "ReduceOp", "initialized", "world_size", "rank", "comm_device", "all_reduce", "reduce_metrics",
-    "barrier", "broadcast_object", "all_gather_object",
+    "barrier", "broadcast_object", "all_gather_object", "init_control_group", "any_rank",
 ]
 
 
@@ -117,3 +117,25 @@ def all_gather_object(obj: Any, group=None) -> list:
     out: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
     return out
+
+
+_CONTROL = {"group": None, "ready": False}
+
+
+def init_control_group() -> None:
+    """Create (collectively, once) the CPU group for control messages: the default group under gloo, a
+    gloo group beside NCCL. Control messages then never wait for the GPU stream."""
+    if _CONTROL["ready"] or not initialized():
+        return
+    _CONTROL["group"] = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    _CONTROL["ready"] = True
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on some rank (a CPU collective: no GPU sync)."""
+    if not initialized():
+        return bool(flag)
+    init_control_group()
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_CONTROL["group"])
+    return bool(t.item())

@@ -144,6 +144,25 @@ class CheckpointSection(_Section):
     interval: int = Field(0, ge=0, description="Save every N steps (0 = only at the end).")
     keep: int = Field(0, ge=0, description="Keep the newest N complete checkpoints (0 = keep all).")
     save_final: bool = Field(True, description="Save after the last step.")
+    elastic: bool = Field(
+        True, description="Also write the optimizer state by parameter and global expert (optim_universal/), so the "
+        "run can resume at another world size, ep_size or ZeRO stage; false saves that space but resumes only at "
+        "the topology of the save.")
+    preempt_signals: list[str] = Field(
+        default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGINT"],
+        description="Signals after which every rank stops at the next step boundary, writes a complete checkpoint "
+        "and exits with code 75 (resume with --resume auto); [] = default signal behaviour.")
+
+    @field_validator("preempt_signals")
+    @classmethod
+    def _signals(cls, v: list[str]) -> list[str]:
+        import signal
+
+        bad = [x for x in v if not (x.startswith("SIG") and isinstance(getattr(signal, x, None), signal.Signals))
+               or x in ("SIGKILL", "SIGSTOP")]
+        if bad:
+            raise ValueError(f"unknown or uncatchable signal(s) {bad}: use names such as SIGTERM, SIGUSR1, SIGUSR2, SIGINT")
+        return v
 
 
 class MonitorSection(_Section):
@@ -241,6 +260,9 @@ class JobConfig(_Section):
     resume: Optional[str] = Field(
         None, description="'auto' = newest complete checkpoint in checkpoint.dir if any (else a fresh start, logged); "
         "a path = that checkpoint directory or tag (must be complete); null = fresh start.")
+    overwrite: bool = Field(
+        False, description="Start fresh in a run_dir that holds an earlier run's metrics or checkpoints, deleting "
+        "them (without it such a start is refused: resume with --resume auto or choose another run_dir).")
     init_from: Optional[str] = Field(
         None, description="Start from the weights of this checkpoint (directory = newest complete tag, or a tag); "
         "the model section must describe the model it holds. See molm_ds.continual.")

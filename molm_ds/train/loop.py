@@ -32,6 +32,7 @@ from molm_ds.train.engine import build_engine, set_lr
 from molm_ds.train.evaluate import evaluate
 from molm_ds.train.job import JobConfig
 from molm_ds.train.metrics import MetricsHook, StepLog
+from molm_ds.train.preempt import StopRequests
 from molm_ds.train.preflight import preflight
 from molm_ds.train.recipe import Recipe, Run
 from molm_ds.train.step import train_step
@@ -81,8 +82,8 @@ def _device() -> torch.device:
     return torch.device("cpu") if name == "cpu" else torch.device(name, int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def _resume(run: Run, target: tuple[str, str]) -> TrainState:
-    client = ckpt.load(run.engine, *target).get(CLIENT_KEY)
+def _resume(run: Run, target: tuple[str, str], ep_info) -> TrainState:
+    client = ckpt.load(run.engine, *target, ep_info=ep_info).get(CLIENT_KEY)
     if client is None:
         raise ckpt.CheckpointError(f"{os.path.join(*target)} has no {CLIENT_KEY!r} client state: not written by the "
                                    "molm-ds trainer (to start from its weights only, use init_from)")
@@ -91,25 +92,43 @@ def _resume(run: Run, target: tuple[str, str]) -> TrainState:
     return TrainState(client["step"], client["skipped_steps"], client["nonfinite_in_a_row"])
 
 
-def _save(run: Run, state: TrainState, ep_info) -> str:
+def _save(run: Run, state: TrainState, ep_info) -> Optional[str]:
+    """A checkpoint of this step, unless the run is in a non-finite streak: such a state is no resume
+    target (resuming it would repeat the streak), so the save waits for the next finite step."""
     job = run.job
+    if state.nonfinite_in_a_row:
+        log.warning("step %d: not saving a checkpoint during a non-finite streak (%d in a row)", state.step,
+                    state.nonfinite_in_a_row)
+        return None
     client = {CLIENT_KEY: {"step": state.step, "skipped_steps": state.skipped_steps,
                            "nonfinite_in_a_row": state.nonfinite_in_a_row, "data": run.data.train.state_dict(),
                            "job": job.model_dump(mode="json")}}
     return ckpt.save(run.engine, job.checkpoint_dir, state.step, client, job_yaml=job.to_yaml(), ep_info=ep_info,
-                     keep=job.checkpoint.keep)
+                     keep=job.checkpoint.keep, elastic=job.checkpoint.elastic)
 
 
 def train(job: JobConfig, *, recipe: Optional[Recipe] = None, hooks: Iterable[MetricsHook] = ()) -> dict:
-    """Run a job to ``training.steps`` on every rank; returns a summary of what was written."""
-    from molm_ds import parallel
-
+    """Run a job to ``training.steps`` on every rank (or until a stop signal: ``summary["stopped"]``);
+    returns a summary of what was written."""
     recipe = recipe if recipe is not None else Recipe(job)
-    t, c = job.training, job.checkpoint
+    c = job.checkpoint
 
     # 1. processes, then every check -- before any work
     rank, world = init_distributed()
     pre = preflight(job, recipe, rank, world)
+    stops = StopRequests(c.preempt_signals)
+    try:
+        return _train(job, recipe, rank, world, pre, stops, hooks)
+    finally:
+        stops.close()
+        if pre.lock is not None:
+            pre.lock.release()
+
+
+def _train(job: JobConfig, recipe: Recipe, rank: int, world: int, pre, stops: StopRequests, hooks) -> dict:
+    from molm_ds import parallel
+
+    t, c = job.training, job.checkpoint
 
     # 2. build: the same weights on every rank, then this rank's experts
     seed_everything(t.seed)
@@ -121,7 +140,7 @@ def train(job: JobConfig, *, recipe: Optional[Recipe] = None, hooks: Iterable[Me
     run = Run(job, engine, _device(), pre.data, rank, world)
 
     # 3. resume
-    state = _resume(run, pre.resume_from) if pre.resume_from is not None else TrainState()
+    state = _resume(run, pre.resume_from, ep_info) if pre.resume_from is not None else TrainState()
     if state.step >= t.steps:
         log.warning("checkpoint step %d >= training.steps %d: nothing to train", state.step, t.steps)
     steplog = StepLog(job, engine, hooks, resume_step=state.step, world=world)
@@ -132,7 +151,7 @@ def train(job: JobConfig, *, recipe: Optional[Recipe] = None, hooks: Iterable[Me
     info0(steplog.banner(state.step))
 
     # 4. steps
-    last_saved, t_start, first = None, time.time(), state.step
+    last_saved, t_start, first, stopped = None, time.time(), state.step, None
     while state.step < t.steps:
         state.step += 1
         factor = set_lr(engine, job, state.step)
@@ -145,8 +164,13 @@ def train(job: JobConfig, *, recipe: Optional[Recipe] = None, hooks: Iterable[Me
         if state.step == t.steps:
             extra.update(recipe.finish(run, state.step))
         steplog.step(state, sums, reduced, lr=t.lr * factor, extra=extra)
-        if (c.interval and state.step % c.interval == 0) or (state.step == t.steps and c.save_final):
-            last_saved = _save(run, state, ep_info)
+        stop = parallel.comm.any_rank(stops.reason is not None)  # CPU collective: every rank stops at this step
+        if (c.interval and state.step % c.interval == 0) or (state.step == t.steps and c.save_final) or stop:
+            last_saved = _save(run, state, ep_info) or last_saved
+        if stop and state.step < t.steps:
+            stopped = stops.reason or "another rank was asked to stop"
+            info0(f"stopped at step {state.step} ({stopped}); checkpoint {last_saved}: continue with --resume auto")
+            break
 
     steplog.close()
     parallel.comm.barrier()
@@ -154,4 +178,4 @@ def train(job: JobConfig, *, recipe: Optional[Recipe] = None, hooks: Iterable[Me
             "skipped_steps": state.skipped_steps, "run_dir": job.run_dir, "metrics": steplog.metrics_path,
             "tensorboard_dir": job.tensorboard_dir if job.monitor.tensorboard else None,
             "checkpoint_dir": job.checkpoint_dir, "last_checkpoint": last_saved, "steps_run": state.step - first,
-            "seconds": time.time() - t_start}
+            "stopped": stopped, "seconds": time.time() - t_start}

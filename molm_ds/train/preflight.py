@@ -4,8 +4,9 @@ Called on every rank right after the process group starts (the checks that need 
 need it): the ds_config (keys, batch sizes, ZeRO stage), expert parallelism against the world size
 and the expert counts, the resume target and whether it fits this job, the recipe's own checks
 (``init_from``), the data (shard directories open, tokenizer fits the vocabulary) and the run
-directory. Each failure is a ``UserError`` whose message says what to change; the entry point prints
-it as one ``error:`` line.
+directory (one job at a time: a lock; a fresh start over an earlier run is refused unless
+``overwrite``). Each failure is a ``UserError`` whose message says what to change; the entry point
+prints it as one ``error:`` line.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from molm_ds.errors import CheckpointError, ConfigError
 from molm_ds.paths import ensure_writable_dir
 from molm_ds.train import checkpoint as ckpt
 from molm_ds.train.data import TrainData, check_vocab
-from molm_ds.train.ds_config import build_ds_config
+from molm_ds.train.ds_config import build_ds_config, zero_stage
+from molm_ds.train.runlock import RunLock
 from molm_ds.train.job import JobConfig
 
 __all__ = ["Preflight", "preflight"]
@@ -30,6 +32,7 @@ class Preflight:
     ds_config: dict  # the filled ds_config handed to deepspeed.initialize
     resume_from: Optional[tuple[str, str]]  # (checkpoint dir, tag) or None for a fresh start
     data: TrainData
+    lock: Optional[RunLock]  # held by rank 0 for the whole job
 
 
 def _check_expert_parallel(job: JobConfig, world: int) -> None:
@@ -42,14 +45,16 @@ def _check_expert_parallel(job: JobConfig, world: int) -> None:
     check_expert_parallel(ep_size=job.parallel.ep_size, world_size=world, expert_counts=counts)
 
 
-def _check_resume_target(job: JobConfig, target: tuple[str, str]) -> None:
+def current_topology(job: JobConfig, ds_cfg: dict, world: int) -> dict:
+    return ckpt.topology(world_size=world, ep_size=job.parallel.ep_size,
+                         replicate_attention_experts=job.parallel.replicate_attention_experts,
+                         zero_stage=zero_stage(ds_cfg), bf16=bool((ds_cfg.get("bf16") or {}).get("enabled")))
+
+
+def _check_resume_target(job: JobConfig, target: tuple[str, str], now: dict) -> None:
     d, tag = target
     where = os.path.join(d, tag)
-    with open(os.path.join(where, ckpt.COMPLETE)) as f:
-        try:
-            marker = json.load(f)
-        except json.JSONDecodeError:
-            marker = {}
+    marker = ckpt.read_marker(d, tag)
     kind = marker.get("kind", "pruned" if marker.get("pruned") else "grown" if marker.get("grown") else "train")
     if kind != "train":
         raise CheckpointError(f"resume: {where} holds weights only ({kind}), no optimizer or data state: start from "
@@ -57,21 +62,76 @@ def _check_resume_target(job: JobConfig, target: tuple[str, str]) -> None:
     have = ckpt.model_config(d, tag)
     if have != job.build_model_config():
         ckpt.check_same_model(have, job.build_model_config(), where=where, what="resume")
+    was = marker.get("topology")
+    if was is not None and was != now and not marker.get("elastic"):
+        raise CheckpointError(f"resume: {where} was saved at {was} without its topology-free optimizer state "
+                              f"(checkpoint.elastic: false), so it cannot resume at {now}: resume at the saved topology, "
+                              f"or start from its weights with init_from: {where}")
 
 
-def _check_run_dir(job: JobConfig) -> None:
-    ensure_writable_dir(job.run_dir, what="run_dir", error=ConfigError)
-    ensure_writable_dir(job.checkpoint_dir, what="checkpoint.dir", error=ConfigError)
+def _earlier_run(job: JobConfig) -> list[str]:
+    """What an earlier run left in run_dir that a fresh start would overwrite."""
+    found = []
+    metrics = os.path.join(job.run_dir, "metrics.jsonl")
+    if os.path.isfile(metrics) and os.path.getsize(metrics) > 0:
+        found.append(metrics)
+    tags = ckpt.list_tags(job.checkpoint_dir)
+    if tags:
+        found.append(f"{len(tags)} checkpoint(s) in {job.checkpoint_dir}")
+    return found
+
+
+def _clear_earlier_run(job: JobConfig) -> None:
+    import shutil
+
+    for name in ("metrics.jsonl", "expert_load.jsonl", "continual_report.json", "continual_report.md"):
+        if os.path.isfile(os.path.join(job.run_dir, name)):
+            os.remove(os.path.join(job.run_dir, name))
+    if os.path.isdir(job.tensorboard_dir):
+        shutil.rmtree(job.tensorboard_dir)
+    ckpt.retire_all(job.checkpoint_dir)
+
+
+def _take_run_dir(job: JobConfig, rank: int, fresh: bool) -> Optional[RunLock]:
+    """Rank 0 takes the run_dir's lock and refuses a fresh start over an earlier run (unless overwrite);
+    every rank raises the same error."""
+    from molm_ds.parallel import comm
+
+    lock, error = None, None
+    if rank == 0:
+        try:
+            ensure_writable_dir(job.run_dir, what="run_dir", error=ConfigError)
+            ensure_writable_dir(job.checkpoint_dir, what="checkpoint.dir", error=ConfigError)
+            lock = RunLock(job.run_dir, job_name=job.name)
+            lock.acquire()
+            earlier = _earlier_run(job) if fresh else []
+            if earlier and not job.overwrite:
+                raise ConfigError(f"run_dir {job.run_dir} holds an earlier run ({', '.join(earlier)}) and this job "
+                                  "starts fresh: continue it with --resume auto, choose another run_dir, or pass "
+                                  "--overwrite to delete it and start over")
+            if earlier:
+                _clear_earlier_run(job)
+        except ConfigError as exc:
+            if lock is not None:
+                lock.release()  # only removes the lock file if this job holds it
+            lock, error = None, str(exc)
+    error = comm.broadcast_object(error)
+    if error is not None:
+        raise ConfigError(error)
+    return lock
 
 
 def preflight(job: JobConfig, recipe, rank: int, world: int) -> Preflight:
+    from molm_ds.parallel import comm
+
+    comm.init_control_group()
     ds_cfg = build_ds_config(job, world)
     _check_expert_parallel(job, world)
-    resume_from = ckpt.resolve_resume(job.resume, job.checkpoint_dir)
-    if resume_from is not None:
-        _check_resume_target(job, resume_from)
     recipe.check()
     check_vocab(job)
     data = TrainData(job, rank, world)
-    _check_run_dir(job)
-    return Preflight(ds_cfg, resume_from, data)
+    resume_from = ckpt.resolve_resume(job.resume, job.checkpoint_dir, collective=True)
+    if resume_from is not None:
+        _check_resume_target(job, resume_from, current_topology(job, ds_cfg, world))
+    lock = _take_run_dir(job, rank, fresh=resume_from is None)
+    return Preflight(ds_cfg, resume_from, data, lock)

@@ -73,13 +73,16 @@ class Recipe:
             d, tag = ckpt.resolve(self.job.init_from, what="init_from")
             ckpt.check_same_model(ckpt.model_config(d, tag), self.job.model.build(),
                                   where=f"{d}/{tag}", what="init_from")
+            problem = ckpt.verify(d, tag, collective=True)
+            if problem is not None:
+                raise ckpt.CheckpointError(f"init_from: {problem}")
 
     # ---- build -------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
         from molm_ds.model import MoLM
 
         if self.job.init_from is not None:
-            return ckpt.load_model(self.job.init_from, expect=self.job.model.build(), what="init_from")
+            return ckpt.load_model(self.job.init_from, expect=self.job.model.build(), what="init_from", check=False)
         return MoLM(self.job.build_model_config())
 
     def param_groups(self, model: nn.Module) -> list[dict]:

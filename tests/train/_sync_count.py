@@ -1,8 +1,9 @@
 """Count host syncs (tensor -> Python value conversions) inside one non-logging training step.
 
-Every ``Tensor.item / tolist / __int__ / __float__ / __bool__ / __index__`` call made while the second
-optimizer step of ``train()`` runs is recorded with the first caller frame outside torch, as
-``molm_ds/ops/grouped_gemm.py`` or ``deepspeed/...``. On a GPU each of them waits for the device.
+Every ``Tensor.item / tolist / __int__ / __float__ / __bool__ / __index__`` call made from the start of
+the second optimizer step of ``train()`` to the start of the third (the whole loop iteration: the step,
+its bookkeeping, the stop-request agreement) is recorded with the first caller frame outside torch, as
+``molm_ds/ops/grouped_gemm.py`` or ``deepspeed``. On a GPU each of them waits for the device.
 """
 
 from __future__ import annotations
@@ -53,11 +54,8 @@ def counting_step(step: int = 2):
 
     def train_step(*args, **kwargs):
         calls[0] += 1
-        active[0] = calls[0] == step
-        try:
-            return real_step(*args, **kwargs)
-        finally:
-            active[0] = False
+        active[0] = calls[0] == step  # stays on until the next step begins
+        return real_step(*args, **kwargs)
 
     for m in METHODS:
         setattr(torch.Tensor, m, patched(m))
@@ -65,6 +63,7 @@ def counting_step(step: int = 2):
     try:
         yield counts
     finally:
+        active[0] = False
         loop.train_step = real_step
         for m, orig in originals.items():
             setattr(torch.Tensor, m, orig)

@@ -7,6 +7,8 @@ GPU each one stalls the step). The budget, documented in docs/training.md ("Host
 - under expert parallelism: one per MoE sub-layer forward for the all-to-all split sizes, which also
   carry the row counts (so the GEMM loop adds none);
 - the CPU stick-breaking path (CPU only; the GPU runs the Triton kernel): its early-exit test per tile;
+- the stop-request agreement after each step (``comm.any_rank``): one CPU all-reduce read on the host,
+  on a gloo group, so it never waits for the GPU;
 - DeepSpeed's own gradient-norm / overflow checks inside ``engine.step()``: at most DEEPSPEED_MAX.
 """
 
@@ -35,6 +37,7 @@ def shard(tmp_path_factory):
 def _check(counts: dict, per_sublayer: dict[str, int]) -> None:
     ours = {f: n for f, n in counts.items() if f.startswith(("molm_ds/", "launch/"))}
     expected = {f: SUBLAYER_FORWARDS * n for f, n in per_sublayer.items() if n}
+    expected["molm_ds/parallel/comm.py"] = 1  # the stop-request agreement (CPU tensor, gloo)
     unexpected = {f: n for f, n in ours.items() if f not in expected and f not in CPU_ONLY}
     assert not unexpected, f"host syncs where there should be none: {unexpected} (all: {counts})"
     for f, n in expected.items():

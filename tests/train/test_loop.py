@@ -112,6 +112,8 @@ def test_partial_and_missing_checkpoints_are_errors(shard, tmp_path):
 
 @pytest.mark.parametrize("ds", ["zero0_fp32", "zero2_fp32", "zero0_bf16"])
 def test_nonfinite_step_is_skipped_and_counted(shard, tmp_path, monkeypatch, ds):
+    """A NaN loss on step 2 skips that step (weights unchanged), counts it, and writes no checkpoint of
+    the non-finite state; step 3 trains and saves again."""
     real, calls = step.total_loss, []
 
     def nan_on_step_2(**kw):  # 2 micro-batches per step: calls 3 and 4 belong to step 2
@@ -119,17 +121,27 @@ def test_nonfinite_step_is_skipped_and_counted(shard, tmp_path, monkeypatch, ds)
         out = real(**kw)
         return out * float("nan") if len(calls) == 3 else out
 
+    real_step, snapshots = loop.train_step, []
+
+    def snapshot_then_step(engine, *args, **kwargs):  # weights as each step begins
+        snapshots.append({k: v.detach().clone() for k, v in engine.module.state_dict().items()})
+        return real_step(engine, *args, **kwargs)
+
     monkeypatch.setattr(step, "total_loss", nan_on_step_2)
+    monkeypatch.setattr(loop, "train_step", snapshot_then_step)
     run(shard, tmp_path, "training.steps=3", "checkpoint.interval=1", "training.eval_interval=0",
         f"deepspeed.config=ds_configs/{ds}.json")
     rows = read_metrics(tmp_path)
     assert rows[1]["skipped_steps"] == 0 and rows[2]["skipped_steps"] == 1 and "loss" not in rows[2]
     assert math.isfinite(rows[3]["loss"])
+    after1, after2 = snapshots[1], snapshots[2]
+    assert all(torch.equal(after1[k], after2[k]) for k in after1), "a skipped step must not change the weights"
     d = os.path.join(tmp_path, "checkpoints")
-    w1, w2, w3 = (weights(d, ckpt.tag_for(s)) for s in (1, 2, 3))
-    assert all(torch.equal(w1[k], w2[k]) for k in w1), "a skipped step must not change the weights"
-    assert any(not torch.equal(w2[k], w3[k]) for k in w2)
+    assert ckpt.list_tags(d) == ["step_00000001", "step_00000003"], "no checkpoint of a non-finite streak"
+    w3 = weights(d, ckpt.tag_for(3))
     assert all(torch.isfinite(v).all() for v in w3.values())
+    assert any(not torch.equal(v, after2[k.split(":", 1)[1]]) for k, v in w3.items()
+               if k.startswith("mp_rank") and k.split(":", 1)[1] in after2), "step 3 must train"
 
 
 def test_too_many_nonfinite_steps_stop_the_run(shard, tmp_path, monkeypatch):
