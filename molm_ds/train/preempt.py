@@ -73,10 +73,19 @@ class StopRequests:
             self.reason = name
             log.warning("%s received: stopping after this step with a checkpoint", name)
 
+    @staticmethod
+    def _gone(p) -> bool:
+        import psutil
+
+        try:
+            return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE  # killed, not yet reaped
+        except psutil.Error:
+            return True
+
     def _watch(self) -> None:
         while not self._stop.wait(1.0):
             for p in self._ancestors:
-                if not p.is_running():
+                if self._gone(p):
                     if self.reason is None:
                         self.reason = f"launcher {p.pid} exited"
                         log.warning("the launcher (pid %d) exited: stopping after this step with a checkpoint", p.pid)

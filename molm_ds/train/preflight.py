@@ -93,8 +93,9 @@ def _clear_earlier_run(job: JobConfig) -> None:
 
 
 def _take_run_dir(job: JobConfig, rank: int, fresh: bool) -> Optional[RunLock]:
-    """Rank 0 takes the run_dir's lock and refuses a fresh start over an earlier run (unless overwrite);
-    every rank raises the same error."""
+    """Rank 0 takes the run_dir's lock and refuses a fresh start over an earlier run (unless overwrite;
+    ``resume: auto`` finding nothing to resume is a fresh start the user asked for); every rank raises
+    the same error."""
     from molm_ds.parallel import comm
 
     lock, error = None, None
@@ -133,5 +134,5 @@ def preflight(job: JobConfig, recipe, rank: int, world: int) -> Preflight:
     resume_from = ckpt.resolve_resume(job.resume, job.checkpoint_dir, collective=True)
     if resume_from is not None:
         _check_resume_target(job, resume_from, current_topology(job, ds_cfg, world))
-    lock = _take_run_dir(job, rank, fresh=resume_from is None)
+    lock = _take_run_dir(job, rank, fresh=resume_from is None and job.resume is None)
     return Preflight(ds_cfg, resume_from, data, lock)

@@ -113,6 +113,25 @@ def test_ep2_checkpoint_warm_starts_at_ep1_and_ep4(shard, ep2_run, tmp_path):
     assert abs(full[4]["val_loss"] - full[2]["val_loss"]) > 1e-3
 
 
+def test_resume_at_other_world_and_ep_sizes_through_the_launchers(shard, ep2_run, tmp_path):
+    """The ep2 run's step-2 checkpoint resumed by one plain python process (ep 1) and by
+    `deepspeed --num_gpus 4` (ep 4), the global batch kept at 8 (grad_accum_steps 4 and 1): steps 3 and 4
+    have the straight run's losses and gradient norms up to reduction order (fp32: 1e-5 relative)."""
+    a, full = ep2_run
+    for ep, accum in ((1, 4), (4, 1)):
+        run_dir = tmp_path / f"ep{ep}"
+        args = ["launch/pretrain.py", "--config", str(TINY_JOB), "--resume", str(a / "checkpoints" / "step_00000002")]
+        for o in tiny_job_overrides(shard, run_dir) + [f"parallel.ep_size={ep}", f"training.grad_accum_steps={accum}"]:
+            args += ["--set", o]
+        out = run([sys.executable] + args if ep == 1 else deepspeed_cmd(ep) + args)
+        assert "resumed" in out and "elastically" in out
+        rows = read_metrics(run_dir)
+        assert sorted(rows) == [3, 4]
+        for s in (3, 4):
+            for key in ("loss", "grad_norm"):
+                assert rows[s][key] == pytest.approx(full[s][key], rel=1e-5), (ep, s, key, rows[s][key], full[s][key])
+
+
 def test_no_ssh_two_nodes_on_one_machine(shard, tmp_path):
     port = str(free_port())
     hostfile = tmp_path / "hostfile"  # two "nodes" that are both this machine
