@@ -143,6 +143,7 @@ def test_kill9_of_a_rank_during_saves_never_leaves_a_damaged_resume_target(shard
         target = ckpt.resolve_resume("auto", d)
         assert target is not None and ckpt.verify(*target) is None, (trial, os.listdir(d))
         reached = max(read_metrics(run_dir))
-    out = run(deepspeed_cmd(2) + job_args(shard, run_dir, "training.steps=12", "checkpoint.interval=0",
+    final = reached + 3
+    out = run(deepspeed_cmd(2) + job_args(shard, run_dir, f"training.steps={final}", "checkpoint.interval=0",
                                           "training.eval_interval=0", "monitor.tensorboard=false") + ["--resume", "auto"])
-    assert "resumed from" in out and max(read_metrics(run_dir)) == 12
+    assert "resumed from" in out and max(read_metrics(run_dir)) == final
