@@ -45,6 +45,7 @@ __all__ = [
     "COMPLETE", "MODEL_FILE", "JOB_FILE", "CheckpointError", "tag_for", "step_of", "list_tags", "is_complete",
     "newest_complete", "resolve", "resolve_resume", "expert_file", "list_expert_files", "check_expert_files",
     "save", "load", "load_weights", "read_job", "model_config", "read_model_state", "load_model", "write_model",
+    "read_fp32_state", "load_fp32_model",
     "model_section", "rng_state", "set_rng_state",
 ]
 
@@ -301,6 +302,41 @@ def load_model(path: str, *, expect=None, what: str = "checkpoint"):
         check_same_model(cfg, expect, where=os.path.join(ckpt_dir, tag), what=what)
     model = MoLM(cfg)
     missing, unexpected = model.load_state_dict(read_model_state(ckpt_dir, tag), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {os.path.join(ckpt_dir, tag)} does not fit its job's model: missing "
+                              f"{missing[:6]}, unexpected {unexpected[:6]}")
+    return model
+
+
+def read_fp32_state(ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
+    """``read_model_state`` in fp32, with DeepSpeed's fp32 master copy of every trained parameter when the
+    run trained in bf16/fp16 (its optimizer shards, any ZeRO stage 0-2 and ep_size:
+    ``molm_ds.train.ds_masters``) instead of the rounded weights; an fp32 run's weights are its masters.
+    Frozen parameters keep their saved value."""
+    from molm_ds.model import MoLM
+    from molm_ds.train.ds_masters import has_fp32_masters, read_fp32_masters
+
+    sd = read_model_state(ckpt_dir, tag)
+    d = os.path.join(ckpt_dir, tag)
+    ds_config = torch.load(os.path.join(d, MODEL_FILE), map_location="cpu", weights_only=False, mmap=True).get("ds_config") or {}
+    if has_fp32_masters(d, ds_config):
+        with torch.device("meta"):
+            shapes = {n: p.shape for n, p in MoLM(model_config(ckpt_dir, tag)).named_parameters()}
+        parallel = read_job(ckpt_dir, tag).get("parallel") or {}
+        replicated = bool(parallel.get("replicate_attention_experts", False))
+        sharded = {n for n in shapes if ".mlpf.experts." in n or (".attn.experts." in n and not replicated)}
+        sd.update(read_fp32_masters(d, low_precision=sd, shapes=shapes, ep_size=int(parallel.get("ep_size", 1)),
+                                    expert_parallel=sharded))
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def load_fp32_model(path: str, *, what: str = "checkpoint"):
+    """``load_model`` with the fp32 masters (``read_fp32_state``): the full-precision plain model."""
+    from molm_ds.model import MoLM
+
+    ckpt_dir, tag = resolve(path, what=what)
+    model = MoLM(model_config(ckpt_dir, tag))
+    missing, unexpected = model.load_state_dict(read_fp32_state(ckpt_dir, tag), strict=False)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {os.path.join(ckpt_dir, tag)} does not fit its job's model: missing "
                               f"{missing[:6]}, unexpected {unexpected[:6]}")
