@@ -45,7 +45,7 @@ __all__ = [
     "COMPLETE", "MODEL_FILE", "JOB_FILE", "CheckpointError", "tag_for", "step_of", "list_tags", "is_complete",
     "newest_complete", "resolve", "resolve_resume", "expert_file", "list_expert_files", "check_expert_files",
     "save", "load", "load_weights", "read_job", "model_config", "read_model_state", "load_model", "write_model",
-    "read_fp32_state", "load_fp32_model",
+    "has_fp32_masters", "read_fp32_state", "load_fp32_model",
     "model_section", "rng_state", "set_rng_state",
 ]
 
@@ -308,18 +308,28 @@ def load_model(path: str, *, expect=None, what: str = "checkpoint"):
     return model
 
 
+def has_fp32_masters(ckpt_dir: str, tag: str) -> bool:
+    """Whether the tag is a bf16/fp16 trainer checkpoint whose optimizer shards hold fp32 master weights."""
+    from molm_ds.train import ds_masters
+
+    main = os.path.join(ckpt_dir, tag, MODEL_FILE)
+    if not os.path.isfile(main):
+        return False
+    ds_config = torch.load(main, map_location="cpu", weights_only=False, mmap=True).get("ds_config") or {}
+    return ds_masters.has_fp32_masters(os.path.join(ckpt_dir, tag), ds_config)
+
+
 def read_fp32_state(ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
     """``read_model_state`` in fp32, with DeepSpeed's fp32 master copy of every trained parameter when the
     run trained in bf16/fp16 (its optimizer shards, any ZeRO stage 0-2 and ep_size:
     ``molm_ds.train.ds_masters``) instead of the rounded weights; an fp32 run's weights are its masters.
     Frozen parameters keep their saved value."""
     from molm_ds.model import MoLM
-    from molm_ds.train.ds_masters import has_fp32_masters, read_fp32_masters
+    from molm_ds.train.ds_masters import read_fp32_masters
 
     sd = read_model_state(ckpt_dir, tag)
     d = os.path.join(ckpt_dir, tag)
-    ds_config = torch.load(os.path.join(d, MODEL_FILE), map_location="cpu", weights_only=False, mmap=True).get("ds_config") or {}
-    if has_fp32_masters(d, ds_config):
+    if has_fp32_masters(ckpt_dir, tag):
         with torch.device("meta"):
             shapes = {n: p.shape for n, p in MoLM(model_config(ckpt_dir, tag)).named_parameters()}
         parallel = read_job(ckpt_dir, tag).get("parallel") or {}
