@@ -23,7 +23,8 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout, when run as a script
+if not __package__:  # run as a script from the checkout (installed, it is molm_ds.launch)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from molm_ds import cli  # noqa: E402
 
@@ -190,5 +191,9 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def entry() -> None:
     cli.run(main)
+
+
+if __name__ == "__main__":
+    entry()
