@@ -159,6 +159,7 @@ def write_tokenizer(path: str, out_dir: str, *, model_max_length: int) -> Specia
     """Write the tokenizer files of ``path`` into ``out_dir``; returns the special tokens declared."""
     tok = build_tokenizer(path)
     sp = special_tokens(path)
+    os.makedirs(out_dir, exist_ok=True)
     tok.save(os.path.join(out_dir, "tokenizer.json"))
     shutil.copyfile(path, os.path.join(out_dir, "tokenizer.model"))
     names = {"bos_token": sp.bos, "eos_token": sp.eos, "pad_token": sp.pad}
