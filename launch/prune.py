@@ -12,8 +12,9 @@ one process; rank 0 writes):
 
 --checkpoint: a trainer checkpoint directory (newest complete tag), a step_NNNNNNNN tag, or a Hugging Face
 ModuleFormer directory (config.json). Writes under --out: checkpoints/<tag>/ (weights-only trainer
-layout; use it as a job's init_from, with the model section from its job.yaml), hf/ (ModuleFormer
-layout with per-layer counts, when the model has a released equivalent), frequencies.json (per
+layout; use it as a job's init_from, with the model section from its job.yaml), hf/ (the Hugging Face
+export of launch/export.py: per-layer counts, loads with trust_remote_code; in IBM's code too when every
+layer kept the same counts), frequencies.json (per
 sub-layer f_m, f_m / max and the monitor's load statistics), prune.json (what was kept, perplexities).
 """
 
@@ -172,15 +173,13 @@ def main(argv=None) -> int:
                     "kept_ids": {k.tag: v for k, v in sorted(keep.items())}}
             d = save_pruned_checkpoint(pruned, job, os.path.join(args.out, "checkpoints"), tag=tag, info=info)
             if not args.no_hf:
-                from molm_ds.interop import config_to_hf, save_moduleformer
+                from molm_ds.hf import export_hf
+                from molm_ds.tokenizer import find_run_tokenizer
 
-                try:
-                    config_to_hf(pruned.config)
-                except ValueError as exc:
-                    print(f"no Hugging Face export: {exc}")
-                else:
-                    save_moduleformer(pruned, os.path.join(args.out, "hf"))
-                    print(f"wrote {os.path.join(args.out, 'hf')}")
+                hf = export_hf(pruned, os.path.join(args.out, "hf"), tokenizer=find_run_tokenizer(job),
+                               context_length=seq_len, source=d, replace=True)
+                print(f"wrote {os.path.join(args.out, 'hf')} (model_type {hf['model_type']}"
+                      f"{'' if hf['tokenizer'] else ', no tokenizer: its data manifests name none'})")
             with open(os.path.join(args.out, "prune.json"), "w") as f:
                 json.dump(info, f, indent=1)
             print(f"tau {args.tau:g}: kept {row['experts_kept']}/{total_experts} experts, {row['params']:,} parameters "

@@ -137,9 +137,11 @@ def hf_config(cfg: ModelConfig) -> dict:
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
-    """The released config.json for a ModelConfig (real expert counts); errors for models the released
-    code cannot build (``ibm_incompatibilities``)."""
-    bad = ibm_incompatibilities(cfg)
+    """The released config.json for a ModelConfig, with the real expert counts; errors for models whose
+    layers the released layout cannot describe. Per-layer counts that differ are written as
+    ``n_{att,mlp}_experts_per_layer`` (``config_from_hf`` reads them; the released code cannot build such a
+    model: it loads there exactly when ``ibm_incompatibilities`` is empty)."""
+    bad = [b for b in ibm_incompatibilities(cfg) if not b.startswith("every layer must keep")]
     if bad:
         raise ValueError("this model has no released ModuleFormer equivalent: " + "; ".join(bad))
     return dict(model_type="moduleformer", architectures=["ModuleFormerForCausalLM"]) | hf_config(cfg)

@@ -111,14 +111,17 @@ Evaluate with `lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=
 
 
 def export_hf(model, out_dir: str, *, tokenizer: Optional[str], context_length: int, dtype: str = "float32",
-              source: str = "molm-ds", max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
+              source: str = "molm-ds", max_shard_bytes: int = DEFAULT_SHARD_BYTES, replace: bool = False) -> dict:
     """Write ``model`` (a plain molm_ds MoLM) as a Hugging Face directory ``out_dir`` (created; must be
-    empty or absent). ``tokenizer``: the run's SentencePiece model (None: no tokenizer files, special ids
-    unset). Returns a summary (files, model_type, why IBM's code cannot load it)."""
+    empty or absent unless ``replace``, which deletes it first). ``tokenizer``: the run's SentencePiece
+    model (None: no tokenizer files, special ids unset). Returns a summary (files, model_type, why IBM's
+    code cannot load it)."""
     from molm_ds.hf import tokenizer as hf_tok
 
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if replace and os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise ConfigError(f"{out_dir} exists and is not empty; choose a new directory (or delete it)")
     cfg = model.config
