@@ -92,8 +92,10 @@ def _shard_documents(path: str, tokenizer, max_docs: Optional[int]) -> Documents
             from data_prep.identity import file_sha256
 
             if file_sha256(tokenizer.model_path) != info.sha256:
-                raise DataError(f"{path} was tokenised with another tokenizer ({info.model_path}) than the model's "
-                                f"({tokenizer.model_path}); evaluate it with --tokenizer {info.model_path} or rebuild it")
+                theirs = info.model_path or f"sha256 {info.sha256[:12]}..."
+                raise DataError(f"{path} was tokenised with another tokenizer ({theirs}) than the one evaluating it "
+                                f"({tokenizer.model_path}); pass the shards' tokenizer with --tokenizer, or rebuild the "
+                                "shards with this one")
         eos = info.eos_id if eos is None else eos
     if eos is None:
         raise DataError(f"{path}: no manifest names its EOS id and no tokenizer was given; pass --tokenizer M.model")

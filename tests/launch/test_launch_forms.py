@@ -46,15 +46,23 @@ def test_hostfile_without_ssh_server(shard, tmp_path):
     assert_trained(tmp_path / "run")
 
 
-def test_evaluate_two_ranks_equals_one(shard, tmp_path):
+def test_evaluate_two_ranks_equals_one(tmp_path):
     from molm_ds.config import ModelConfig
     from molm_ds.model import MoLM
     from molm_ds.train import checkpoint as ckpt
 
+    shard = write_shard(tmp_path / "shard")  # its own: the manifest is rewritten below
     ckpt.write_model(MoLM(ModelConfig.from_preset("tiny")), {"data": {"sources": [{"path": shard}], "seq_len": 32}},
                      str(tmp_path / "ckpt"), tag="step_00000001", kind="test")
+    tok = _tokenizer(tmp_path)
+    manifest = Path(shard) / "manifest.json"  # the synthetic shard's ids all fit this tokenizer: let it say so
+    man = json.loads(manifest.read_text())
+    from data_prep.identity import file_sha256
+
+    man["tokenizer"].update(model_path=tok, sha256=file_sha256(tok))
+    manifest.write_text(json.dumps(man))
     args = ["launch/evaluate.py", "--checkpoint", str(tmp_path / "ckpt"), "--data", shard, "--max-docs", "9",
-            "--tokenizer", _tokenizer(tmp_path), "--batch-size", "3"]
+            "--batch-size", "3"]
     run([sys.executable] + args + ["--out", str(tmp_path / "one.json")])
     run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())] + args
         + ["--out", str(tmp_path / "two.json")])
