@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     if args.from_hf:
         return from_hf(args)
     from molm_ds.errors import ConfigError
-    from molm_ds.hf.export import export_hf, write_safetensors
+    from molm_ds.hf.export import export_hf
     from molm_ds.loading import is_hf_dir, load_source
 
     if is_hf_dir(args.checkpoint):

@@ -68,7 +68,8 @@ def load_source(path: str):
     if os.path.isfile(os.path.join(path, "config.json")):
         return load_moduleformer(path), {}, "step_00000000"
     ckpt_dir, tag = ckpt.resolve(path, what="--checkpoint")
-    return ckpt.load_model(os.path.join(ckpt_dir, tag), what="--checkpoint"), ckpt.read_job(ckpt_dir, tag), tag
+    # bf16/fp16 runs: the fp32 master weights, so the pruned checkpoint and export keep full precision
+    return ckpt.load_fp32_model(os.path.join(ckpt_dir, tag), what="--checkpoint"), ckpt.read_job(ckpt_dir, tag), tag
 
 
 def plot_sweep(rows: list[dict], base: dict, path: str) -> None:

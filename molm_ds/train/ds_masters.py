@@ -28,7 +28,6 @@ global experts e * E_l .. (e + 1) * E_l - 1, and they are stacked back by global
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 import torch

@@ -64,3 +64,18 @@ def test_fp32_masters_equal_the_engines(shard, tmp_path, ds_config, ep_size):
     model = ckpt.load_fp32_model(str(tmp_path / "checkpoints"))
     for name, p in model.named_parameters():
         assert torch.equal(p.detach(), want[name].float()), name
+    # what a user exports is the masters too (launch/export.py --consolidated)
+    import importlib.util
+
+    from safetensors.torch import load_file
+
+    from tests.train.helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("launch_export", REPO / "launch" / "export.py")
+    export = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(export)
+    out = tmp_path / "fp32.safetensors"
+    assert export.main(["--checkpoint", str(tmp_path / "checkpoints"), "--consolidated", str(out)]) == 0
+    flat = load_file(str(out))
+    for name, w in want.items():
+        assert torch.equal(flat[name], w.float()), name
