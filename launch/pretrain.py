@@ -25,7 +25,8 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout, when run as a script
+if not __package__:  # run as a script from the checkout (installed, it is molm_ds.launch)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from molm_ds import cli  # noqa: E402
 
@@ -57,5 +58,9 @@ def main(argv=None) -> int:
     return EXIT_PREEMPTED if summary.get("stopped") else 0
 
 
-if __name__ == "__main__":
+def entry() -> None:
     cli.run(main)
+
+
+if __name__ == "__main__":
+    entry()

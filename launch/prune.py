@@ -12,8 +12,9 @@ one process; rank 0 writes):
 
 --checkpoint: a trainer checkpoint directory (newest complete tag), a step_NNNNNNNN tag, or a Hugging Face
 ModuleFormer directory (config.json). Writes under --out: checkpoints/<tag>/ (weights-only trainer
-layout; use it as a job's init_from, with the model section from its job.yaml), hf/ (ModuleFormer
-layout with per-layer counts, when the model has a released equivalent), frequencies.json (per
+layout; use it as a job's init_from, with the model section from its job.yaml), hf/ (the Hugging Face
+export of launch/export.py: per-layer counts, loads with trust_remote_code; in IBM's code too when every
+layer kept the same counts), frequencies.json (per
 sub-layer f_m, f_m / max and the monitor's load statistics), prune.json (what was kept, perplexities).
 """
 
@@ -23,7 +24,8 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout, when run as a script
+if not __package__:  # run as a script from the checkout (installed, it is molm_ds.launch)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from molm_ds import cli  # noqa: E402
 
@@ -66,7 +68,8 @@ def load_source(path: str):
     if os.path.isfile(os.path.join(path, "config.json")):
         return load_moduleformer(path), {}, "step_00000000"
     ckpt_dir, tag = ckpt.resolve(path, what="--checkpoint")
-    return ckpt.load_model(os.path.join(ckpt_dir, tag), what="--checkpoint"), ckpt.read_job(ckpt_dir, tag), tag
+    # bf16/fp16 runs: the fp32 master weights, so the pruned checkpoint and export keep full precision
+    return ckpt.load_fp32_model(os.path.join(ckpt_dir, tag), what="--checkpoint"), ckpt.read_job(ckpt_dir, tag), tag
 
 
 def plot_sweep(rows: list[dict], base: dict, path: str) -> None:
@@ -171,15 +174,13 @@ def main(argv=None) -> int:
                     "kept_ids": {k.tag: v for k, v in sorted(keep.items())}}
             d = save_pruned_checkpoint(pruned, job, os.path.join(args.out, "checkpoints"), tag=tag, info=info)
             if not args.no_hf:
-                from molm_ds.interop import config_to_hf, save_moduleformer
+                from molm_ds.hf import export_hf
+                from molm_ds.tokenizer import find_run_tokenizer
 
-                try:
-                    config_to_hf(pruned.config)
-                except ValueError as exc:
-                    print(f"no Hugging Face export: {exc}")
-                else:
-                    save_moduleformer(pruned, os.path.join(args.out, "hf"))
-                    print(f"wrote {os.path.join(args.out, 'hf')}")
+                hf = export_hf(pruned, os.path.join(args.out, "hf"), tokenizer=find_run_tokenizer(job),
+                               context_length=seq_len, source=d, replace=True)
+                print(f"wrote {os.path.join(args.out, 'hf')} (model_type {hf['model_type']}"
+                      f"{'' if hf['tokenizer'] else ', no tokenizer: its data manifests name none'})")
             with open(os.path.join(args.out, "prune.json"), "w") as f:
                 json.dump(info, f, indent=1)
             print(f"tau {args.tau:g}: kept {row['experts_kept']}/{total_experts} experts, {row['params']:,} parameters "
@@ -190,5 +191,9 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def entry() -> None:
     cli.run(main)
+
+
+if __name__ == "__main__":
+    entry()

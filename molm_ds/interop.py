@@ -31,7 +31,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -48,28 +48,49 @@ _HF_DEFAULTS = dict(vocab_size=50295, n_embd=1024, n_layer=24, n_head=8, att_hid
 _DROPPED = re.compile(r"transformer\.h\.\d+\.attn\.(mask|cum_weight|causal_mask)$")
 
 
+FORMAT_KEY = "molm_ds_format"  # in config.json files written by molm-ds (hf_config); released ones lack it
+
+
 def config_from_hf(hf: dict) -> ModelConfig:
-    """ModelConfig from a released config.json dict (missing keys take the released defaults)."""
+    """ModelConfig from a config.json dict: a released one (missing keys take the released defaults;
+    K/V projections follow the released rule, LayerNorm eps is 1e-5 as in the released code) or one
+    written by ``hf_config`` (every field explicit)."""
     c = {**_HF_DEFAULTS, **hf}
-    if c["activation_function"] not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"activation_function={c['activation_function']!r} is not supported; only 'gelu_new' (tanh GELU)")
+    ours = FORMAT_KEY in hf
+    if c["activation_function"] not in ("gelu_new", "gelu_pytorch_tanh", "swiglu"):
+        raise ValueError(f"activation_function={c['activation_function']!r} is not supported; only 'gelu_new' (tanh GELU)"
+                         " or 'swiglu'")
     if c["gate_type"] not in ("mlp", "linear"):
         raise ValueError(f"gate_type={c['gate_type']!r} is not supported; only 'mlp' and 'linear'")
+    released_kv = not (c["att_hidden"] == c["n_embd"] and c["n_head"] == 1)
     return ModelConfig(
         vocab_size=c["vocab_size"], n_layer=c["n_layer"], d_model=c["n_embd"],
         n_att_experts=c["n_att_experts"], k_att=c["k_att"], att_hidden=c["att_hidden"], n_head=c["n_head"],
-        kv_proj=not (c["att_hidden"] == c["n_embd"] and c["n_head"] == 1),
-        stickbreaking_include_current=True,
-        n_mlp_experts=c["n_mlp_experts"], k_mlp=c["k_mlp"], ffd_hidden=c["ffd_hidden"], mlp_activation="gelu_tanh",
+        kv_proj=bool(c["kv_proj"]) if ours else released_kv,
+        stickbreaking_include_current=bool(c.get("stickbreaking_include_current", True)),
+        n_mlp_experts=c["n_mlp_experts"], k_mlp=c["k_mlp"], ffd_hidden=c["ffd_hidden"],
+        mlp_activation="swiglu" if c["activation_function"] == "swiglu" else "gelu_tanh",
         gating_size=c["gating_size"], router_type="molm" if c["gate_type"] == "mlp" else "linear",
-        renormalize_topk=False, sample_topk=c["sample_topk"], init_std=c["initializer_range"], layer_norm_eps=1e-5,
-        # pruned models (molm_ds.prune) only: per-layer counts; the released modeling code has no such keys
+        renormalize_topk=bool(c.get("renormalize_topk", False)), sample_topk=c["sample_topk"],
+        routing=c.get("routing", "token_choice"), capacity_factor=c.get("capacity_factor"),
+        init_std=c["initializer_range"], layer_norm_eps=float(c["layer_norm_epsilon"]) if ours else 1e-5,
+        dropout=float(c.get("resid_pdrop", 0.0)) if ours else 0.0,
+        # pruned models: per-layer counts; the released modeling code has no such keys
         att_experts_per_layer=c.get("n_att_experts_per_layer"), mlp_experts_per_layer=c.get("n_mlp_experts_per_layer"),
     )
 
 
-def config_to_hf(cfg: ModelConfig) -> dict:
-    """The released config.json for a ModelConfig; errors for options the released model lacks."""
+def _uniform(counts, full: int) -> Optional[int]:
+    """The single expert count of every layer, or None when layers differ."""
+    if counts is None:
+        return full
+    return counts[0] if len(set(counts)) == 1 else None
+
+
+def ibm_incompatibilities(cfg: ModelConfig) -> list[str]:
+    """Why the released ModuleFormer code cannot build this model (empty: it can, with the real counts
+    that ``config_to_hf`` writes). Training-only options (expert choice, capacity, sample_topk) do not
+    count: inference is plain dropless top-k in both."""
     bad = []
     if cfg.kv_proj == (cfg.att_hidden == cfg.d_model and cfg.n_head == 1):
         bad.append("kv_proj must be True exactly when att_hidden != d_model or n_head > 1")
@@ -77,31 +98,53 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         bad.append("stickbreaking_include_current must be True")
     if cfg.mlp_activation != "gelu_tanh":
         bad.append("mlp_activation must be gelu_tanh")
-    if cfg.renormalize_topk or cfg.routing != "token_choice" or cfg.capacity_factor is not None:
-        bad.append("routing must be plain token-choice top-k (no renormalize_topk, expert_choice or capacity_factor)")
+    if cfg.renormalize_topk:
+        bad.append("renormalize_topk must be False")
+    if cfg.layer_norm_eps != 1e-5:
+        bad.append(f"layer_norm_eps must be 1e-5 (the released code ignores layer_norm_epsilon), not {cfg.layer_norm_eps:g}")
+    for kind, counts, full in (("attention", cfg.att_experts_per_layer, cfg.n_att_experts),
+                               ("MLP", cfg.mlp_experts_per_layer, cfg.n_mlp_experts)):
+        if _uniform(counts, full) is None:
+            bad.append(f"every layer must keep the same number of {kind} experts (per layer: {list(counts)})")
+    return bad
+
+
+def hf_config(cfg: ModelConfig) -> dict:
+    """config.json keys for any ModelConfig: the released names (with the real expert counts when every
+    layer has the same, and k capped at them) plus the molm-ds keys the released code lacks, so that
+    ``config_from_hf(hf_config(cfg))`` builds the same model. Per-layer lists only when layers differ."""
+    att = _uniform(cfg.att_experts_per_layer, cfg.n_att_experts)
+    mlp = _uniform(cfg.mlp_experts_per_layer, cfg.n_mlp_experts)
+    out = dict(
+        vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_embd=cfg.d_model, n_head=cfg.n_head,
+        att_hidden=cfg.att_hidden, ffd_hidden=cfg.ffd_hidden,
+        n_att_experts=att or cfg.n_att_experts, k_att=min(cfg.k_att, att) if att else cfg.k_att,
+        n_mlp_experts=mlp or cfg.n_mlp_experts, k_mlp=min(cfg.k_mlp, mlp) if mlp else cfg.k_mlp,
+        gating_size=cfg.gating_size, gate_type="mlp" if cfg.router_type == "molm" else "linear",
+        sample_topk=cfg.sample_topk, activation_function="gelu_new" if cfg.mlp_activation == "gelu_tanh" else "swiglu",
+        layer_norm_epsilon=cfg.layer_norm_eps, initializer_range=cfg.init_std,
+        block_size=512, history_length=512, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=0.0,
+        moe_pdrop=0.0, aux_loss_type="mi", aux_loss_weight=0, tie_word_embeddings=False,
+        kv_proj=cfg.kv_proj, stickbreaking_include_current=cfg.stickbreaking_include_current,
+        renormalize_topk=cfg.renormalize_topk, routing=cfg.routing, capacity_factor=cfg.capacity_factor,
+    )
+    if att is None:
+        out["n_att_experts_per_layer"] = list(cfg.att_experts_per_layer)
+    if mlp is None:
+        out["n_mlp_experts_per_layer"] = list(cfg.mlp_experts_per_layer)
+    out[FORMAT_KEY] = 1
+    return out
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """The released config.json for a ModelConfig, with the real expert counts; errors for models whose
+    layers the released layout cannot describe. Per-layer counts that differ are written as
+    ``n_{att,mlp}_experts_per_layer`` (``config_from_hf`` reads them; the released code cannot build such a
+    model: it loads there exactly when ``ibm_incompatibilities`` is empty)."""
+    bad = [b for b in ibm_incompatibilities(cfg) if not b.startswith("every layer must keep")]
     if bad:
         raise ValueError("this model has no released ModuleFormer equivalent: " + "; ".join(bad))
-    return dict(
-        model_type="moduleformer", architectures=["ModuleFormerForCausalLM"],
-        vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_embd=cfg.d_model, n_head=cfg.n_head,
-        att_hidden=cfg.att_hidden, ffd_hidden=cfg.ffd_hidden, n_att_experts=cfg.n_att_experts, k_att=cfg.k_att,
-        n_mlp_experts=cfg.n_mlp_experts, k_mlp=cfg.k_mlp, gating_size=cfg.gating_size,
-        gate_type="mlp" if cfg.router_type == "molm" else "linear", sample_topk=cfg.sample_topk,
-        activation_function="gelu_new", layer_norm_epsilon=1e-5, initializer_range=cfg.init_std,
-        block_size=512, history_length=512, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, moe_pdrop=0.0,
-        aux_loss_type="mi", aux_loss_weight=0, tie_word_embeddings=False,
-    ) | _per_layer_to_hf(cfg)
-
-
-def _per_layer_to_hf(cfg: ModelConfig) -> dict:
-    """Pruned models: `n_{att,mlp}_experts_per_layer` lists (read back by `config_from_hf`). The released
-    modeling code ignores them and can only load models whose layers all keep the same count."""
-    out = {}
-    if cfg.att_experts_per_layer is not None:
-        out["n_att_experts_per_layer"] = list(cfg.att_experts_per_layer)
-    if cfg.mlp_experts_per_layer is not None:
-        out["n_mlp_experts_per_layer"] = list(cfg.mlp_experts_per_layer)
-    return out
+    return dict(model_type="moduleformer", architectures=["ModuleFormerForCausalLM"]) | hf_config(cfg)
 
 
 def _router_map(hf_gate: str, ours: str, router_type: str) -> dict[str, str]:

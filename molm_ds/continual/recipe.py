@@ -44,10 +44,10 @@ class ContinualRecipe(Recipe):
     # ---- build -------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
         c = self.job.continual
-        model = ckpt.load_model(self.job.init_from, expect=self.job.model.build(), what="init_from", check=False)
+        model = ckpt.load_fp32_model(self.job.init_from, what="init_from", check=False)
         grow_experts(model, attention=c.attention, mlp=c.mlp, seed=self.job.training.seed if c.init_seed is None else c.init_seed)
         if c.distill_weight > 0:
-            self.teacher = ckpt.load_model(self.job.init_from, check=False).eval().requires_grad_(False)
+            self.teacher = ckpt.load_fp32_model(self.job.init_from, check=False).eval().requires_grad_(False)
             info0("distillation: teacher = the starting model (frozen), weight %g" % c.distill_weight)
         return model
 

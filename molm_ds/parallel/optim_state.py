@@ -27,7 +27,7 @@ from torch import Tensor
 
 from molm_ds.parallel import comm
 
-__all__ = ["STATE_KEYS", "local_pieces", "load_pieces"]
+__all__ = ["STATE_KEYS", "STACKED_SUFFIXES", "local_pieces", "load_pieces"]
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq")
 Fetch = Callable[[str, int, int], dict]  # (key, offset, numel) -> {"fp32": Tensor[numel], "exp_avg": ..., ...}
@@ -57,13 +57,13 @@ def _base_optimizer(engine):
     return engine.optimizer.optimizer if _partitioned(engine) is not None else _replicated(engine)[1]
 
 
-_STACKED = (".experts.w1", ".experts.w2", ".experts.w_q", ".experts.w_o")
+STACKED_SUFFIXES = (".experts.w1", ".experts.w2", ".experts.w_q", ".experts.w_o")
 
 
 def _split(name: str, param: Tensor, start: int, numel: int) -> Iterator[tuple[str, int, int, int]]:
     """A range of a local parameter's flat values -> (key, offset in key, numel, offset in the range).
     Stacked expert tensors [E_l, ...] split by global expert (expert-parallel or replicated alike)."""
-    if not name.endswith(_STACKED):
+    if not name.endswith(STACKED_SUFFIXES):
         yield name, start, numel, 0
         return
     first, per = int(getattr(param, "_molm_first_expert", 0)), param[0].numel()

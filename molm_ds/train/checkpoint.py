@@ -51,6 +51,7 @@ __all__ = [
     "COMPLETE", "MODEL_FILE", "JOB_FILE", "CheckpointError", "tag_for", "step_of", "list_tags", "is_complete",
     "newest_complete", "resolve", "resolve_resume", "expert_file", "list_expert_files", "check_expert_files",
     "save", "load", "load_weights", "read_job", "model_config", "read_model_state", "load_model", "write_model",
+    "has_fp32_masters", "read_fp32_state", "load_fp32_model",
     "model_section", "rng_state", "set_rng_state", "verify", "read_marker", "file_digest", "topology",
     "engine_topology", "can_load_natively", "check_same_model", "UNIVERSAL_DIR",
 ]
@@ -538,6 +539,73 @@ def load_model(path: str, *, expect=None, what: str = "checkpoint", check: bool 
         check_same_model(cfg, expect, where=os.path.join(ckpt_dir, tag), what=what)
     model = MoLM(cfg)
     missing, unexpected = model.load_state_dict(read_model_state(ckpt_dir, tag), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {os.path.join(ckpt_dir, tag)} does not fit its job's model: missing "
+                              f"{missing[:6]}, unexpected {unexpected[:6]}")
+    return model
+
+
+def has_fp32_masters(ckpt_dir: str, tag: str) -> bool:
+    """Whether the tag is a bf16/fp16 trainer checkpoint whose optimizer shards hold fp32 master weights."""
+    from molm_ds.train import ds_masters
+
+    main = os.path.join(ckpt_dir, tag, MODEL_FILE)
+    if not os.path.isfile(main):
+        return False
+    ds_config = torch.load(main, map_location="cpu", weights_only=False, mmap=True).get("ds_config") or {}
+    return ds_masters.has_fp32_masters(os.path.join(ckpt_dir, tag), ds_config)
+
+
+def read_fp32_state(ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
+    """``read_model_state`` in fp32, with the fp32 master copy of every trained parameter when the run
+    trained in bf16/fp16 instead of the rounded weights: from the topology-free optimizer state when the
+    checkpoint has one, else from DeepSpeed's own optimizer shards (any ZeRO stage 0-2 and ep_size:
+    ``molm_ds.train.ds_masters``). An fp32 run's weights are its masters. Frozen parameters keep their
+    saved value."""
+    from molm_ds.model import MoLM
+    from molm_ds.train.ds_masters import read_fp32_masters
+
+    sd = read_model_state(ckpt_dir, tag)
+    d = os.path.join(ckpt_dir, tag)
+    if read_marker(ckpt_dir, tag).get("topology", {}).get("bf16") and os.path.isdir(os.path.join(d, UNIVERSAL_DIR)):
+        sd.update(_masters_from_pieces(d, {k: v.shape for k, v in sd.items()}))
+    elif has_fp32_masters(ckpt_dir, tag):
+        with torch.device("meta"):
+            shapes = {n: p.shape for n, p in MoLM(model_config(ckpt_dir, tag)).named_parameters()}
+        parallel = read_job(ckpt_dir, tag).get("parallel") or {}
+        replicated = bool(parallel.get("replicate_attention_experts", False))
+        sharded = {n for n in shapes if ".mlpf.experts." in n or (".attn.experts." in n and not replicated)}
+        sd.update(read_fp32_masters(d, low_precision=sd, shapes=shapes, ep_size=int(parallel.get("ep_size", 1)),
+                                    expert_parallel=sharded))
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def _masters_from_pieces(tag_dir: str, shapes: dict) -> dict[str, torch.Tensor]:
+    """The fp32 master of every trained tensor from the topology-free optimizer state (stacked experts
+    assembled by global id); tensors with no pieces (frozen) are left out."""
+    from molm_ds.parallel.optim_state import STACKED_SUFFIXES
+
+    pieces, out = _Pieces(tag_dir), {}
+    for name, shape in shapes.items():
+        if name.endswith(STACKED_SUFFIXES):
+            keys = [f"{name}[{e}]" for e in range(shape[0])]
+            if all(k in pieces.index for k in keys):
+                per = shape[1:].numel()
+                out[name] = torch.stack([pieces.fetch(k, 0, per)["fp32"].view(shape[1:]) for k in keys])
+        elif name in pieces.index:
+            out[name] = pieces.fetch(name, 0, shape.numel())["fp32"].view(shape)
+    return out
+
+
+def load_fp32_model(path: str, *, what: str = "checkpoint", check: bool = True):
+    """``load_model`` with the fp32 masters (``read_fp32_state``): the full-precision plain model."""
+    from molm_ds.model import MoLM
+
+    ckpt_dir, tag = resolve(path, what=what)
+    if check and (problem := verify(ckpt_dir, tag)) is not None:
+        raise CheckpointError(f"{what}: {problem}")
+    model = MoLM(model_config(ckpt_dir, tag))
+    missing, unexpected = model.load_state_dict(read_fp32_state(ckpt_dir, tag), strict=False)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {os.path.join(ckpt_dir, tag)} does not fit its job's model: missing "
                               f"{missing[:6]}, unexpected {unexpected[:6]}")

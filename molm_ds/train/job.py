@@ -30,7 +30,9 @@ from molm_ds.monitor.config import MonitorConfig
 __all__ = ["JobConfig", "JobConfigError", "load_job", "job_from_dict", "parse_overrides", "apply_overrides", "parse_yaml",
            "ContinualSection", "FinetuneSection", "REPO_ROOT"]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+# configs/ and ds_configs/: beside molm_ds/ in the checkout, molm_ds/shipped/ in an installed package
+REPO_ROOT = next((d for d in (Path(__file__).resolve().parents[2], Path(__file__).resolve().parents[1] / "shipped")
+                  if (d / "ds_configs").is_dir()), Path(__file__).resolve().parents[2])
 
 
 class JobConfigError(ConfigError):
@@ -422,6 +424,8 @@ def job_from_dict(raw: dict, source: str = "<dict>") -> JobConfig:
 def load_job(path: str | os.PathLike, overrides: Optional[list[str]] = None) -> JobConfig:
     """Read, override (``section.key=value``) and validate a job YAML."""
     path = os.fspath(path)
+    if not os.path.isfile(path) and not os.path.isabs(path) and (REPO_ROOT / path).is_file():
+        path = os.fspath(REPO_ROOT / path)  # a shipped job (configs/...) named from another directory
     if not os.path.isfile(path):
         shipped = sorted(p.name for p in (REPO_ROOT / "configs").glob("*.yaml"))
         raise JobConfigError(f"job file {path} not found; shipped jobs: {', '.join('configs/' + s for s in shipped)}")

@@ -82,7 +82,7 @@ class Recipe:
         from molm_ds.model import MoLM
 
         if self.job.init_from is not None:
-            return ckpt.load_model(self.job.init_from, expect=self.job.model.build(), what="init_from", check=False)
+            return ckpt.load_fp32_model(self.job.init_from, what="init_from", check=False)  # fp32 masters of bf16 runs
         return MoLM(self.job.build_model_config())
 
     def param_groups(self, model: nn.Module) -> list[dict]:

@@ -1,0 +1,3 @@
+from data_prep.commands import entry
+
+entry()
