@@ -81,8 +81,10 @@ def stickbreaking_reference(
 @torch.library.custom_op("molm_ds::stickbreaking", mutates_args=())
 def _sb_op(q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], include_current: bool, block_q: int, block_k: int,
            triton: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(o, rem: the current token's share [B,Hq,Tq], empty when include_current; stop: the last key block
-    each Triton query block visited, empty on the PyTorch path). Block sizes are the PyTorch path's."""
+    """(o; rem: the current token's share [B,Hq,Tq], empty when include_current; stop: the last key block
+    each Triton query block visited, empty on the PyTorch path). o is in q's dtype on the Triton path,
+    in the compute dtype (fp32 for bf16) on the PyTorch path, whose backward needs it exact (the caller
+    casts it). Block sizes are the PyTorch path's."""
     if triton:
         from molm_ds.kernels.stickbreaking import launch
 
@@ -94,10 +96,10 @@ def _sb_op(q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], include_curre
 @_sb_op.register_fake
 def _(q, k, v, kpm, include_current, block_q, block_k, triton):
     B, Hq, Tq, d = q.shape
-    rem_dt = torch.promote_types(q.dtype, torch.float32)
-    rem = q.new_empty(0, dtype=rem_dt) if include_current else q.new_empty(B, Hq, Tq, dtype=rem_dt)
+    cdt = torch.promote_types(q.dtype, torch.float32)
+    rem = q.new_empty(0, dtype=cdt) if include_current else q.new_empty(B, Hq, Tq, dtype=cdt)
     if not triton:
-        return torch.empty_like(q), rem, q.new_empty(0, dtype=torch.int32)
+        return q.new_empty(q.shape, dtype=cdt), rem, q.new_empty(0, dtype=torch.int32)
     from molm_ds.kernels.stickbreaking import blocks_for
 
     bm = blocks_for(d, q.dtype, q.is_cuda).BM
@@ -155,7 +157,7 @@ def stickbreaking_op(q: Tensor, k: Tensor, v: Tensor, *, include_current: bool, 
     """The op with the path chosen by the caller (``stickbreaking_attention`` asks the backend switch)."""
     kpm = None if key_padding_mask is None else key_padding_mask.bool()
     o, _, _ = torch.ops.molm_ds.stickbreaking(q, k, v, kpm, include_current, block_q, block_k, triton)
-    return o
+    return o.to(q.dtype)
 
 
 def stickbreaking_attention(

@@ -196,23 +196,24 @@ def _backward(q5, k, v, o5, do5, include_current, kpm, bq, bk):
 
 def blockwise_forward(q: Tensor, k: Tensor, v: Tensor, include_current: bool, kpm: Optional[Tensor], bq: int,
                       bk: int) -> tuple[Tensor, Tensor]:
-    """(o [B,Hq,Tq,d] in q's dtype, rem [B,Hq,Tq]: the stick left to the current token, empty when
-    include_current). Math (and rem) in fp32 for bf16/fp16 inputs, fp64 for fp64."""
+    """(o [B,Hq,Tq,d], rem [B,Hq,Tq]: the stick left to the current token, empty when include_current),
+    both in the compute dtype: fp32 for bf16/fp16 inputs, fp64 for fp64. The caller casts o; the backward
+    takes this o, since G_i = do_i . o_i from a bf16-rounded o would put its rounding into every dz."""
     B, Hq, Tq, d = q.shape
     Hk, Tk = k.shape[1], k.shape[2]
     g = Hq // Hk
     q5, kf, vf, kpm_B1 = _prepare(q, k, v, kpm)
     o5, asum = _forward(q5, kf, vf, include_current, kpm_B1, bq, bk)
     if include_current:
-        return o5.reshape(B, Hq, Tq, d).to(q.dtype), o5.new_empty(0)
+        return o5.reshape(B, Hq, Tq, d), o5.new_empty(0)
     rem = (1.0 - asum).clamp_min(0.0)
     o5 = o5 + rem * vf[:, :, None, Tk - Tq :]
-    return o5.reshape(B, Hq, Tq, d).to(q.dtype), rem.reshape(B, Hk * g, Tq)
+    return o5.reshape(B, Hq, Tq, d), rem.reshape(B, Hk * g, Tq)
 
 
 def blockwise_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, rem: Tensor, include_current: bool,
                        kpm: Optional[Tensor], bq: int, bk: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) of `blockwise_forward`'s o (in the inputs' dtypes)."""
+    """(dq, dk, dv) of `blockwise_forward`'s o (given in the compute dtype), in the inputs' dtypes."""
     B, Hq, Tq, d = q.shape
     Hk, Tk = k.shape[1], k.shape[2]
     g = Hq // Hk
