@@ -134,3 +134,16 @@ def test_no_atomics_in_the_kernels():
 
     src = inspect.getsource(launch)
     assert "tl.atomic" not in src and "while" not in src, "no atomics and no spin loops: every output has one writer"
+
+
+def test_triton_ops_pass_opcheck():
+    g = torch.Generator().manual_seed(0)
+    T, K, E = 6, 2, 3
+    _, order, counts = _routing(T, K, E, g, False)
+    x = torch.randn(T, 4, generator=g, requires_grad=True)
+    w = torch.randn(E, 4, 5, generator=g, requires_grad=True)
+    x_N = torch.randn(T * K, 4, generator=g, requires_grad=True)
+    gates = torch.rand(T, K, generator=g, requires_grad=True)
+    ops = torch.ops.molm_ds
+    torch.library.opcheck(ops.grouped_gemm, (x, w, counts, None, order, None, K, T * K, True))
+    torch.library.opcheck(ops.grouped_gemm_gated, (x_N, w, counts, None, gates, order, True))

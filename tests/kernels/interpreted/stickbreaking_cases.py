@@ -140,3 +140,11 @@ def test_no_atomics_or_locks_in_the_kernels():
 
     src = inspect.getsource(launch)
     assert "tl.atomic" not in src, "every dq/dk/dv element has one writer"
+
+
+def test_triton_ops_pass_opcheck():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 6, 4, generator=g, requires_grad=True)
+    k = torch.randn(1, 1, 7, 4, generator=g, requires_grad=True)
+    torch.library.opcheck(torch.ops.molm_ds.stickbreaking, (q, k, k, None, False, 4, 4, True))
+    torch.library.opcheck(torch.ops.molm_ds.stickbreaking_decode, (q[:, :, :1].detach(), k.detach(), k.detach(), None, True))
