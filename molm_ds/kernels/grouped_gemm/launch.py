@@ -180,7 +180,7 @@ def group_dw(x: Tensor, dy: Tensor, counts_E: Tensor, *, x_idx: Optional[Tensor]
     E, I, O = counts_E.numel(), x.shape[1], dy.shape[1]
     dw = torch.empty(E, I, O, device=x.device, dtype=dtype or x.dtype)
     blocks, opts = gemm_config(x)
-    bi, bo = blocks["BLOCK_N"], blocks["BLOCK_N"]  # square output tiles; BLOCK_K rows of the reduction at a time
+    bi, bo = blocks["BLOCK_M"], blocks["BLOCK_N"]  # dW tiles like Y tiles; BLOCK_K rows of the reduction at a time
     grid = (E, triton.cdiv(I, bi) * triton.cdiv(O, bo))
     _group_dw_kernel[grid](
         x, dy, dw, x_idx if x_idx is not None else counts_E, dy_idx if dy_idx is not None else counts_E,

@@ -41,5 +41,6 @@ def blocks_for(head_dim: int, dtype: torch.dtype, on_gpu: bool) -> Blocks:
         return Blocks(BM=64, BN=64, BD=d, BDV=d, num_warps=4, num_stages=2)
     if d <= 128:
         return Blocks(BM=64, BN=32, BD=d, BDV=d, num_warps=4, num_stages=2)
-    # wide heads: the logits are contracted 64 at a time and the output is split in 256-wide slices
-    return Blocks(BM=64, BN=32, BD=64, BDV=min(d, 256), num_warps=8, num_stages=2)
+    # wide heads (MoLM: 1024): logits contracted 64 at a time, the output split in 256-wide slices, 32-row
+    # tiles so that the dQ pass's two [BM, BDV] fp32 accumulators stay in registers
+    return Blocks(BM=32, BN=32, BD=64, BDV=min(d, 256), num_warps=8, num_stages=2)
