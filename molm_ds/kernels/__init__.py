@@ -7,8 +7,8 @@ Nothing here is autograd-aware: tier 2, the ``torch.library.custom_op`` wrappers
 formulas and fake (meta) implementations, lives in ``molm_ds.ops``, beside the backend switch and the
 readable references; tier 3 is the model's ``nn.Module`` s. This package imports without Triton and
 without a GPU: only ``<op>.launch`` imports Triton, and ``molm_ds.ops`` imports it only when a Triton
-path is chosen. On CPU tensors the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``
-set before ``<op>.launch`` is imported; see ``tests/kernels/conftest.py``).
+path is chosen. On CPU tensors the kernels run under the Triton interpreter, in a process started
+with ``TRITON_INTERPRET=1`` (``@triton.jit`` reads it when it decorates; ``tests/kernels/test_interpreter.py``).
 """
 
 from __future__ import annotations
