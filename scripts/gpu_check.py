@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """The GPU check, piece by piece: ``python scripts/gpu_check.py PART [--cpu-smoke] --out FILE.json``.
 
-``scripts/gpu_check.sh`` runs the parts in this order, each in its own process under a time limit, and
-merges their JSON into one file:
+``scripts/gpu_check.sh`` runs the parts in this order (pytest last), each in its own process under a
+time limit, and merges their JSON into one file:
 
   env      device, versions, the two ceilings measured on the card (bf16 matmul TFLOP/s, copy GB/s)
   pytest   ``pytest -m gpu tests/kernels tests/ops tests/model`` (the compiled kernels at test shapes)

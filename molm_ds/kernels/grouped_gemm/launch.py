@@ -17,7 +17,6 @@ no atomics, so results are bit-identical from run to run.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -123,10 +122,6 @@ def _group_dw_kernel(
         acc = tl.dot(xt, dy, acc, input_precision=PRECISION)
     tl.store(DW + e.to(tl.int64) * swe + ri[:, None] * swi + ro[None, :] * swo, acc.to(DW.dtype.element_ty),
              mask=imask[:, None] & omask[None, :])
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _precision(dtype: torch.dtype) -> str:
