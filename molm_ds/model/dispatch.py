@@ -12,7 +12,10 @@ The contract (the all-to-all dispatcher in ``molm_ds.parallel.dispatch`` impleme
     y_TD = dispatcher.combine(y_ND, weights_TK, plan)    # fused undispatch + gate-weighted sum
 
 A plan is made once per routing decision and reused by every dispatch of it (the attention layer
-dispatches its queries and its attention outputs with one plan). Within an expert, rows keep
+dispatches its queries and its attention outputs with one plan). ``plan.token_slots`` is the kept slot
+ids in expert order when the rows never leave this process (the local plan), None when they travel
+(all-to-all): with it an MLP's experts read x in token order and write the gate-weighted sum
+themselves (``MLPExperts.forward_tokens``), which skips the dispatch copy and the combine pass. Within an expert, rows keep
 token-major order (slot (t, s) before (t', s') iff t*K+s < t'*K+s'), so the expert-parallel dispatcher
 reproduces the exact same grouping. Layers never look at the dispatcher's type.
 
@@ -24,6 +27,7 @@ otherwise one, to learn N. Expert-id range checks read tensor values and run onl
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -47,11 +51,20 @@ class DispatchPlan:
     def counts_E(self) -> Tensor:
         return self.counts.tensor
 
+    @property
+    def token_slots(self) -> Optional[Tensor]:
+        """Slot ids (t * K + s) of the rows in expert order when the rows stay in this process, else None."""
+        return None
+
 
 @dataclass
 class LocalPlan(DispatchPlan):
     order_N: Tensor = None  # flat slot id (t * K + s) of each dispatched row, in expert order
     token_N: Tensor = None  # order_N // K: the token of each row
+
+    @property
+    def token_slots(self) -> Optional[Tensor]:
+        return self.order_N
 
 
 class _WeightedCombine(torch.autograd.Function):

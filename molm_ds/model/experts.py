@@ -1,7 +1,10 @@
-"""Expert computations on rows already grouped by expert. Experts know nothing of routing.
+"""Expert computations on rows grouped by expert. Experts know nothing of routing.
 
 Legend: N rows (token-expert pairs, grouped by expert: all rows of expert 0, then expert 1, ...),
-E experts (local experts under expert parallelism), D d_model, H MLP hidden, A attention width.
+E experts (local experts under expert parallelism), D d_model, H MLP hidden, A attention width,
+T tokens, K slots per token. Rows come grouped (``forward``: a dispatcher moved them, e.g. over an
+all-to-all) or stay in token order (``MLPExperts.forward_tokens``: the grouped order is given as slot
+ids, and the gather and the gate-weighted combine are fused into the two expert GEMMs).
 Weights are stacked with the expert first ([E, in, out], the released ModuleFormer orientation), so
 the grouped GEMM needs no per-step copy and expert parallelism slices dim 0.
 """
@@ -12,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from molm_ds.ops import grouped_gemm, grouped_mlp
+from molm_ds.ops import grouped_gemm, grouped_gemm_gated
 from molm_ds.ops.grouped_gemm import GroupCounts
 
 
@@ -50,9 +53,16 @@ class MLPExperts(nn.Module):
         return F.gelu(h_NH, approximate="tanh")
 
     def forward(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
-        if self.activation == "gelu_tanh":  # one fused Function: x -> w1 -> gelu_tanh -> w2
-            return grouped_mlp(x_ND, self.w1, self.w2, counts_E)
+        """Grouped rows in, grouped rows out."""
         return grouped_gemm(self.act(grouped_gemm(x_ND, self.w1, counts_E)), self.w2, counts_E)
+
+    def forward_tokens(self, x_TD: Tensor, weights_TK: Tensor, slot_N: Tensor, counts_E) -> Tensor:
+        """Token order in, y_TD = sum_k weights_TK[t, k] * f_e(x_t) out. ``slot_N`` lists the kept slots
+        (t*K + k) in expert order, ``counts_E`` how many belong to each expert: the first GEMM gathers
+        x rows by slot, the second scales each row by its gate and sums a token's slots (scattermoe's
+        mlp.py), so no [N, D] copy of x and no separate combine pass exist."""
+        h_NH = grouped_gemm(x_TD, self.w1, counts_E, src_N=slot_N, fan_in=weights_TK.shape[1])
+        return grouped_gemm_gated(self.act(h_NH), self.w2, counts_E, weights_TK, slot_N)
 
     def forward_reference(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
         """Readable loop over experts (the slow path)."""

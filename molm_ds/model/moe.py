@@ -1,7 +1,9 @@
 """MoE MLP sub-layer and the routing bookkeeping shared with the attention sub-layer.
 
 Legend: B batch, T tokens (B*T flattened inside the layer), D d_model, E experts, K experts per token.
-Stages: route -> plan (sort slots by expert) -> dispatch -> experts -> combine (unpermute + gates).
+Stages: route -> plan (sort slots by expert) -> dispatch -> experts -> combine (unpermute + gates); when
+the plan keeps the rows in this process (``plan.token_slots``), dispatch and combine are fused into the
+expert GEMMs (``MLPExperts.forward_tokens``).
 """
 
 from __future__ import annotations
@@ -67,7 +69,10 @@ class MoEMLP(nn.Module):
         mask_T = None if mask_BT is None else mask_BT.reshape(B * T).bool()
         r = self.router(x_TD, mask_T)
         plan = self.dispatcher.plan(r.idx_TK, dropless=not self.router.may_drop(mask_T))
-        y_ND = self.experts(self.dispatcher.dispatch(x_TD, plan), plan.counts)
-        y_TD = self.dispatcher.combine(y_ND, r.weights_TK, plan)
+        if plan.token_slots is not None:  # the rows stay here: gather and combine fuse into the GEMMs
+            y_TD = self.experts.forward_tokens(x_TD, r.weights_TK, plan.token_slots, plan.counts)
+        else:
+            y_ND = self.experts(self.dispatcher.dispatch(x_TD, plan), plan.counts)
+            y_TD = self.dispatcher.combine(y_ND, r.weights_TK, plan)
         self.last_routing = RoutingRecord(r.probs_TE.detach(), r.idx_TK.detach(), mask_T)
         return y_TD.view(B, T, D), aux_terms(r, mask_T)

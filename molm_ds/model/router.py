@@ -102,7 +102,7 @@ class Router(nn.Module):
     def forward(self, x_TD: Tensor, mask_T: Optional[Tensor] = None) -> RouterOutput:
         """Route T tokens. `mask_T` (bool, True = real token): padded tokens get idx -1 and weight 0."""
         logits_TE = self.logits(x_TD)
-        probs_TE = torch.softmax(logits_TE.float(), dim=-1).to(logits_TE.dtype)
+        probs_TE = torch.softmax(logits_TE.float(), dim=-1)  # fp32 under bf16 too: gates, top-k, aux losses
         if self.training and self.routing == "expert_choice":
             weights_TK, idx_TK = expert_choice(probs_TE, self.top_k, self.capacity_factor or 1.0, mask_T)
         else:

@@ -12,6 +12,7 @@ from typing import Iterator, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from molm_ds.config import ModelConfig
 from molm_ds.model.attention import KVCache, MixtureOfAttention
@@ -45,6 +46,9 @@ class MoLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        # Training with grad: recompute each block in the backward (the trainer sets it from the job's
+        # training.activation_checkpointing); the monitor's forward hooks ignore the recomputation.
+        self.activation_checkpointing = False
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
@@ -100,9 +104,13 @@ class MoLM(nn.Module):
         x = self.drop(self.wte(input_ids_BT))
         aux = {k: x.new_zeros((), dtype=torch.float32) for k in AUX_KEYS}
         presents = [] if use_cache else None
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             past = None if past_key_values is None else past_key_values[i]
-            x, aux_i, present = block(x, mask_BT, key_mask_BS, past)
+            if recompute:
+                x, aux_i, present = checkpoint(block, x, mask_BT, key_mask_BS, past, use_reentrant=False)
+            else:
+                x, aux_i, present = block(x, mask_BT, key_mask_BS, past)
             aux = {k: aux[k] + aux_i[k] for k in AUX_KEYS}
             if use_cache:
                 presents.append(present)

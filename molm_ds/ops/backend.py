@@ -4,7 +4,8 @@ auto (default): Triton kernels for CUDA tensors when Triton imports, PyTorch pat
 torch: always the PyTorch paths (block-wise CPU code / loops), also on CUDA.
 triton: always the Triton kernels; an error if Triton is missing. On CPU tensors this only works
 under `TRITON_INTERPRET=1` (the interpreter; slow, for tests).
-The variable is read at every call, so tests and scripts can flip it with `os.environ`.
+The variable is read at every call, so tests and scripts can flip it with `os.environ`; under
+`torch.compile` it is read while tracing, and the choice is part of the graph.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ from __future__ import annotations
 import os
 
 from torch import Tensor
+
+from molm_ds.kernels import triton_available
+
+__all__ = ["kernels_mode", "triton_available", "use_triton"]
 
 _CHOICES = ("auto", "torch", "triton")
 
@@ -21,15 +26,6 @@ def kernels_mode() -> str:
     if mode not in _CHOICES:
         raise ValueError(f"MOLM_DS_KERNELS={mode!r}: use one of {', '.join(_CHOICES)}")
     return mode
-
-
-def triton_available() -> bool:
-    try:
-        import kernels
-
-        return kernels.triton_available()
-    except ImportError:
-        return False
 
 
 def use_triton(t: Tensor) -> bool:

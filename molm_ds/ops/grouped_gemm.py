@@ -1,25 +1,45 @@
-"""Grouped expert GEMM on rows that are already grouped by expert.
+"""Grouped expert GEMMs: one GEMM per expert over rows grouped by expert, gather and scatter fused in.
 
-Legend: N = rows (token-expert pairs), E = experts, I = input width, O = output width.
-`x_NI` holds the rows of expert 0 first, then expert 1, ...; `counts_E[e]` rows belong to expert e.
+Legend: N grouped rows (all rows of expert 0, then expert 1, ...; ``counts_E[e]`` rows are expert e's),
+E experts, I/O in/out width, T tokens, K slots per token (flat slot id s = t*K + k), F a fan-in.
 Counts are an int64 tensor [E], a list, or a `GroupCounts` (tensor + host list made once and shared).
 
-Paths (picked by `molm_ds.ops.backend`, env `MOLM_DS_KERNELS`): the Triton scattered GEMM
-(`kernels.grouped_gemm`) for CUDA tensors, otherwise `_GroupedGemmLoop`, a custom autograd Function
-that runs one `mm` per expert straight into the output (no cat, no padding) and writes the backward
-by hand (dX_e = dY_e W_e^T, dW_e = X_e^T dY_e). On this CPU build it is as fast as
-`torch._grouped_mm`, which needs 16-byte aligned strides and whose backward failed here.
+    grouped_gemm(x, w_EIO, counts, *, src_N=None, fan_in=1, dst_N=None, out_rows=None)
+        y[dst_N[p]] = x[src_N[p] // fan_in] @ w[e(p)] for grouped row p. Without src_N row p reads
+        x[p]; without dst_N it writes y[p]. src_N / dst_N hold distinct slot ids (a gather that repeats
+        a row goes through fan_in: src_N = slot ids, fan_in = K reads the token row of each slot).
+    grouped_gemm_gated(x_NI, w_EIO, counts, gates_TK, slot_N)
+        y_TD[t] = sum_k gates_TK[t, k] * (x_NI[p] @ w[e(p)]) where p is the row of slot t*K + k
+        (slot_N[p] = t*K + k; dropped slots have no row): the second expert GEMM of an MoE MLP with the
+        gate-weighted combine folded in (scattermoe's mlp.py).
+
+Each has a readable reference with the same signature (``*_reference``). Each is one
+``torch.library.custom_op`` (``molm_ds::grouped_gemm``, ``molm_ds::grouped_gemm_gated``) with
+``register_autograd`` (its backward is one more op, ``*_backward``) and ``register_fake``, so
+``torch.compile`` traces through them. The backend switch (``molm_ds.ops.backend``) picks, per call:
+
+- Triton (``molm_ds.kernels.grouped_gemm``): gather, scatter and gate scaling inside the GEMM kernels;
+  counts read on the device (no host sync); the gated forward writes slot-order rows [T*K, O] and
+  sums the K slots of a token with one ``bmm`` (deterministic, no atomics).
+- PyTorch: ``index_select`` gather, one ``mm`` per expert straight into the output (no cat, no
+  padding), ``index_add_`` scatter; on this CPU build as fast as ``torch._grouped_mm`` (which needs
+  16-byte aligned strides and whose backward failed here). It needs the counts on the host: the
+  `GroupCounts` of a dispatch plan converts them once for every GEMM of the layer, forward and backward.
+
+dx/dw of both and dgates of the gated one are tested against the references (tests/ops, tests/kernels).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor
 
 from molm_ds.errors import debug_enabled
 from molm_ds.ops.backend import use_triton
+
+__all__ = ["GroupCounts", "grouped_gemm", "grouped_gemm_gated", "grouped_gemm_gated_reference", "grouped_gemm_reference"]
 
 
 class GroupCounts:
@@ -51,165 +71,282 @@ class GroupCounts:
         return f"GroupCounts({self._host if self._host is not None else tuple(self.tensor.shape)})"
 
 
-def _check_shapes(x_NI: Tensor, w_EIO: Tensor, counts: GroupCounts) -> None:
+# ---- checks -------------------------------------------------------------------------------------
+def _check_shapes(x: Tensor, w_EIO: Tensor, counts: GroupCounts, what: str = "grouped_gemm") -> None:
     """Shape checks (free). The counts' values are checked where they are on the host anyway (the loop
     path) or, under MOLM_DS_DEBUG=1, on the Triton path."""
-    if x_NI.dim() != 2 or w_EIO.dim() != 3 or x_NI.shape[1] != w_EIO.shape[1]:
-        raise ValueError(f"grouped_gemm: x {tuple(x_NI.shape)} and w {tuple(w_EIO.shape)} do not fit (need x [N, I], w [E, I, O])")
+    if x.dim() != 2 or w_EIO.dim() != 3 or x.shape[1] != w_EIO.shape[1]:
+        raise ValueError(f"{what}: x {tuple(x.shape)} and w {tuple(w_EIO.shape)} do not fit (need x [N, I], w [E, I, O])")
     if counts.tensor.dim() != 1 or counts.tensor.shape[0] != w_EIO.shape[0]:
-        raise ValueError(f"grouped_gemm: counts {tuple(counts.tensor.shape)} must be [E] with E = {w_EIO.shape[0]} experts")
+        raise ValueError(f"{what}: counts {tuple(counts.tensor.shape)} must be [E] with E = {w_EIO.shape[0]} experts")
 
 
-def _check_values(x_NI: Tensor, counts: list) -> None:
-    if sum(counts) != x_NI.shape[0] or min(counts, default=0) < 0:
-        raise ValueError(f"grouped_gemm: counts sum to {sum(counts)} but x has {x_NI.shape[0]} rows (counts {counts})")
+def _check_values(n_rows: int, counts: list, what: str = "grouped_gemm") -> None:
+    if sum(counts) != n_rows or min(counts, default=0) < 0:
+        raise ValueError(f"{what}: counts sum to {sum(counts)} but there are {n_rows} rows (counts {counts})")
 
 
-def _host_counts(x_NI: Tensor, w_EIO: Tensor, counts) -> list:
-    counts = GroupCounts.of(counts)
-    _check_shapes(x_NI, w_EIO, counts)
+def _host_counts(counts: GroupCounts, n_rows: int, triton: bool, what: str) -> Optional[List[int]]:
+    """The host list the loop path needs (None for Triton, which reads the device tensor, and while
+    torch.compile traces: then the op converts the counts inside itself)."""
+    if triton:
+        if debug_enabled():
+            _check_values(n_rows, counts.host(), what)
+        return None
+    if torch.compiler.is_compiling():
+        return None
     host = counts.host()
-    _check_values(x_NI, host)
+    _check_values(n_rows, host, what)
     return host
 
 
-def _triton_counts(x_NI: Tensor, w_EIO: Tensor, counts) -> Tensor:
-    counts = GroupCounts.of(counts)
-    _check_shapes(x_NI, w_EIO, counts)
-    if debug_enabled():
-        _check_values(x_NI, counts.host())
-    return counts.tensor
+def _on(t: Tensor, like: Tensor) -> Tensor:
+    return t if t.device == like.device else t.to(like.device, non_blocking=True)
 
 
-def grouped_gemm_reference(x_NI: Tensor, w_EIO: Tensor, counts_E) -> Tensor:
-    """Readable loop: y[rows of e] = x[rows of e] @ w[e]."""
-    if x_NI.dim() != 2 or w_EIO.dim() != 3 or x_NI.shape[1] != w_EIO.shape[1]:
-        raise ValueError(f"grouped_gemm: x {tuple(x_NI.shape)} and w {tuple(w_EIO.shape)} do not fit")
-    outs = []
-    start = 0
-    for e, n in enumerate(GroupCounts.of(counts_E).host()):
-        outs.append(x_NI[start : start + n] @ w_EIO[e])
-        start += n
-    if start != x_NI.shape[0]:
-        raise ValueError(f"grouped_gemm: counts sum to {start} but x has {x_NI.shape[0]} rows")
-    if not outs:
-        return x_NI.new_zeros(0, w_EIO.shape[2])
-    return torch.cat(outs, dim=0)
+# ---- the PyTorch path ---------------------------------------------------------------------------
+def _loop_counts(counts: Tensor, host: Optional[List[int]]) -> List[int]:
+    return list(host) if host is not None else [int(c) for c in counts.tolist()]
 
 
-def _mm_groups(a_NI: Tensor, b_EIO: Tensor, counts: list[int], transpose_b: bool) -> Tensor:
-    out = a_NI.new_empty(a_NI.shape[0], b_EIO.shape[1] if transpose_b else b_EIO.shape[2])
+def _rows(x: Tensor, idx: Optional[Tensor], fan: int) -> Tensor:
+    """x[idx // fan] (x itself without idx)."""
+    if idx is None:
+        return x
+    return x.index_select(0, idx if fan == 1 else idx // fan)
+
+
+def _mm_groups(a_NI: Tensor, b_EIO: Tensor, counts: List[int]) -> Tensor:
+    """out[rows of e] = a[rows of e] @ b[e]; b may be a transposed view (the backward's w^T)."""
+    out = a_NI.new_empty(a_NI.shape[0], b_EIO.shape[2])
     s = 0
     for e, n in enumerate(counts):
         if n:
-            torch.mm(a_NI[s : s + n], b_EIO[e].t() if transpose_b else b_EIO[e], out=out[s : s + n])
+            torch.mm(a_NI[s : s + n], b_EIO[e], out=out[s : s + n])
         s += n
     return out
 
 
-class _GroupedGemmLoop(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_NI: Tensor, w_EIO: Tensor, counts: list[int]) -> Tensor:
-        dt = torch.promote_types(x_NI.dtype, w_EIO.dtype)
-        x_NI, w_EIO = x_NI.to(dt), w_EIO.to(dt)
-        ctx.save_for_backward(x_NI, w_EIO)
-        ctx.counts = counts
-        return _mm_groups(x_NI.contiguous(), w_EIO, counts, transpose_b=False)
-
-    @staticmethod
-    def backward(ctx, dy_NO: Tensor):
-        x_NI, w_EIO = ctx.saved_tensors
-        counts = ctx.counts
-        dy_NO = dy_NO.contiguous()
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = _mm_groups(dy_NO, w_EIO, counts, transpose_b=True)
-        if ctx.needs_input_grad[1]:
-            dw = torch.empty_like(w_EIO)
-            s = 0
-            for e, n in enumerate(counts):
-                if n:
-                    torch.mm(x_NI[s : s + n].t(), dy_NO[s : s + n], out=dw[e])
-                else:
-                    dw[e].zero_()  # an expert with no rows gets a zero gradient
-                s += n
-        return dx, dw, None
+def _dw_groups(x_NI: Tensor, dy_NO: Tensor, counts: List[int], like: Tensor) -> Tensor:
+    """dw[e] = x[rows of e]^T dy[rows of e]; zero for an expert without rows."""
+    dw = torch.empty_like(like)
+    s = 0
+    for e, n in enumerate(counts):
+        if n:
+            torch.mm(x_NI[s : s + n].t(), dy_NO[s : s + n], out=dw[e])
+        else:
+            dw[e].zero_()
+        s += n
+    return dw
 
 
-def grouped_gemm(x_NI: Tensor, w_EIO: Tensor, counts_E) -> Tensor:
-    """y_NO[rows of e] = x_NI[rows of e] @ w_EIO[e]; differentiable in x and w.
+# ---- molm_ds::grouped_gemm ----------------------------------------------------------------------
+@torch.library.custom_op("molm_ds::grouped_gemm", mutates_args=())
+def _grouped_gemm_op(x: Tensor, w: Tensor, counts: Tensor, counts_host: Optional[List[int]], src: Optional[Tensor],
+                     dst: Optional[Tensor], fan_in: int, out_rows: int, triton: bool) -> Tensor:
+    if triton:
+        from molm_ds.kernels.grouped_gemm import launch
 
-    Triton on CUDA (under MOLM_DS_KERNELS=auto|triton), the per-expert loop otherwise.
-    """
-    if use_triton(x_NI):
-        from kernels.grouped_gemm import grouped_gemm_triton
-
-        return grouped_gemm_triton(x_NI, w_EIO, _triton_counts(x_NI, w_EIO, counts_E))
-    return _GroupedGemmLoop.apply(x_NI, w_EIO, _host_counts(x_NI, w_EIO, counts_E))
-
-
-def grouped_mlp_reference(x_NI: Tensor, w1_EIH: Tensor, w2_EHO: Tensor, counts_E) -> Tensor:
-    """Readable loop: y[rows of e] = gelu_tanh(x[rows of e] @ w1[e]) @ w2[e]."""
-    h = grouped_gemm_reference(x_NI, w1_EIH, counts_E)
-    return grouped_gemm_reference(torch.nn.functional.gelu(h, approximate="tanh"), w2_EHO, counts_E)
+        return launch.scatter2scatter(x, w, counts, src=src, fan_in=fan_in, dst=dst, out_rows=out_rows)
+    y = _mm_groups(_rows(x, src, fan_in).contiguous(), w, _loop_counts(counts, counts_host))
+    if dst is None:
+        return y
+    out = y.new_empty(out_rows, y.shape[1]) if y.shape[0] == out_rows else y.new_zeros(out_rows, y.shape[1])
+    return out.index_copy_(0, dst, y)
 
 
-class _GroupedMLPLoop(torch.autograd.Function):
-    """Whole expert MLP (x -> w1 -> gelu_tanh -> w2) as one Function: per-expert `mm` into
-    preallocated outputs, saves x, h (pre-activation) and a = gelu(h), nothing else."""
-
-    @staticmethod
-    def forward(ctx, x_NI: Tensor, w1_EIH: Tensor, w2_EHO: Tensor, counts: list[int]) -> Tensor:
-        dt = torch.promote_types(torch.promote_types(x_NI.dtype, w1_EIH.dtype), w2_EHO.dtype)
-        x_NI, w1_EIH, w2_EHO = x_NI.to(dt).contiguous(), w1_EIH.to(dt), w2_EHO.to(dt)
-        h_NH = _mm_groups(x_NI, w1_EIH, counts, transpose_b=False)
-        a_NH = torch.nn.functional.gelu(h_NH, approximate="tanh")
-        ctx.save_for_backward(x_NI, w1_EIH, w2_EHO, h_NH, a_NH)
-        ctx.counts = counts
-        return _mm_groups(a_NH, w2_EHO, counts, transpose_b=False)
-
-    @staticmethod
-    def backward(ctx, dy_NO: Tensor):
-        x_NI, w1_EIH, w2_EHO, h_NH, a_NH = ctx.saved_tensors
-        counts = ctx.counts
-        dy_NO = dy_NO.contiguous()
-        need_x, need_w1, need_w2 = ctx.needs_input_grad[:3]
-        dw1 = torch.empty_like(w1_EIH) if need_w1 else None
-        dw2 = torch.empty_like(w2_EHO) if need_w2 else None
-        da_NH = h_NH.new_empty(h_NH.shape)
-        s = 0
-        for e, n in enumerate(counts):
-            if n:
-                rows = slice(s, s + n)
-                torch.mm(dy_NO[rows], w2_EHO[e].t(), out=da_NH[rows])
-                if need_w2:
-                    torch.mm(a_NH[rows].t(), dy_NO[rows], out=dw2[e])
-            elif need_w2:
-                dw2[e].zero_()
-            s += n
-        # dh = gelu'(h) * da, written over da (elementwise, same shape: aliasing is safe)
-        dh_NH = torch.ops.aten.gelu_backward.grad_input(da_NH, h_NH, approximate="tanh", grad_input=da_NH)
-        dx = _mm_groups(dh_NH, w1_EIH, counts, transpose_b=True) if need_x else None
-        if need_w1:
-            s = 0
-            for e, n in enumerate(counts):
-                if n:
-                    torch.mm(x_NI[s : s + n].t(), dh_NH[s : s + n], out=dw1[e])
-                else:
-                    dw1[e].zero_()
-                s += n
-        return dx, dw1, dw2, None
+@_grouped_gemm_op.register_fake
+def _(x, w, counts, counts_host, src, dst, fan_in, out_rows, triton):
+    return x.new_empty(out_rows, w.shape[2])
 
 
-def grouped_mlp(x_NI: Tensor, w1_EIH: Tensor, w2_EHO: Tensor, counts_E) -> Tensor:
-    """y_NO[rows of e] = gelu_tanh(x_NI[rows of e] @ w1[e]) @ w2[e]; differentiable in x, w1, w2.
+@torch.library.custom_op("molm_ds::grouped_gemm_backward", mutates_args=())
+def _grouped_gemm_backward_op(dy: Tensor, x: Tensor, w: Tensor, counts: Tensor, counts_host: Optional[List[int]],
+                              src: Optional[Tensor], dst: Optional[Tensor], fan_in: int, need_x: bool, need_w: bool,
+                              triton: bool) -> tuple[Tensor, Tensor]:
+    """(dx, dw) of ``grouped_gemm``; an empty tensor for a gradient that is not needed."""
+    dx, dw = x.new_empty(0), w.new_empty(0)
+    wT = w.transpose(1, 2)
+    if triton:
+        from molm_ds.kernels.grouped_gemm import launch
 
-    One autograd Function on the PyTorch path (`_GroupedMLPLoop`); on the Triton path two
-    `grouped_gemm` calls around the activation.
-    """
-    if w1_EIH.dim() != 3 or w2_EHO.dim() != 3 or w1_EIH.shape[0] != w2_EHO.shape[0] or w1_EIH.shape[2] != w2_EHO.shape[1]:
-        raise ValueError(f"grouped_mlp: w1 {tuple(w1_EIH.shape)} and w2 {tuple(w2_EHO.shape)} do not fit (need [E, I, H] and [E, H, O])")
-    if use_triton(x_NI):
-        h = grouped_gemm(x_NI, w1_EIH, counts_E)
-        return grouped_gemm(torch.nn.functional.gelu(h, approximate="tanh"), w2_EHO, counts_E)
-    return _GroupedMLPLoop.apply(x_NI, w1_EIH, w2_EHO, _host_counts(x_NI, w1_EIH, counts_E))
+        if need_x:  # dx_slot[src(p)] = dy[dst(p)] @ w^T, then the fan_in slots of a row summed
+            if src is None:
+                dx = launch.scatter2scatter(dy, wT, counts, src=dst)
+            else:
+                dx = launch.scatter2scatter(dy, wT, counts, src=dst, dst=src, out_rows=x.shape[0] * fan_in)
+                if fan_in > 1:
+                    dx = dx.view(x.shape[0], fan_in, -1).sum(1)
+        if need_w:
+            dw = launch.group_dw(x, dy, counts, x_idx=src, fan_x=fan_in, dy_idx=dst, dtype=w.dtype)
+        return dx, dw
+    host = _loop_counts(counts, counts_host)
+    dy_N = _rows(dy, dst, 1).contiguous()
+    if need_x:
+        dx_N = _mm_groups(dy_N, wT, host)
+        dx = dx_N if src is None else x.new_zeros(x.shape).index_add_(0, src // fan_in, dx_N)
+    if need_w:
+        dw = _dw_groups(_rows(x, src, fan_in).contiguous(), dy_N, host, w)
+    return dx, dw
+
+
+@_grouped_gemm_backward_op.register_fake
+def _(dy, x, w, counts, counts_host, src, dst, fan_in, need_x, need_w, triton):
+    return (torch.empty_like(x) if need_x else x.new_empty(0)), (torch.empty_like(w) if need_w else w.new_empty(0))
+
+
+def _gg_setup(ctx, inputs, output):
+    x, w, counts, counts_host, src, dst, fan_in, out_rows, triton = inputs
+    ctx.save_for_backward(x, w, counts, src, dst)
+    ctx.cfg = (counts_host, fan_in, triton)
+
+
+def _gg_backward(ctx, dy):
+    x, w, counts, src, dst = ctx.saved_tensors
+    counts_host, fan_in, triton = ctx.cfg
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dx, dw = torch.ops.molm_ds.grouped_gemm_backward(dy.contiguous(), x, w, counts, counts_host, src, dst, fan_in,
+                                                     need_x, need_w, triton)
+    return (dx if need_x else None), (dw if need_w else None), None, None, None, None, None, None, None
+
+
+_grouped_gemm_op.register_autograd(_gg_backward, setup_context=_gg_setup)
+
+
+def grouped_gemm(x: Tensor, w_EIO: Tensor, counts, *, src_N: Optional[Tensor] = None, fan_in: int = 1,
+                 dst_N: Optional[Tensor] = None, out_rows: Optional[int] = None) -> Tensor:
+    """y[dst_N[p]] = x[src_N[p] // fan_in] @ w_EIO[e(p)]; differentiable in x and w (module docstring)."""
+    c = GroupCounts.of(counts)
+    _check_shapes(x, w_EIO, c)
+    n = src_N.shape[0] if src_N is not None else x.shape[0]
+    if out_rows is None:
+        if dst_N is not None:
+            raise ValueError("grouped_gemm: with dst_N, give out_rows (the rows of the scattered output)")
+        out_rows = n
+    dt = torch.promote_types(x.dtype, w_EIO.dtype)
+    x, w_EIO = x.to(dt), w_EIO.to(dt)
+    triton = use_triton(x)
+    host = _host_counts(c, n, triton, "grouped_gemm")
+    return torch.ops.molm_ds.grouped_gemm(x, w_EIO, _on(c.tensor, x), host, src_N, dst_N, fan_in, out_rows, triton)
+
+
+def grouped_gemm_reference(x: Tensor, w_EIO: Tensor, counts, *, src_N: Optional[Tensor] = None, fan_in: int = 1,
+                           dst_N: Optional[Tensor] = None, out_rows: Optional[int] = None) -> Tensor:
+    """Readable loop with the signature of `grouped_gemm`: gather, y[rows of e] = x[rows of e] @ w[e], scatter."""
+    if x.dim() != 2 or w_EIO.dim() != 3 or x.shape[1] != w_EIO.shape[1]:
+        raise ValueError(f"grouped_gemm: x {tuple(x.shape)} and w {tuple(w_EIO.shape)} do not fit")
+    rows = x if src_N is None else x[src_N // fan_in]
+    outs, start = [], 0
+    for e, n in enumerate(GroupCounts.of(counts).host()):
+        outs.append(rows[start : start + n] @ w_EIO[e])
+        start += n
+    if start != rows.shape[0]:
+        raise ValueError(f"grouped_gemm: counts sum to {start} but there are {rows.shape[0]} rows")
+    y = torch.cat(outs, dim=0) if outs else x.new_zeros(0, w_EIO.shape[2])
+    if dst_N is None:
+        return y
+    return y.new_zeros(out_rows, y.shape[1]).index_copy(0, dst_N, y)
+
+
+# ---- molm_ds::grouped_gemm_gated ----------------------------------------------------------------
+@torch.library.custom_op("molm_ds::grouped_gemm_gated", mutates_args=())
+def _gated_op(x: Tensor, w: Tensor, counts: Tensor, counts_host: Optional[List[int]], gates: Tensor, slot: Tensor,
+              triton: bool) -> tuple[Tensor, Tensor]:
+    """(y_TD, rows kept for the gate gradient: slot order [T*K, O] on Triton, grouped [N, O] otherwise)."""
+    T, K = gates.shape
+    if triton:
+        from molm_ds.kernels.grouped_gemm import launch
+
+        y_S = launch.scatter2scatter(x, w, counts, dst=slot, out_rows=T * K)  # dropped slots: zero rows
+        y = torch.bmm(gates.unsqueeze(1).to(y_S.dtype), y_S.view(T, K, -1)).squeeze(1)
+        return y, y_S
+    y_N = _mm_groups(x.contiguous(), w, _loop_counts(counts, counts_host))
+    w_N = gates.reshape(-1).index_select(0, slot).to(y_N.dtype)
+    y = y_N.new_zeros(T, y_N.shape[1])
+    y.index_add_(0, slot // K, y_N * w_N[:, None])
+    return y, y_N
+
+
+@_gated_op.register_fake
+def _(x, w, counts, counts_host, gates, slot, triton):
+    T, K = gates.shape
+    return x.new_empty(T, w.shape[2]), x.new_empty(T * K if triton else x.shape[0], w.shape[2])
+
+
+@torch.library.custom_op("molm_ds::grouped_gemm_gated_backward", mutates_args=())
+def _gated_backward_op(dy: Tensor, x: Tensor, w: Tensor, counts: Tensor, counts_host: Optional[List[int]],
+                       gates: Tensor, slot: Tensor, rows: Tensor, need_x: bool, need_w: bool, need_g: bool,
+                       triton: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dw, dgates) of ``grouped_gemm_gated``; an empty tensor for a gradient that is not needed."""
+    T, K = gates.shape
+    dx, dw, dg = x.new_empty(0), w.new_empty(0), gates.new_empty(0)
+    if triton:
+        from molm_ds.kernels.grouped_gemm import launch
+
+        if need_g:  # dgates[t, k] = dy_t . y_tk
+            dg = torch.bmm(rows.view(T, K, -1), dy.unsqueeze(2).to(rows.dtype)).squeeze(2).to(gates.dtype)
+        g_N = gates.reshape(-1).index_select(0, slot).float()
+        if need_x:  # dx_p = g_p dy[token(p)] @ w^T
+            dx = launch.scatter2scatter(dy, w.transpose(1, 2), counts, src=slot, fan_in=K, scale=g_N)
+        if need_w:  # dw_e = sum_p x_p^T (g_p dy[token(p)])
+            dw = launch.group_dw(x, dy, counts, dy_idx=slot, fan_dy=K, scale=g_N, dtype=w.dtype)
+        return dx, dw, dg
+    host = _loop_counts(counts, counts_host)
+    dy_N = dy.index_select(0, slot // K)  # the gradient of each row's token
+    if need_g:
+        dg_N = torch.linalg.vecdot(dy_N, rows)
+        dg = dg_N.new_zeros(T * K).index_copy_(0, slot, dg_N).view(T, K).to(gates.dtype)  # dropped slots: 0
+    dy_N.mul_(gates.reshape(-1).index_select(0, slot).to(dy_N.dtype)[:, None])
+    if need_x:
+        dx = _mm_groups(dy_N, w.transpose(1, 2), host)
+    if need_w:
+        dw = _dw_groups(x.contiguous(), dy_N, host, w)
+    return dx, dw, dg
+
+
+@_gated_backward_op.register_fake
+def _(dy, x, w, counts, counts_host, gates, slot, rows, need_x, need_w, need_g, triton):
+    return ((torch.empty_like(x) if need_x else x.new_empty(0)), (torch.empty_like(w) if need_w else w.new_empty(0)),
+            (torch.empty_like(gates) if need_g else gates.new_empty(0)))
+
+
+def _gated_setup(ctx, inputs, output):
+    x, w, counts, counts_host, gates, slot, triton = inputs
+    ctx.save_for_backward(x, w, counts, gates, slot, output[1])
+    ctx.cfg = (counts_host, triton)
+
+
+def _gated_backward(ctx, dy, _drows):
+    x, w, counts, gates, slot, rows = ctx.saved_tensors
+    counts_host, triton = ctx.cfg
+    need_x, need_w, need_g = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[4]
+    dx, dw, dg = torch.ops.molm_ds.grouped_gemm_gated_backward(dy.contiguous(), x, w, counts, counts_host, gates, slot,
+                                                              rows, need_x, need_w, need_g, triton)
+    return (dx if need_x else None), (dw if need_w else None), None, None, (dg if need_g else None), None, None
+
+
+_gated_op.register_autograd(_gated_backward, setup_context=_gated_setup)
+
+
+def grouped_gemm_gated(x_NI: Tensor, w_EIO: Tensor, counts, gates_TK: Tensor, slot_N: Tensor) -> Tensor:
+    """y_TD[t] = sum_k gates_TK[t, k] * x_NI[row of slot t*K+k] @ w_EIO[e]; differentiable in x, w and gates."""
+    c = GroupCounts.of(counts)
+    _check_shapes(x_NI, w_EIO, c, "grouped_gemm_gated")
+    if gates_TK.dim() != 2 or slot_N.shape != (x_NI.shape[0],):
+        raise ValueError(f"grouped_gemm_gated: gates {tuple(gates_TK.shape)} must be [T, K] and slots "
+                         f"{tuple(slot_N.shape)} one per row of x {tuple(x_NI.shape)}")
+    dt = torch.promote_types(x_NI.dtype, w_EIO.dtype)
+    x_NI, w_EIO = x_NI.to(dt), w_EIO.to(dt)
+    triton = use_triton(x_NI)
+    host = _host_counts(c, x_NI.shape[0], triton, "grouped_gemm_gated")
+    y, _ = torch.ops.molm_ds.grouped_gemm_gated(x_NI, w_EIO, _on(c.tensor, x_NI), host, gates_TK, slot_N, triton)
+    return y
+
+
+def grouped_gemm_gated_reference(x_NI: Tensor, w_EIO: Tensor, counts, gates_TK: Tensor, slot_N: Tensor) -> Tensor:
+    """Readable slow path of `grouped_gemm_gated`: the grouped GEMM, then each row times its slot's gate added
+    to its token."""
+    T, K = gates_TK.shape
+    y_N = grouped_gemm_reference(x_NI, w_EIO, counts)
+    g_N = gates_TK.reshape(-1)[slot_N].to(y_N.dtype)
+    return y_N.new_zeros(T, y_N.shape[1]).index_add(0, slot_N // K, y_N * g_N[:, None])

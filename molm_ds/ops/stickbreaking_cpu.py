@@ -194,38 +194,45 @@ def _backward(q5, k, v, o5, do5, include_current, kpm, bq, bk):
     return dq, dk, dv
 
 
-class _StickBreakingBlockwise(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, include_current, kpm, bq, bk):
-        B, Hq, Tq, d = q.shape
-        Hk, Tk = k.shape[1], k.shape[2]
-        g = Hq // Hk
-        scale = 1.0 / math.sqrt(d)
-        cdt = torch.promote_types(q.dtype, torch.float32)  # fp32 math for bf16/fp16, fp64 stays fp64
-        q5 = (q.to(cdt) * scale).view(B, Hk, g, Tq, d)
-        kf, vf = k.to(cdt), v.to(cdt)
-        kpm_B1 = None if kpm is None else kpm.bool()[:, None]
-        o5, asum = _forward(q5, kf, vf, include_current, kpm_B1, bq, bk)
-        rem = None
-        if not include_current:
-            rem = (1.0 - asum).clamp_min(0.0)
-            o5 = o5 + rem * vf[:, :, None, Tk - Tq :]
-        ctx.save_for_backward(q5, kf, vf, o5, rem if rem is not None else o5.new_empty(0), kpm_B1 if kpm_B1 is not None else o5.new_empty(0))
-        ctx.cfg = (include_current, kpm is not None, bq, bk, q.dtype, k.dtype, v.dtype, scale)
-        return o5.reshape(B, Hq, Tq, d).to(q.dtype)
+def blockwise_forward(q: Tensor, k: Tensor, v: Tensor, include_current: bool, kpm: Optional[Tensor], bq: int,
+                      bk: int) -> tuple[Tensor, Tensor]:
+    """(o [B,Hq,Tq,d], rem [B,Hq,Tq]: the stick left to the current token, empty when include_current),
+    both in the compute dtype: fp32 for bf16/fp16 inputs, fp64 for fp64. The caller casts o; the backward
+    takes this o, since G_i = do_i . o_i from a bf16-rounded o would put its rounding into every dz."""
+    B, Hq, Tq, d = q.shape
+    Hk, Tk = k.shape[1], k.shape[2]
+    g = Hq // Hk
+    q5, kf, vf, kpm_B1 = _prepare(q, k, v, kpm)
+    o5, asum = _forward(q5, kf, vf, include_current, kpm_B1, bq, bk)
+    if include_current:
+        return o5.reshape(B, Hq, Tq, d), o5.new_empty(0)
+    rem = (1.0 - asum).clamp_min(0.0)
+    o5 = o5 + rem * vf[:, :, None, Tk - Tq :]
+    return o5.reshape(B, Hq, Tq, d), rem.reshape(B, Hk * g, Tq)
 
-    @staticmethod
-    def backward(ctx, do):
-        q5, kf, vf, o5, rem, kpm_B1 = ctx.saved_tensors
-        include_current, has_kpm, bq, bk, qdt, kdt, vdt, scale = ctx.cfg
-        B, Hk, g, Tq, d = q5.shape
-        Tk = kf.shape[2]
-        do5 = do.to(q5.dtype).contiguous().reshape(B, Hk, g, Tq, d)  # .sum() gives a stride-0 grad
-        dq5, dk, dv = _backward(q5, kf, vf, o5, do5, include_current, kpm_B1 if has_kpm else None, bq, bk)
-        if not include_current:
-            dv[:, :, Tk - Tq :].add_((rem * do5).sum(2))  # o_i += rem_i v_i
-        dq = (dq5 * scale).reshape(B, Hk * g, Tq, d).to(qdt)
-        return dq, dk.to(kdt), dv.to(vdt), None, None, None, None
+
+def blockwise_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, rem: Tensor, include_current: bool,
+                       kpm: Optional[Tensor], bq: int, bk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of `blockwise_forward`'s o (given in the compute dtype), in the inputs' dtypes."""
+    B, Hq, Tq, d = q.shape
+    Hk, Tk = k.shape[1], k.shape[2]
+    g = Hq // Hk
+    q5, kf, vf, kpm_B1 = _prepare(q, k, v, kpm)
+    o5 = o.to(q5.dtype).reshape(B, Hk, g, Tq, d)
+    do5 = do.to(q5.dtype).contiguous().reshape(B, Hk, g, Tq, d)  # .sum() gives a stride-0 grad
+    dq5, dk, dv = _backward(q5, kf, vf, o5, do5, include_current, kpm_B1, bq, bk)
+    if not include_current:  # o_i += rem_i v_i
+        dv[:, :, Tk - Tq :].add_((rem.to(q5.dtype).reshape(B, Hk, g, Tq, 1) * do5).sum(2))
+    dq = (dq5 * (1.0 / math.sqrt(d))).reshape(B, Hq, Tq, d).to(q.dtype)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _prepare(q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor]):
+    B, Hq, Tq, d = q.shape
+    Hk = k.shape[1]
+    cdt = torch.promote_types(q.dtype, torch.float32)  # fp32 math for bf16/fp16, fp64 stays fp64
+    q5 = (q.to(cdt) * (1.0 / math.sqrt(d))).view(B, Hk, Hq // Hk, Tq, d)
+    return q5, k.to(cdt), v.to(cdt), None if kpm is None else kpm.bool()[:, None]
 
 
 def stickbreaking_blockwise(
@@ -238,5 +245,9 @@ def stickbreaking_blockwise(
     block_q: int = BLOCK_Q,
     block_k: int = BLOCK_K,
 ) -> Tensor:
-    """Same contract as `stickbreaking_reference`; block-wise forward and hand-written backward."""
-    return _StickBreakingBlockwise.apply(q, k, v, include_current, key_padding_mask, block_q, block_k)
+    """Same contract as `stickbreaking_reference`; block-wise forward and hand-written backward (through the
+    `molm_ds::stickbreaking` op, so it has one autograd formula with the Triton path)."""
+    from molm_ds.ops.stickbreaking import stickbreaking_op
+
+    return stickbreaking_op(q, k, v, include_current=include_current, key_padding_mask=key_padding_mask,
+                            triton=False, block_q=block_q, block_k=block_k)

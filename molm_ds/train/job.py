@@ -105,6 +105,10 @@ class TrainingSection(_Section):
     eval_interval: int = Field(0, ge=0, description="Validation perplexity every N steps and at the end (0 = never).")
     seed: int = Field(1234, description="Seeds weights (same on every rank), data order and RNG streams.")
     max_nonfinite_in_a_row: int = Field(5, ge=1, description="Stop after this many skipped non-finite steps in a row.")
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each transformer block's activations during the backward instead of keeping "
+        "them (torch.utils.checkpoint, non-reentrant): activation memory per block drops to its input, for one more "
+        "forward of every block. Losses and gradients are unchanged (dropout and sampled routing replay their RNG).")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainingSection":

@@ -133,6 +133,7 @@ def _train(job: JobConfig, recipe: Recipe, rank: int, world: int, pre, stops: St
     # 2. build: the same weights on every rank, then this rank's experts
     seed_everything(t.seed)
     model = recipe.build_model()
+    model.activation_checkpointing = t.activation_checkpointing
     ep_info = parallel.parallelize(model, job.parallel.ep_size,
                                    replicate_attention_experts=job.parallel.replicate_attention_experts)
     engine = build_engine(job, recipe, model, pre.ds_config)

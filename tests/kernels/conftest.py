@@ -1,6 +1,3 @@
-"""Kernel tests run the Triton kernels on the CPU through the interpreter: TRITON_INTERPRET must be
-set before triton is imported, so it is set here, at collection, for this directory's process."""
-
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
+"""Kernel tests. The Triton kernels run on the CPU through the interpreter in subprocesses
+(``test_interpreter.py`` runs each ``interpreted/*_cases.py`` with TRITON_INTERPRET=1 set for that
+process only); GPU tests are marked ``gpu`` and skip without CUDA."""

@@ -4,12 +4,20 @@ import pytest
 import torch
 
 from molm_ds.config import ModelConfig
-from molm_ds.model.dispatch import LocalDispatcher, combine_reference
+from molm_ds.model.dispatch import DispatchPlan, LocalDispatcher, combine_reference
 from molm_ds.model.moe import MoEMLP
 
 
 class _UnfusedDispatcher(LocalDispatcher):
-    """The local dispatcher whose combine is the slow path (undispatch, then the weighted sum)."""
+    """The local dispatcher on the generic path: its plans carry no token slots (as the all-to-all one's),
+    so the layer dispatches, runs the experts on grouped rows and combines; its combine is the slow path
+    (undispatch, then the weighted sum)."""
+
+    def plan(self, idx_TK, *, dropless=False):
+        p = super().plan(idx_TK, dropless=dropless)
+        generic = DispatchPlan(p.counts, p.T, p.K)
+        generic.order_N, generic.token_N = p.order_N, p.token_N
+        return generic
 
     def combine(self, y_ND, weights_TK, plan):
         return combine_reference(weights_TK, self.undispatch(y_ND, plan))
@@ -61,12 +69,15 @@ def test_moe_mlp_fused_path_equals_generic(activation, capacity):
     x = torch.randn(2, 7, 8, dtype=torch.float64)
     mask = torch.ones(2, 7, dtype=torch.bool)
     mask[1, 5:] = False  # padded tokens: dropped slots
-    outs = []
+    outs, fused_calls = [], []
     for m in (fused, generic):
+        real = m.experts.forward_tokens
+        m.experts.forward_tokens = lambda *a, _m=m, _real=real: (fused_calls.append(_m), _real(*a))[1]
         xi = x.clone().requires_grad_()
         y, aux = m(xi, mask)
         loss = (y * torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y)).sum() + sum(aux.values())
         outs.append((y, torch.autograd.grad(loss, [xi, *m.parameters()])))
+    assert fused_calls == [fused], "the local plan takes the fused expert path, the generic one does not"
     torch.testing.assert_close(outs[0][0], outs[1][0])
     for a, b in zip(outs[0][1], outs[1][1]):
         torch.testing.assert_close(a, b)

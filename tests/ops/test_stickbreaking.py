@@ -106,3 +106,31 @@ def test_bad_backend_switch(monkeypatch):
     monkeypatch.setenv("MOLM_DS_KERNELS", "cuda")
     with pytest.raises(ValueError, match="MOLM_DS_KERNELS"):
         stickbreaking_attention(torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4))
+
+
+@pytest.mark.parametrize("include_current", [True, False])
+def test_op_passes_opcheck(include_current):
+    """Schema, fake implementation, autograd registration and AOT dispatch of molm_ds::stickbreaking."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 6, 4, generator=g, requires_grad=True)
+    k = torch.randn(1, 1, 7, 4, generator=g, requires_grad=True)
+    kpm = torch.tensor([[True, True, False, True, True, True, True]])
+    torch.library.opcheck(torch.ops.molm_ds.stickbreaking, (q, k, k, kpm, include_current, 4, 4, False))
+
+
+@pytest.mark.parametrize("include_current", [True, False])
+def test_bf16_gradients_on_the_cpu_path(include_current, monkeypatch):
+    """bf16 in, fp32 math inside: the block-wise backward gets the forward's fp32 o (G_i = do_i . o_i from a
+    bf16-rounded o would put its rounding into every dz), so gradients are as good as bf16 outputs allow."""
+    monkeypatch.setenv("MOLM_DS_KERNELS", "torch")
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    do = torch.randn(1, 2, 40, 16, generator=g).bfloat16()
+    o = stickbreaking_attention(q, k, v, include_current=include_current)
+    ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    o_ref = stickbreaking_reference(*ref_in, include_current=include_current)
+    got = torch.autograd.grad(o, (q, k, v), do)
+    want = torch.autograd.grad(o_ref, ref_in, do.float())
+    for name, a, b in zip("qkv", got, want):
+        rel = (a.float() - b).norm() / b.norm()
+        assert a.dtype == torch.bfloat16 and rel < 8e-3, (name, rel)

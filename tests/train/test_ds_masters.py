@@ -1,5 +1,6 @@
-"""fp32 master weights of bf16 runs (molm_ds.train.ds_masters via checkpoint.read_fp32_state): read back
-from DeepSpeed's optimizer shards, they equal the engine's own fp32 params exactly, for ZeRO 0, 1 and 2,
+"""fp32 master weights of bf16 runs (checkpoint.read_fp32_state): read back from the topology-free
+optimizer state, or from DeepSpeed's optimizer shards (molm_ds.train.ds_masters) when a checkpoint has
+none, they equal the engine's own fp32 params exactly, for ZeRO 0, 1 and 2,
 expert-parallel (ep 2: experts stacked back by global id) and expert-data-parallel (ep 1 on 2 ranks:
 every expert group partitioned over both ranks)."""
 
@@ -21,7 +22,7 @@ def shard(tmp_path_factory):
     return write_shard(tmp_path_factory.mktemp("data"))
 
 
-def _run(shard, run_dir, ds_config: str, ep_size: int):
+def _run(shard, run_dir, ds_config: str, ep_size: int, elastic: bool):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parallel"))
     from _ep_dist import run_ranks
 
@@ -29,7 +30,7 @@ def _run(shard, run_dir, ds_config: str, ep_size: int):
 
     overrides = tiny_job_overrides(shard, run_dir) + [
         "training.steps=2", "training.eval_interval=0", "checkpoint.interval=0", "monitor.tensorboard=false",
-        f"parallel.ep_size={ep_size}", f"deepspeed.config=ds_configs/{ds_config}.json"]
+        f"parallel.ep_size={ep_size}", f"deepspeed.config=ds_configs/{ds_config}.json", f"checkpoint.elastic={elastic}"]
     return run_ranks(train_and_capture, world_size=2, args=(overrides,))
 
 
@@ -45,11 +46,13 @@ def _engine_masters(ranks: list[dict]) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("ds_config,ep_size", [("zero0_bf16", 2), ("zero1_bf16", 1), ("zero2_bf16", 2)])
-def test_fp32_masters_equal_the_engines(shard, tmp_path, ds_config, ep_size):
+@pytest.mark.parametrize("ds_config,ep_size,elastic", [("zero0_bf16", 2, True), ("zero1_bf16", 1, True),
+                                                       ("zero2_bf16", 2, True), ("zero2_bf16", 2, False),
+                                                       ("zero1_bf16", 1, False)])
+def test_fp32_masters_equal_the_engines(shard, tmp_path, ds_config, ep_size, elastic):
     from molm_ds.train import checkpoint as ckpt
 
-    want = _engine_masters(_run(shard, tmp_path, ds_config, ep_size))
+    want = _engine_masters(_run(shard, tmp_path, ds_config, ep_size, elastic))
     d, tag = ckpt.resolve(str(tmp_path / "checkpoints"))
     low = ckpt.read_model_state(d, tag)
     got = ckpt.read_fp32_state(d, tag)
