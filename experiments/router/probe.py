@@ -68,7 +68,7 @@ def parse(argv=None):
     p.add_argument("--set", dest="overrides", action="append", default=[], help="ModelConfig key=value")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--no-grads", action="store_true", help="skip the separate LM / MI router gradients")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="1: on a shared 2-core machine, 2 threads spin")
     p.add_argument("--out", default=None, help="write the JSON rows here (default stdout only)")
     p.add_argument("--quiet", action="store_true", help="print only the final summary")
     return p.parse_args(argv)

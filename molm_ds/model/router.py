@@ -84,12 +84,16 @@ class Router(nn.Module):
             self.w_gate = nn.Parameter(torch.empty(num_experts, d_model))  # A
         self.reset_parameters()
 
-    def reset_parameters(self, std: float = 0.02) -> None:
-        # The released model initialises every nn.Linear with N(0, 0.02) and zero bias.
+    def reset_parameters(self, std: float = 0.02, scheme: str = "fan_in") -> None:
+        """scheme "fan_in": B ~ N(0, 1/D), A ~ N(0, 1/R) (A ~ N(0, 1/D) for a linear router), b = 0, so the
+        logits are O(1) at every width and the router starts off the uniform point (docs/router_learning.md).
+        scheme "released": every weight N(0, std), b = 0, as the released code initialises any nn.Linear."""
+        if scheme not in ("fan_in", "released"):
+            raise ValueError(f"Router: init scheme must be 'fan_in' or 'released', got {scheme!r}")
         if self.proj is not None:
-            nn.init.normal_(self.proj.weight, std=std)
+            nn.init.normal_(self.proj.weight, std=std if scheme == "released" else self.proj.in_features ** -0.5)
             nn.init.zeros_(self.proj.bias)
-        nn.init.normal_(self.w_gate, std=std)
+        nn.init.normal_(self.w_gate, std=std if scheme == "released" else self.w_gate.shape[1] ** -0.5)
 
     def extra_repr(self) -> str:
         return (f"E={self.num_experts}, k={self.top_k}, type={self.router_type}, routing={self.routing}, "
