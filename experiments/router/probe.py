@@ -188,6 +188,23 @@ class Window:
         return out
 
 
+def adam_snr(model, opt) -> dict:
+    """{sublayer: mean over router params of |m| / sqrt(v)} from AdamW's moments: about 1 when the
+    gradient keeps its sign from step to step, about sqrt((1 - b1) / (1 + b1)) = 0.23 for pure noise."""
+    out = {}
+    for n, l in sublayers(model):
+        num, den = 0.0, 0
+        for p in l.router.parameters():
+            st = opt.state.get(p)
+            if not st:
+                continue
+            r = st["exp_avg"].abs() / st["exp_avg_sq"].sqrt().clamp_min(1e-30)
+            num += float(r.sum())
+            den += r.numel()
+        out[n] = num / max(1, den)
+    return out
+
+
 def router_grads(model, loss_terms: dict, retain: bool = True) -> dict:
     """{term: {sublayer: grad norm over router params}} for each loss term alone."""
     subs = dict(sublayers(model))
@@ -285,7 +302,9 @@ def main(argv=None):
         gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
         opt.step()
         if log_now:
-            row = {"step": step, "loss": float(lm), "gnorm": gnorm, "sub": win.summary()}
+            row = {"step": step, "loss": float(lm.detach()), "gnorm": gnorm, "sub": win.summary()}
+            for n, v in adam_snr(model, opt).items():
+                row["sub"][n]["adam_snr"] = v
             if grads is not None:
                 for term, d in grads.items():
                     for n, v in d.items():

@@ -2,6 +2,7 @@
 
     python experiments/router/show.py /tmp/probe/base.jsonl [--cols H_rel,g_lm,g_mi,dead,z_mean,pos_frac]
     python experiments/router/show.py --final A.jsonl B.jsonl ...     # one line per run
+    python experiments/router/show.py --step 1 --cols H_rel,g_lm,g_mi A.jsonl ...   # markdown table
 """
 
 from __future__ import annotations
@@ -20,7 +21,19 @@ def main():
     p.add_argument("files", nargs="+")
     p.add_argument("--cols", default="H_rel,g_lm,g_mi,dead,z_mean,pos_frac,expert_rms,out_rms,gate_sum")
     p.add_argument("--final", action="store_true")
+    p.add_argument("--step", type=int, default=None, help="one row per run and sub-layer at this logged step")
     a = p.parse_args()
+    if a.step is not None:
+        cols = a.cols.split(",")
+        print("| run | sub-layer | " + " | ".join(cols) + " |")
+        print("| --- | --- |" + " --- |" * len(cols))
+        for f in a.files:
+            rows, _ = load(f)
+            r = next(r for r in rows if r["step"] == a.step)
+            for sub, d in r["sub"].items():
+                print(f"| {f.rsplit('/', 1)[-1].removesuffix('.jsonl')} | {sub} | "
+                      + " | ".join(f"{d.get(c, float('nan')):.3g}" for c in cols) + " |")
+        return
     if a.final:
         for f in a.files:
             rows, s = load(f)
