@@ -8,21 +8,25 @@ measures, per MoE sub-layer:
   - the gradient norm of the LM loss and of the MI loss alone on the router (B, b, A),
   - the router's hidden units: mean GELU pre-activation, fraction positive, fraction of units never
     positive over the window ("dead"),
-  - the RMS of the sub-layer's output and of one expert's output rows (what the gate multiplies).
+  - the RMS of the experts' outputs (MLP) and of the sub-layer output, the mean summed gate,
+  - dL/dgate split into its per-token mean over the k slots ("scale") and the rest ("choice"),
+  - |m| / sqrt(v) of AdamW's moments on the router ("adam_snr").
 At the end: validation loss over the whole validation split (all windows), H(m|x)/log E on it.
 
-Knobs (each changes one factor; defaults = the shipped code):
+Knobs (each changes one factor; defaults = the shipped code, i.e. the fan_in router init):
+  --set router_init=released        the router init before issue 16 (any ModelConfig key=value, repeatable)
   --expert-init {model,xavier,...}  re-initialise expert weights after construction
   --expert-scale S                  multiply every expert weight by S after init
-  --router-std / --router-a-std     router B / A init std (default: what the model does)
+  --router-std / --router-a-std     redraw router B / A from N(0, std^2) after the model's init
+  --router-bias B                   set router b to B
   --router-lr-mult, --router-wd     router learning-rate multiplier and weight decay
   --mi W, --wd W, --lr LR, --renorm, --steps N, --seed S, --preset tiny|small
-  --set key=value                   ModelConfig override (repeatable), e.g. --set expert_init=fan_in_sqrt
 
-Reproduce the numbers in docs/router_learning.md, e.g.:
-    PYTHONPATH=. python experiments/router/probe.py --preset tiny --steps 150 --log-every 10
-    PYTHONPATH=. python experiments/router/probe.py --preset small --data DIR --steps 300
-(data: `python -m data_prep.embedded --out data/embedded`; `--vocab-size 4096 --out DIR` for small.)
+Reproduce the numbers in docs/router_learning.md (commands and flags there), e.g.:
+    PYTHONPATH=. python experiments/router/probe.py --data DIR --steps 150 --log-every 25 --out run.jsonl
+    PYTHONPATH=. python experiments/router/probe.py --data DIR --preset small --lr 3e-3 --steps 150
+    python experiments/router/show.py run.jsonl
+(DIR: `python -m data_prep.embedded --out DIR`, vocab 512, what the demo trains on.)
 """
 
 from __future__ import annotations
