@@ -70,22 +70,30 @@ class LoadSums:
             raise ValueError(f"probs_TE has {probs_TE.shape[-1]} experts in its last dim but num_experts={E}")
         probs_TE = probs_TE.reshape(-1, E)
         idx_TK = idx_TK.reshape(probs_TE.shape[0], -1)
+        T, K = idx_TK.shape
+        f64 = torch.float64
         if mask_T is not None:
             mask_T = mask_T.reshape(-1).bool()
-            if mask_T.numel() != probs_TE.shape[0]:
-                raise ValueError(f"mask_T has {mask_T.numel()} tokens, probs_TE has {probs_TE.shape[0]}")
-            probs_TE, idx_TK = probs_TE[mask_T], idx_TK[mask_T]
-        if idx_TK.numel() and (int(idx_TK.max()) >= E or int(idx_TK.min()) < -1):
+            if mask_T.numel() != T:
+                raise ValueError(f"mask_T has {mask_T.numel()} tokens, probs_TE has {T}")
+        # This runs after every training forward, so it only queues device work: masks are weights and
+        # counts are an index_add (no boolean indexing or bincount, whose output sizes depend on the data).
+        # The id range check reads the ids, so it runs only where that is no device sync (CPU).
+        if idx_TK.device.type == "cpu" and idx_TK.numel() and (int(idx_TK.max()) >= E or int(idx_TK.min()) < -1):
             raise ValueError(f"idx_TK holds ids outside [-1, {E}): got [{int(idx_TK.min())}, {int(idx_TK.max())}]")
-        routed = idx_TK[idx_TK >= 0]
-        f64 = torch.float64
+        real_T = torch.ones(T, dtype=torch.bool, device=idx_TK.device) if mask_T is None else mask_T
+        routed_TK = (idx_TK >= 0) & real_T[:, None]
+        w_T = real_T.to(f64)
+        p_TE = probs_TE.to(f64)
+        tokens = w_T.sum()
         return cls(
-            counts_E=torch.bincount(routed, minlength=E).to(f64),
-            probs_E=probs_TE.sum(0, dtype=f64),
-            ent=torch.special.entr(probs_TE.to(f64)).sum(),
-            tokens=torch.tensor(float(probs_TE.shape[0]), dtype=f64, device=probs_TE.device),
-            slots=torch.tensor(float(idx_TK.numel()), dtype=f64, device=probs_TE.device),
-            dropped=(idx_TK < 0).sum().to(f64),
+            counts_E=torch.zeros(E, dtype=f64, device=idx_TK.device).index_add_(
+                0, idx_TK.clamp_min(0).reshape(-1), routed_TK.reshape(-1).to(f64)),
+            probs_E=(p_TE * w_T[:, None]).sum(0),
+            ent=(torch.special.entr(p_TE).sum(-1) * w_T).sum(),
+            tokens=tokens,
+            slots=tokens * K,
+            dropped=((idx_TK < 0) & real_T[:, None]).sum().to(f64),
         )
 
     def __add__(self, other: "LoadSums") -> "LoadSums":
