@@ -12,7 +12,7 @@ from molm_ds.log import warn_once
 from molm_ds.model import MoLM
 from molm_ds.model.router import Router
 from molm_ds.monitor import ExpertLoadTracker, MonitorConfig, SubLayer, TrainingMonitor
-from molm_ds.monitor.stats import RouterUnitSums, relative_entropy, router_unit_stats
+from molm_ds.monitor.stats import ROUTER_STAT_NAMES, RouterUnitSums, relative_entropy, router_unit_stats
 
 from .events import scalars
 
@@ -107,6 +107,8 @@ def test_near_uniform_flag_after_warmup_and_one_warning_per_sublayer(tmp_path, c
     mon.close()
     s = scalars(str(tmp_path / "tensorboard"))
     stuck = "moe/L00/mlp"
+    router_tags = {t.rsplit("/", 1)[1] for t in s if t.startswith(stuck) and t.rsplit("/", 1)[1] in ROUTER_STAT_NAMES}
+    assert router_tags == set(ROUTER_STAT_NAMES)
     assert sorted(s[f"{stuck}/router_near_uniform"]) == [2, 3, 4]  # written from the warm-up on
     assert set(s[f"{stuck}/router_near_uniform"].values()) == {1.0}
     assert s[f"{stuck}/H_m_given_x_rel"][1] == pytest.approx(1.0, abs=1e-6)
