@@ -75,7 +75,8 @@ class Router(nn.Module):
         self.routing = routing
         self.capacity_factor = capacity_factor
         self.last_hidden: Optional[HiddenUnitRecord] = None
-        self._preact_TR: Optional[Tensor] = None
+        self._preact_TR: Optional[Tensor] = None  # set by logits() only while forward() runs
+        self._in_forward = False
         if router_type == "molm":
             self.proj = nn.Linear(d_model, gating_size)  # B, b
             self.w_gate = nn.Parameter(torch.empty(num_experts, gating_size))  # A
@@ -103,7 +104,8 @@ class Router(nn.Module):
         if self.proj is None:
             return x_TD @ self.w_gate.t()
         z_TR = self.proj(x_TD)
-        self._preact_TR = z_TR.detach()  # forward() turns it into last_hidden (it knows the mask)
+        if self._in_forward:
+            self._preact_TR = z_TR.detach()  # forward() turns it into last_hidden (it knows the mask)
         return F.gelu(z_TR) @ self.w_gate.t()
 
     def _record_hidden(self, z_TR: Tensor, mask_T: Optional[Tensor]) -> None:
@@ -118,8 +120,9 @@ class Router(nn.Module):
 
     def forward(self, x_TD: Tensor, mask_T: Optional[Tensor] = None) -> RouterOutput:
         """Route T tokens. `mask_T` (bool, True = real token): padded tokens get idx -1 and weight 0."""
-        self._preact_TR = None
-        logits_TE = self.logits(x_TD)
+        self._in_forward, self._preact_TR = True, None
+        logits_TE = self.logits(x_TD)  # through the method, so that it can be wrapped (tests/test_prune.py)
+        self._in_forward = False
         if self._preact_TR is not None:
             self._record_hidden(self._preact_TR, mask_T)
             self._preact_TR = None
