@@ -49,6 +49,14 @@ class ModelConfig(BaseModel):
     # Routers (one per MoE sub-layer).
     gating_size: int = Field(256, ge=1, description="Router width R: logits = A gelu(B x + b), B: D->R.")
     router_type: Literal["molm", "linear"] = Field("molm", description="molm: two-layer router; linear: logits = A x.")
+    router_init: Literal["fan_in", "released"] = Field(
+        "fan_in",
+        description="Router initialisation. fan_in: B ~ N(0, 1/d_model), A ~ N(0, 1/gating_size) (linear router: "
+        "A ~ N(0, 1/d_model)), b = 0: logits are O(1) at any width, so every router leaves the uniform point. "
+        "released: N(0, init_std) like every nn.Linear of the released code; below MoLM's width (d_model 1024, "
+        "gating 256) the routers then start uniform and, under MoLM's full-softmax gates, the MLP routers never "
+        "learn (docs/router_learning.md). Initialisation only: loaded checkpoints compute the same either way.",
+    )
     renormalize_topk: bool = Field(
         False, description="Renormalise the chosen gates to sum to 1. MoLM checkpoints need False."
     )

@@ -30,8 +30,20 @@ class RouterOutput(NamedTuple):
     logits_TE: Tensor  # router logits (for the z-loss)
 
 
+class HiddenUnitRecord(NamedTuple):
+    """The MoLM router's hidden layer in its last forward (detached, on the router's device; real tokens
+    only): for monitoring GELU units that never turn on (molm_ds.monitor)."""
+
+    positive_R: Tensor  # int64 [R]: tokens whose pre-activation (B x + b) of unit r was > 0
+    preact_sum: Tensor  # float64 []: sum over tokens and units of the pre-activation
+    tokens: Tensor  # int64 []: real tokens seen
+
+
 class Router(nn.Module):
-    """Token-choice top-k router with the MoLM options. Knows nothing of experts."""
+    """Token-choice top-k router with the MoLM options. Knows nothing of experts.
+
+    After each forward of a `molm` router, `last_hidden` holds a `HiddenUnitRecord` of that forward
+    (device tensors, no host sync); None for a linear router or before the first forward."""
 
     def __init__(
         self,
@@ -62,6 +74,9 @@ class Router(nn.Module):
         self.sample_topk = sample_topk
         self.routing = routing
         self.capacity_factor = capacity_factor
+        self.last_hidden: Optional[HiddenUnitRecord] = None
+        self._preact_TR: Optional[Tensor] = None  # set by logits() only while forward() runs
+        self._in_forward = False
         if router_type == "molm":
             self.proj = nn.Linear(d_model, gating_size)  # B, b
             self.w_gate = nn.Parameter(torch.empty(num_experts, gating_size))  # A
@@ -70,12 +85,16 @@ class Router(nn.Module):
             self.w_gate = nn.Parameter(torch.empty(num_experts, d_model))  # A
         self.reset_parameters()
 
-    def reset_parameters(self, std: float = 0.02) -> None:
-        # The released model initialises every nn.Linear with N(0, 0.02) and zero bias.
+    def reset_parameters(self, std: float = 0.02, scheme: str = "fan_in") -> None:
+        """scheme "fan_in": B ~ N(0, 1/D), A ~ N(0, 1/R) (A ~ N(0, 1/D) for a linear router), b = 0, so the
+        logits are O(1) at every width and the router starts off the uniform point (docs/router_learning.md).
+        scheme "released": every weight N(0, std), b = 0, as the released code initialises any nn.Linear."""
+        if scheme not in ("fan_in", "released"):
+            raise ValueError(f"Router: init scheme must be 'fan_in' or 'released', got {scheme!r}")
         if self.proj is not None:
-            nn.init.normal_(self.proj.weight, std=std)
+            nn.init.normal_(self.proj.weight, std=std if scheme == "released" else self.proj.in_features ** -0.5)
             nn.init.zeros_(self.proj.bias)
-        nn.init.normal_(self.w_gate, std=std)
+        nn.init.normal_(self.w_gate, std=std if scheme == "released" else self.w_gate.shape[1] ** -0.5)
 
     def extra_repr(self) -> str:
         return (f"E={self.num_experts}, k={self.top_k}, type={self.router_type}, routing={self.routing}, "
@@ -96,12 +115,31 @@ class Router(nn.Module):
         return torch.ceil(self.capacity_factor * n_real * self.top_k / self.num_experts).clamp_min(1)
 
     def logits(self, x_TD: Tensor) -> Tensor:
-        h = x_TD if self.proj is None else F.gelu(self.proj(x_TD))
-        return h @ self.w_gate.t()
+        if self.proj is None:
+            return x_TD @ self.w_gate.t()
+        z_TR = self.proj(x_TD)
+        if self._in_forward:
+            self._preact_TR = z_TR.detach()  # forward() turns it into last_hidden (it knows the mask)
+        return F.gelu(z_TR) @ self.w_gate.t()
+
+    def _record_hidden(self, z_TR: Tensor, mask_T: Optional[Tensor]) -> None:
+        pos = z_TR > 0
+        if mask_T is not None:
+            pos = pos & mask_T[:, None]
+            z_TR = z_TR * mask_T[:, None].to(z_TR.dtype)
+        # torch.full, not torch.tensor: copying a Python int to the device would wait for the stream
+        tokens = (torch.full((), z_TR.shape[0], dtype=torch.int64, device=z_TR.device) if mask_T is None
+                  else mask_T.sum())
+        self.last_hidden = HiddenUnitRecord(pos.sum(0), z_TR.sum(dtype=torch.float64), tokens)
 
     def forward(self, x_TD: Tensor, mask_T: Optional[Tensor] = None) -> RouterOutput:
         """Route T tokens. `mask_T` (bool, True = real token): padded tokens get idx -1 and weight 0."""
-        logits_TE = self.logits(x_TD)
+        self._in_forward, self._preact_TR = True, None
+        logits_TE = self.logits(x_TD)  # through the method, so that it can be wrapped (tests/test_prune.py)
+        self._in_forward = False
+        if self._preact_TR is not None:
+            self._record_hidden(self._preact_TR, mask_T)
+            self._preact_TR = None
         probs_TE = torch.softmax(logits_TE.float(), dim=-1)  # fp32 under bf16 too: gates, top-k, aux losses
         if self.training and self.routing == "expert_choice":
             weights_TK, idx_TK = expert_choice(probs_TE, self.top_k, self.capacity_factor or 1.0, mask_T)

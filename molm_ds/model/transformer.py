@@ -58,7 +58,8 @@ class MoLM(nn.Module):
 
     def reset_parameters(self) -> None:
         """Released ModuleFormer init: every nn.Linear and the embedding N(0, init_std) with zero bias,
-        LayerNorm (1, 0), expert weights U(-1/fan_in, 1/fan_in), router as nn.Linear."""
+        LayerNorm (1, 0), expert weights U(-1/fan_in, 1/fan_in); routers per `config.router_init`
+        (default fan_in: N(0, 1/fan_in) for B and A; "released": N(0, init_std) like any nn.Linear)."""
         std = self.config.init_std
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -69,7 +70,7 @@ class MoLM(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         for layer in self.moe_layers():
-            layer.router.reset_parameters(std)
+            layer.router.reset_parameters(std, self.config.router_init)
             layer.experts.reset_parameters()
 
     def moe_layers(self) -> Iterator[nn.Module]:

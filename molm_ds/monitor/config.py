@@ -48,6 +48,19 @@ class MonitorConfig(BaseModel):
         None, description=f"Alternative to peak_flops: a key of molm_ds.monitor.PEAK_FLOPS ({', '.join(PEAK_FLOPS)})."
     )
 
+    router_warmup_steps: int = Field(
+        100, ge=0, description="Optimizer steps before the router checks start: from then on each logged step "
+        "writes moe/L../../router_near_uniform and may warn (routers start near uniform and need some steps)."
+    )
+    router_uniform_tol: float = Field(
+        0.02, gt=0, lt=1, description="A router is flagged near uniform when H(m|x) >= (1 - tol) log E over the "
+        "logging window (docs/router_learning.md)."
+    )
+    router_dead_units_warn: float = Field(
+        0.5, ge=0, le=1, description="Warn (once per sub-layer, after the warm-up) when at least this fraction of a "
+        "router's hidden GELU units was never positive in a logging window."
+    )
+
     @field_validator("peak_flops_name")
     @classmethod
     def _known_device(cls, v: Optional[str]) -> Optional[str]:

@@ -34,7 +34,7 @@ from molm_ds.monitor.config import MonitorConfig
 from molm_ds.monitor.expert_load import ExpertLoadTracker, SubLayer
 from molm_ds.monitor.heatmap import render_heatmap, share_matrix
 from molm_ds.parallel.comm import ReduceOp, reduce_metrics, world_size
-from molm_ds.monitor.stats import LoadSums, load_stats
+from molm_ds.monitor.stats import LoadSums, RouterUnitSums, load_stats, relative_entropy, router_unit_stats
 from molm_ds.monitor import tags
 
 __all__ = ["TrainingMonitor", "DEFAULT_OPS", "mfu", "scalar_tag"]
@@ -202,13 +202,14 @@ class TrainingMonitor:
                 tokens_per_s=reduced["tokens_per_s"], flops_per_token=self.flops_per_token,
                 peak_flops=self.peak_flops, n_devices=world_size(self.group),
             )
-        sums = self.tracker.reduce(self.group)
+        sums, units = self.tracker.reduce_with_router_units(self.group)
         self.tracker.reset()
         if not any(float(s.tokens) > 0 for s in sums.values()):
-            sums = {}  # no training forward since the last call (e.g. a step-0 evaluation row)
+            sums, units = {}, {}  # no training forward since the last call (e.g. a step-0 evaluation row)
         for sub, s in sums.items():
             for stat, v in load_stats(s).items():
                 scalars[tags.stat_tag(sub, stat)] = v
+        scalars.update(self._router_health(step, sums, units))
         hist = step // self.config.histogram_every > self._last_hist // self.config.histogram_every
         heat = step // self.config.heatmap_every > self._last_heat // self.config.heatmap_every
         if hist:
@@ -220,6 +221,35 @@ class TrainingMonitor:
             if sums:
                 self._write_detail(step, sums, hist=hist, heat=heat)
         return scalars
+
+    def _router_health(self, step: int, sums: dict[SubLayer, LoadSums],
+                       units: dict[SubLayer, RouterUnitSums]) -> dict[str, float]:
+        """Per sub-layer: dead router hidden units, pre-activation mean and positive fraction, H(m|x)/log E,
+        and after the warm-up the near-uniform flag; warns once per sub-layer (rank 0) when a router is
+        near uniform or has too many dead units. Values are already reduced, so every rank agrees."""
+        cfg = self.config
+        out: dict[str, float] = {}
+        checking = step >= cfg.router_warmup_steps
+        for sub, s in sums.items():
+            if sub in units:
+                for stat, v in router_unit_stats(units[sub]).items():
+                    out[tags.stat_tag(sub, stat)] = v
+            h_rel = relative_entropy(load_stats(s)["H_m_given_x"], s.num_experts)
+            out[tags.stat_tag(sub, "H_m_given_x_rel")] = h_rel
+            if not checking or not math.isfinite(h_rel):
+                continue
+            near = h_rel >= 1.0 - cfg.router_uniform_tol
+            out[tags.stat_tag(sub, "router_near_uniform")] = float(near)
+            if near and self.rank0:
+                warn_once(f"monitor: the {sub.tag} router is near uniform after {cfg.router_warmup_steps} steps "
+                          f"(H(m|x) >= {1 - cfg.router_uniform_tol:.0%} of log E): it is not learning to route; "
+                          "see docs/router_learning.md")
+            dead = out.get(tags.stat_tag(sub, "router_dead_units"), math.nan)
+            if math.isfinite(dead) and dead >= cfg.router_dead_units_warn and self.rank0:
+                warn_once(f"monitor: {sub.tag} router: at least {cfg.router_dead_units_warn:.0%} of its hidden "
+                          "GELU units were never positive in a logging window after the warm-up; "
+                          "see docs/router_learning.md")
+        return out
 
     def _write_detail(self, step: int, sums: dict[SubLayer, LoadSums], *, hist: bool, heat: bool) -> None:
         cfg = self.config

@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["LoadSums", "load_stats", "STAT_NAMES"]
+__all__ = ["LoadSums", "load_stats", "STAT_NAMES", "ROUTER_STAT_NAMES", "RouterUnitSums", "router_unit_stats",
+           "relative_entropy"]
 
 # Scalar statistics per sub-layer, in the order `load_stats` returns them (tags use these names).
 STAT_NAMES = (
@@ -69,22 +70,30 @@ class LoadSums:
             raise ValueError(f"probs_TE has {probs_TE.shape[-1]} experts in its last dim but num_experts={E}")
         probs_TE = probs_TE.reshape(-1, E)
         idx_TK = idx_TK.reshape(probs_TE.shape[0], -1)
+        T, K = idx_TK.shape
+        f64 = torch.float64
         if mask_T is not None:
             mask_T = mask_T.reshape(-1).bool()
-            if mask_T.numel() != probs_TE.shape[0]:
-                raise ValueError(f"mask_T has {mask_T.numel()} tokens, probs_TE has {probs_TE.shape[0]}")
-            probs_TE, idx_TK = probs_TE[mask_T], idx_TK[mask_T]
-        if idx_TK.numel() and (int(idx_TK.max()) >= E or int(idx_TK.min()) < -1):
+            if mask_T.numel() != T:
+                raise ValueError(f"mask_T has {mask_T.numel()} tokens, probs_TE has {T}")
+        # This runs after every training forward, so it only queues device work: masks are weights and
+        # counts are an index_add (no boolean indexing or bincount, whose output sizes depend on the data).
+        # The id range check reads the ids, so it runs only where that is no device sync (CPU).
+        if idx_TK.device.type == "cpu" and idx_TK.numel() and (int(idx_TK.max()) >= E or int(idx_TK.min()) < -1):
             raise ValueError(f"idx_TK holds ids outside [-1, {E}): got [{int(idx_TK.min())}, {int(idx_TK.max())}]")
-        routed = idx_TK[idx_TK >= 0]
-        f64 = torch.float64
+        real_T = torch.ones(T, dtype=torch.bool, device=idx_TK.device) if mask_T is None else mask_T
+        routed_TK = (idx_TK >= 0) & real_T[:, None]
+        w_T = real_T.to(f64)
+        p_TE = probs_TE.to(f64)
+        tokens = w_T.sum()
         return cls(
-            counts_E=torch.bincount(routed, minlength=E).to(f64),
-            probs_E=probs_TE.sum(0, dtype=f64),
-            ent=torch.special.entr(probs_TE.to(f64)).sum(),
-            tokens=torch.tensor(float(probs_TE.shape[0]), dtype=f64, device=probs_TE.device),
-            slots=torch.tensor(float(idx_TK.numel()), dtype=f64, device=probs_TE.device),
-            dropped=(idx_TK < 0).sum().to(f64),
+            counts_E=torch.zeros(E, dtype=f64, device=idx_TK.device).index_add_(
+                0, idx_TK.clamp_min(0).reshape(-1), routed_TK.reshape(-1).to(f64)),
+            probs_E=(p_TE * w_T[:, None]).sum(0),
+            ent=(torch.special.entr(p_TE).sum(-1) * w_T).sum(),
+            tokens=tokens,
+            slots=tokens * K,
+            dropped=((idx_TK < 0) & real_T[:, None]).sum().to(f64),
         )
 
     def __add__(self, other: "LoadSums") -> "LoadSums":
@@ -137,3 +146,85 @@ def load_stats(sums: LoadSums) -> dict[str, float]:
     else:
         out.update(H_m=nan, H_m_given_x=nan, mi=nan)
     return out
+
+
+# Router-health statistics per sub-layer (molm router only for the hidden-unit ones), in the order
+# `router_unit_stats` / `router_health` return them.
+ROUTER_STAT_NAMES = (
+    "router_dead_units",  # fraction of router hidden units whose pre-activation was never > 0 in the window
+    "router_preact_mean",  # mean pre-activation (B x + b) over tokens and units
+    "router_preact_pos_frac",  # fraction of (token, unit) pre-activations > 0
+    "H_m_given_x_rel",  # H(m|x) / log E (1 = uniform router; NaN for E = 1)
+    "router_near_uniform",  # 1 when H(m|x) >= (1 - tol) log E; written only after the warm-up
+)
+
+
+@dataclass
+class RouterUnitSums:
+    """Additive sums over a window of one MoLM router's hidden layer (z = B x + b, R units).
+
+    positive_R: tokens with z_r > 0 per unit; preact_sum: sum of z over tokens and units; tokens: real
+    tokens. float64, so sums from micro-batches and ranks add exactly (one SUM all-reduce)."""
+
+    positive_R: Tensor
+    preact_sum: Tensor
+    tokens: Tensor
+
+    @property
+    def width(self) -> int:
+        return self.positive_R.numel()
+
+    @classmethod
+    def zeros(cls, width: int, device=None) -> "RouterUnitSums":
+        z = lambda n: torch.zeros(n, dtype=torch.float64, device=device)  # noqa: E731
+        return cls(z(width), z(()), z(()))
+
+    @classmethod
+    def from_record(cls, record) -> "RouterUnitSums":
+        """From a `molm_ds.model.router.HiddenUnitRecord` (device tensors; no host sync)."""
+        f64 = torch.float64
+        return cls(record.positive_R.to(f64), record.preact_sum.to(f64), record.tokens.to(f64))
+
+    def __add__(self, other: "RouterUnitSums") -> "RouterUnitSums":
+        if other.width != self.width:
+            raise ValueError(f"cannot add router sums over {self.width} and {other.width} hidden units")
+        return RouterUnitSums(*(a + b.to(a.device) for a, b in zip(self.as_tuple(), other.as_tuple())))
+
+    def as_tuple(self) -> tuple[Tensor, ...]:
+        return (self.positive_R, self.preact_sum, self.tokens)
+
+    def flatten(self) -> Tensor:
+        """One float64 vector [R + 2]."""
+        return torch.cat([t.reshape(-1) for t in self.as_tuple()])
+
+    @classmethod
+    def unflatten(cls, flat: Tensor, width: int) -> "RouterUnitSums":
+        if flat.numel() != width + 2:
+            raise ValueError(f"expected {width + 2} values for {width} hidden units, got {flat.numel()}")
+        return cls(flat[:width], flat[width], flat[width + 1])
+
+
+def router_unit_stats(sums: RouterUnitSums) -> dict[str, float]:
+    """router_dead_units, router_preact_mean, router_preact_pos_frac from (reduced) sums; NaN without tokens.
+
+    A unit is dead when its GELU pre-activation was never positive for any real token of the window
+    (on any rank): it then only ever works on GELU's negative tail (gelu(z) = z Phi(z) -> 0; at z = -3 it
+    passes 0.13 % of its input with slope -0.012), so it hardly moves the logits and hardly learns. The
+    mean pre-activation says how deep in that tail the layer sits."""
+    tokens = float(sums.tokens)
+    R = sums.width
+    if tokens <= 0 or R == 0:
+        return {"router_dead_units": math.nan, "router_preact_mean": math.nan, "router_preact_pos_frac": math.nan}
+    pos = sums.positive_R.double().cpu()
+    return {
+        "router_dead_units": float((pos == 0).sum()) / R,
+        "router_preact_mean": float(sums.preact_sum) / (tokens * R),
+        "router_preact_pos_frac": float(pos.sum()) / (tokens * R),
+    }
+
+
+def relative_entropy(h_m_given_x: float, num_experts: int) -> float:
+    """H(m|x) / log E: 1 for a uniform router, 0 for a one-hot one; NaN when E = 1 (no choice to make)."""
+    if num_experts < 2 or not math.isfinite(h_m_given_x):
+        return math.nan
+    return h_m_given_x / math.log(num_experts)

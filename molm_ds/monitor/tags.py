@@ -1,6 +1,7 @@
 """TensorBoard tag names (one place, so the report and the tests read what the monitor writes).
 
 Scalars (through DeepSpeed's monitor):   train/<metric>, val/<metric>, moe/L03/mlp/<stat>
+                                         (<stat>: stats.STAT_NAMES and stats.ROUTER_STAT_NAMES)
 Per-expert shares (SummaryWriter):       expert_share/L03/mlp/e007       (E <= per_expert_max)
                                          expert_share/L03/mlp/top1, .../top1_id, .../bottom1, ...
 Histograms:                              expert_share_hist/L03/mlp
