@@ -46,6 +46,7 @@ class Settings:
     windows: int
     seq_len: int = 64
     val_fraction: float = 0.1
+    extra: dict = field(default_factory=dict)  # the claim's own options (weights, base steps, ...)
 
     def fingerprint(self) -> dict:
         d = dict(vars(self))
@@ -88,8 +89,9 @@ def parse(claim: str, doc: str, *, lrs: str, steps: int, argv=None, extra: Optio
     for name in ("steps", "batch", "jobs", "windows"):
         if getattr(a, name) < 1:
             raise ConfigError(f"--{name} must be at least 1, got {getattr(a, name)}")
+    known = {"out", "data", "seeds", "lrs", "steps", "batch", "jobs", "windows"}
     s = Settings(claim=claim, out=a.out, data=a.data, seeds=seeds, lrs=lr_list, steps=a.steps, batch=a.batch,
-                 jobs=a.jobs, windows=a.windows)
+                 jobs=a.jobs, windows=a.windows, extra={k: v for k, v in vars(a).items() if k not in known})
     return s, a
 
 
