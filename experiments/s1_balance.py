@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     c.check_inputs(s, DOMAINS)
     t0 = time.time()
     grid = runs(s, a.weight)
-    c.execute(s, [grid])
+    c.execute(s, [grid], report_only=a.report_only)
     rows = [r for r in (row(s, run) for run in grid) if r is not None]
     agg = c.aggregate(rows, [k for k, _, _ in COLUMNS] + ["train_loss"], select="val_loss")
     total = c.add_wall(s, time.time() - t0)

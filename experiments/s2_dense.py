@@ -1,7 +1,7 @@
 """S2: a sparse MoLM against a dense model with the same active parameters, on the same tokens.
 
     python -m experiments.s2_dense --out runs/science/s2 [--data data/science] [--seeds 1,2,3]
-        [--lrs 3e-3,1e-2] [--steps 300] [--jobs 2]
+        [--lrs 3e-3,1e-2] [--steps 300] [--jobs 2] [--reuse-moe runs/science/s1]
 
 Paper (ModuleFormer, arXiv 2306.04640): at equal compute (active parameters per token) the sparse
 model reaches a lower loss than a dense one. Here: the tiny preset (4 attention experts of width 64,
@@ -24,18 +24,26 @@ METHODS = ("moe", "dense")
 DENSE = {"n_att_experts": 2, "k_att": 2, "n_mlp_experts": 1, "k_mlp": 1, "ffd_hidden": 256}
 
 
-def runs(s: c.Settings) -> list[c.Run]:
+def extra(p):
+    p.add_argument("--reuse-moe", default=None, metavar="S1_OUT",
+                   help="an S1 grid: its 'mi' runs are this grid's MoE runs (the same job file but the name, "
+                        "checked), copied instead of trained again")
+
+
+def runs(s: c.Settings, reuse: str | None = None) -> list[c.Run]:
     out = []
     sources = [{"path": s.domain(d), "weight": 0.5} for d in DOMAINS]
     for method in METHODS:
         for lr in s.lrs:
             for seed in s.seeds:
                 job = c.base_job(s, sources=sources, seed=seed, lr=lr)
+                job["training"]["loss_weights"] = {"mi": 0.01, "switch": 0.0, "z": 0.0, "load_concentration": 0.0}
                 if method == "dense":
                     job["model"]["overrides"] = dict(DENSE)
                     job["training"]["loss_weights"] = {"mi": 0.0}
+                twin = os.path.join(reuse, "runs", f"mi_lr{lr:g}_s{seed}") if reuse and method == "moe" else None
                 out.append(c.Run(f"{method}_lr{lr:g}_s{seed}", job, after=[measure_cmd(s)],
-                                 group={"method": method, "lr": lr, "seed": seed}))
+                                 group={"method": method, "lr": lr, "seed": seed}, reuse=twin))
     return out
 
 
@@ -66,11 +74,11 @@ COLUMNS = [("val_loss", "val loss (mean of domains)", 3), ("prose_loss", "prose"
 
 
 def main(argv=None) -> int:
-    s, _ = c.parse("s2_dense", __doc__, lrs="3e-3,1e-2", steps=300, argv=argv)
+    s, a = c.parse("s2_dense", __doc__, lrs="3e-3,1e-2", steps=300, argv=argv, extra=extra)
     c.check_inputs(s, DOMAINS)
     t0 = time.time()
-    grid = runs(s)
-    c.execute(s, [grid])
+    grid = runs(s, a.reuse_moe)
+    c.execute(s, [grid], report_only=a.report_only)
     rows = [r for r in (row(s, run) for run in grid) if r is not None]
     agg = c.aggregate(rows, [k for k, _, _ in COLUMNS], select="val_loss")
     total = c.add_wall(s, time.time() - t0)

@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     c.check_inputs(s, DOMAINS)
     t0 = time.time()
     bases, runs = grid(s, a.base_steps, a.base_lr)
-    c.execute(s, [bases, runs])
+    c.execute(s, [bases, runs], report_only=a.report_only)
     base_m = {b.group["seed"]: c.read_json(os.path.join(c.run_dir(s, b), "measure.json")) for b in bases}
     rows = [r for r in (row(s, run, base_m[run.group["seed"]]) for run in runs
                         if base_m.get(run.group["seed"]) is not None) if r is not None]

@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     c.check_inputs(s, DOMAINS)
     t0 = time.time()
     bases, runs = grid(s, a)
-    c.execute(s, [bases, runs])
+    c.execute(s, [bases, runs], report_only=a.report_only)
     rows = [r for r in (row(s, run) for run in runs) if r is not None]
     cols = [("ppl", "code ppl, unpruned", 2), ("H_m_sum", "Σ H(m)", 2)]
     for t in taus:

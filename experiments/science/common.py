@@ -66,6 +66,7 @@ class Run:
     job: dict  # the job YAML (run_dir and name are filled in)
     after: list[list[str]] = field(default_factory=list)  # commands run after training ({run} = run dir)
     group: dict = field(default_factory=dict)  # method, lr, seed... (what the aggregation groups by)
+    reuse: Optional[str] = None  # a finished run of another grid that trained this very job (copied, not rerun)
 
 
 def parse(claim: str, doc: str, *, lrs: str, steps: int, argv=None, extra: Optional[Callable] = None):
@@ -78,6 +79,8 @@ def parse(claim: str, doc: str, *, lrs: str, steps: int, argv=None, extra: Optio
     p.add_argument("--batch", type=int, default=8, help="micro-batch (sequences of 64 tokens)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
     p.add_argument("--windows", type=int, default=1600, help="held-out windows of 64 tokens scored per domain")
+    p.add_argument("--report-only", action="store_true",
+                   help="start no run: write the tables from the runs finished so far")
     if extra is not None:
         extra(p)
     a = p.parse_args(argv)
@@ -89,7 +92,7 @@ def parse(claim: str, doc: str, *, lrs: str, steps: int, argv=None, extra: Optio
     for name in ("steps", "batch", "jobs", "windows"):
         if getattr(a, name) < 1:
             raise ConfigError(f"--{name} must be at least 1, got {getattr(a, name)}")
-    known = {"out", "data", "seeds", "lrs", "steps", "batch", "jobs", "windows"}
+    known = {"out", "data", "seeds", "lrs", "steps", "batch", "jobs", "windows", "report_only"}
     s = Settings(claim=claim, out=a.out, data=a.data, seeds=seeds, lrs=lr_list, steps=a.steps, batch=a.batch,
                  jobs=a.jobs, windows=a.windows, extra={k: v for k, v in vars(a).items() if k not in known})
     return s, a
@@ -145,6 +148,34 @@ def _env() -> dict:
     return env
 
 
+def _same_job(a: dict, b: dict) -> bool:
+    """Equal once validated (the trainer saves the validated job, defaults filled in), name and run_dir aside."""
+    from molm_ds.train.job import job_from_dict
+
+    strip = lambda j: {k: v for k, v in job_from_dict(j, "job").model_dump().items()  # noqa: E731
+                       if k not in ("name", "run_dir")}
+    return strip(a) == strip(b)
+
+
+def _copy_reused(run: Run, job: dict, d: str) -> bool:
+    """Copy the results of an identical finished run (same job file but its name and directory; the
+    trainer is deterministic on the CPU, so training it again would give the same numbers)."""
+    src = run.reuse
+    if not (src and os.path.isfile(os.path.join(src, RESULT)) and os.path.isfile(os.path.join(src, "job.yaml"))):
+        return False
+    with open(os.path.join(src, "job.yaml")) as f:
+        if not _same_job(yaml.safe_load(f), job):
+            return False
+    for name in os.listdir(src):
+        if name not in ("checkpoints", RESULT, "job.yaml") and os.path.isfile(os.path.join(src, name)):
+            shutil.copy2(os.path.join(src, name), os.path.join(d, name))
+    with open(os.path.join(src, RESULT)) as f:
+        res = json.load(f)
+    with open(os.path.join(d, RESULT), "w") as f:
+        json.dump({**res, "group": run.group, "reused_from": src}, f)
+    return True
+
+
 def _execute(s: Settings, run: Run) -> tuple[str, bool, float]:
     d = run_dir(s, run)
     if os.path.isfile(os.path.join(d, RESULT)):
@@ -153,6 +184,10 @@ def _execute(s: Settings, run: Run) -> tuple[str, bool, float]:
         shutil.rmtree(d)
     os.makedirs(d)
     job = dict(run.job, name=run.name, run_dir=d)
+    with open(os.path.join(d, "job.yaml"), "w") as f:
+        yaml.safe_dump(job, f, sort_keys=False)
+    if _copy_reused(run, job, d):
+        return run.name, True, 0.0
     with open(os.path.join(d, "job.yaml"), "w") as f:
         yaml.safe_dump(job, f, sort_keys=False)
     cmds = [[sys.executable, os.path.join(REPO, "launch", "pretrain.py"), "--config", os.path.join(d, "job.yaml")]]
@@ -171,9 +206,13 @@ def _execute(s: Settings, run: Run) -> tuple[str, bool, float]:
     return run.name, True, secs
 
 
-def execute(s: Settings, phases: list[list[Run]]) -> dict:
+def execute(s: Settings, phases: list[list[Run]], *, report_only: bool = False) -> dict:
     """Run every phase in order (a phase's runs `--jobs` at a time); returns {name: ok}. Prints one line
-    per run as it ends."""
+    per run as it ends. report_only: start nothing (the tables then cover the finished runs)."""
+    if report_only:
+        n = sum(os.path.isfile(os.path.join(run_dir(s, r), RESULT)) for p in phases for r in p)
+        print(f"--report-only: {n}/{sum(len(p) for p in phases)} runs finished, none started", flush=True)
+        return {}
     total = sum(len(p) for p in phases)
     done, status = 0, {}
     t0 = time.time()
