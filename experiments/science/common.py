@@ -54,6 +54,11 @@ class Settings:
         d.pop("out")
         return d
 
+    def must_match(self) -> dict:
+        """The settings every run of one --out shares. Seeds and lrs may grow: runs are named by them, so a
+        rerun with a wider sweep adds runs and keeps the finished ones."""
+        return {k: v for k, v in self.fingerprint().items() if k not in ("seeds", "lrs")}
+
     def domain(self, name: str) -> str:
         return os.path.join(self.data, "shards", name)
 
@@ -113,10 +118,11 @@ def check_inputs(s: Settings, domains: Sequence[str]) -> None:
                               "directory")
         with open(grid) as f:
             old = json.load(f)
-        if old != s.fingerprint():
-            diff = ", ".join(f"{k}: {old.get(k)} -> {v}" for k, v in s.fingerprint().items() if old.get(k) != v)
+        old = {k: v for k, v in old.items() if k not in ("seeds", "lrs")}
+        if old != s.must_match():
+            diff = ", ".join(f"{k}: {old.get(k)} -> {v}" for k, v in s.must_match().items() if old.get(k) != v)
             raise ConfigError(f"--out {s.out} holds a grid with other settings ({diff}); use another --out or "
-                              "the same settings")
+                              "the same settings (only --seeds and --lrs may change)")
     os.makedirs(s.out, exist_ok=True)
     with open(grid, "w") as f:
         json.dump(s.fingerprint(), f, indent=1)

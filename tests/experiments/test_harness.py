@@ -76,6 +76,8 @@ def test_other_settings_in_the_same_out_are_refused(corpus, tmp_path):
     s2, _ = common.parse("s1_balance", "", lrs="1e-2", steps=4, argv=["--out", str(tmp_path / "g"), "--data", corpus])
     with pytest.raises(common.ConfigError, match="steps: 3 -> 4"):
         common.check_inputs(s2, ("prose", "code"))
+    wider, _ = common.parse("s1_balance", "", lrs="1e-2,3e-2", steps=3, argv=["--out", str(tmp_path / "g"), "--data", corpus])
+    common.check_inputs(wider, ("prose", "code"))  # a wider sweep adds runs to the same grid
 
 
 def test_unknown_claim_and_missing_corpus(tmp_path):
