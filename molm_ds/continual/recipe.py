@@ -4,8 +4,11 @@
     param_groups     the strategy: frozen / row-masked parameters, per-group learning rates
     loss_terms       + ``router_reg`` (lambda * sum ||A'||^2) and ``distill_kl`` (KL to the starting
                      model), logged like every other term
-    start / finish   old- and new-domain validation perplexities before the first step (step 0 row)
-                     and after the last, and the run's report ``<run_dir>/continual_report.{json,md}``
+    start / evaluate old- and new-domain validation perplexities and the share of routing on the new
+    / finish         experts per domain (``molm_ds.continual.routing``) before the first step (step-0
+                     row), at every evaluation and after the last step, and the run's report
+                     ``<run_dir>/continual_report.{json,md}`` with the knobs that decide domain
+                     separation (router learning rate, A' regulariser weight, strategy)
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch import Tensor, nn
 
 from molm_ds.continual.groups import continual_param_groups
 from molm_ds.continual.losses import distillation_kl, new_router_rows_penalty
+from molm_ds.continual.routing import KINDS, NewExpertShare
 from molm_ds.continual.surgery import grow_experts
 from molm_ds.errors import ConfigError
 from molm_ds.log import get_logger, info0, is_rank0
@@ -73,19 +77,30 @@ class ContinualRecipe(Recipe):
 
     # ---- old / new domains -------------------------------------------------------------------
     def _domains(self, run: Run) -> dict:
-        """{old_val_loss, old_val_ppl, new_val_loss, new_val_ppl} for the domains the job names (collective)."""
+        """For each domain the job names: {d}_val_loss, {d}_val_ppl and {d}_new_mass_{attn,mlp},
+        {d}_new_topk_{attn,mlp} (routing on the new experts), d = old / new (collective)."""
         out = {}
         for name, paths in (("old", self.job.continual.eval.old), ("new", self.job.continual.eval.new)):
             if paths:
-                r = evaluate(run.model, run.data.val_batches(paths))
+                with NewExpertShare(run.model) as share:
+                    r = evaluate(run.model, run.data.val_batches(paths))
                 out[f"{name}_val_loss"], out[f"{name}_val_ppl"] = r.loss, r.ppl
+                out.update({f"{name}_{k}": v for k, v in share.result().items()})
         return out
+
+    def knobs(self) -> dict:
+        """What decides whether the new experts stay on the new domain, as the job sets it."""
+        c, t = self.job.continual, self.job.training
+        return {"strategy": c.strategy, "lr_router": c.lr.router or t.lr, "lr_new_experts": c.lr.new_experts or t.lr,
+                "lr_others": c.lr.others or t.lr, "router_reg_weight": c.router_reg_weight,
+                "distill_weight": c.distill_weight, "train_others": c.train_others}
 
     def _report_path(self) -> str:
         return os.path.join(self.job.run_dir, REPORT_JSON)
 
     def start(self, run: Run, *, resumed: bool) -> dict[str, float]:
         """Before the first step of a fresh run: the grown, untrained model's perplexities (the step-0 row)."""
+        info0("continual: " + ", ".join(f"{k} {v}" for k, v in self.knobs().items()))
         if resumed:
             self._carry_before_over()
             return {}
@@ -112,6 +127,9 @@ class ContinualRecipe(Recipe):
             log.warning("continual: resumed without %s next to %s: the report will have no 'before' numbers",
                         REPORT_JSON, ckpt_dir)
 
+    def evaluate(self, run: Run) -> dict[str, float]:
+        return self._domains(run)
+
     def finish(self, run: Run, step: int) -> dict[str, float]:
         after = self._domains(run)
         if after and is_rank0():
@@ -119,25 +137,32 @@ class ContinualRecipe(Recipe):
             if os.path.isfile(self._report_path()):
                 with open(self._report_path()) as f:
                     before = json.load(f).get("before", {})
-            write_report(self.job, before=before, after=after, step=step,
+            write_report(self.job, knobs=self.knobs(), before=before, after=after, step=step,
                          source=os.path.join(*ckpt.resolve(self.job.init_from, what="init_from")))
         return after
 
 
-def write_report(job, *, before: dict, after: dict, step: int, source: str) -> None:
+def write_report(job, *, knobs: dict, before: dict, after: dict, step: int, source: str) -> None:
     c = job.continual
     report = {"job": job.name, "init_from": source, "step": step, "before": before, "after": after,
-              "strategy": c.strategy, "new_experts": {"attention": c.attention, "mlp": c.mlp},
+              "strategy": c.strategy, "knobs": knobs, "new_experts": {"attention": c.attention, "mlp": c.mlp},
               "model": job.build_model_config().model_dump()}
     with open(os.path.join(job.run_dir, REPORT_JSON), "w") as f:
         json.dump(report, f, indent=1)
     lines = [f"# continual report: {job.name}", "",
              f"init_from `{source}`, strategy `{report['strategy']}`, new experts per layer {report['new_experts']}, "
-             f"{step} steps", "", "| domain | val loss before | after | ppl before | after |", "| --- | --- | --- | --- | --- |"]
+             f"{step} steps; router lr {knobs['lr_router']:g}, new-expert lr {knobs['lr_new_experts']:g}, "
+             f"A' regulariser weight {knobs['router_reg_weight']:g}", "",
+             "| domain | val loss before | after | ppl before | after | new-expert mass attn / mlp before | after |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+
+    def share(row: dict, d: str) -> str:
+        return " / ".join(f"{row[f'{d}_new_mass_{k}']:.3f}" if f"{d}_new_mass_{k}" in row else "-" for k in KINDS)
+
     for d in ("old", "new"):
         if f"{d}_val_loss" in after:
             b = lambda k: f"{before[k]:.4f}" if k in before else "-"
             lines.append(f"| {d} | {b(d + '_val_loss')} | {after[d + '_val_loss']:.4f} | {b(d + '_val_ppl')} | "
-                         f"{after[d + '_val_ppl']:.2f} |")
+                         f"{after[d + '_val_ppl']:.2f} | {share(before, d)} | {share(after, d)} |")
     with open(os.path.join(job.run_dir, "continual_report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -58,4 +58,4 @@ def test_grow_4_to_6_at_ep_size_2(tmp_path):
         if k.endswith("w_gate"):
             assert not torch.equal(init[k][4:], s1[k][4:]), k
     report = yaml.safe_load((tmp_path / "cl" / "continual_report.json").read_text())
-    assert set(report["after"]) >= {"old_val_ppl", "new_val_ppl"}
+    assert set(report["after"]) >= {"old_val_ppl", "new_val_ppl", "old_new_mass_mlp", "new_new_topk_attn"}

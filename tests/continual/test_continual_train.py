@@ -62,7 +62,12 @@ def test_frozen_parameters_bit_identical_and_report(world, tmp_path, strategy, d
     report = json.load(open(tmp_path / "continual_report.json"))
     assert report["before"]["new_val_loss"] == rows[0]["new_val_loss"]
     assert report["after"]["old_val_loss"] == rows[3]["old_val_loss"] and report["strategy"] == strategy
-    assert "| new |" in (tmp_path / "continual_report.md").read_text()
+    shares = {f"{d}_new_{m}_{k}" for d in ("old", "new") for m in ("mass", "topk") for k in ("attn", "mlp")}
+    assert shares <= set(rows[0]) and shares <= set(rows[3]) and shares <= set(report["after"])
+    assert all(0 < rows[3][k] < 1 for k in shares if "_mass_" in k)
+    assert report["knobs"]["router_reg_weight"] == 0.01 and report["knobs"]["strategy"] == strategy
+    md = (tmp_path / "continual_report.md").read_text()
+    assert "| new |" in md and "A' regulariser weight 0.01" in md
 
 
 def grow_experts_rows(world, key):
