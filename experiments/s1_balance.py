@@ -7,7 +7,8 @@ Paper (ModuleFormer, arXiv 2306.04640): the mutual-information loss L_MI = H(m|x
 experts' load (high H(m)) while making each token's routing confident (low H(m|x)). Grid: tiny preset
 from scratch on prose + code 50/50, every method at every lr and seed; each method is reported at its
 own best lr (lowest mean validation loss over seeds). Routing is measured on the held-out windows:
-H(m|x)/log E (lower = sharper), max/mean token count per expert (1 = perfectly balanced), both the mean
+H(m|x)/log E (lower = sharper), H(m)/log E (1 = the mean routing probabilities are uniform: what
+the MI loss maximises), max/mean token count per expert (1 = perfectly balanced), both the mean
 over the 4 MoE sub-layers and the 2 domains.
 """
 
@@ -58,14 +59,19 @@ def row(s: c.Settings, run: c.Run) -> dict | None:
     r["val_loss"] = sum(m["domains"][d]["loss"] for d in DOMAINS) / len(DOMAINS)
     r["H_rel"] = sum(c.sublayer_mean(m, d, "H_m_given_x_rel") for d in DOMAINS) / len(DOMAINS)
     r["H_rel_mlp"] = sum(c.sublayer_mean(m, d, "H_m_given_x_rel", "mlp") for d in DOMAINS) / len(DOMAINS)
+    r["H_m_rel"] = sum(c.sublayer_mean(m, d, "H_m_rel") for d in DOMAINS) / len(DOMAINS)
     r["max_mean"] = sum(c.sublayer_mean(m, d, "max_over_mean_load") for d in DOMAINS) / len(DOMAINS)
     r["max_mean_mlp"] = sum(c.sublayer_mean(m, d, "max_over_mean_load", "mlp") for d in DOMAINS) / len(DOMAINS)
+    r["pooled_max_mean"], r["pooled_H_m_rel"] = c.pooled_balance(m, DOMAINS)
+    r["pooled_max_mean_mlp"], _ = c.pooled_balance(m, DOMAINS, "mlp")
     r["train_loss"] = c.last_metrics(os.path.join(c.run_dir(s, run), "metrics.jsonl")).get("lm_loss")
     return r
 
 
 COLUMNS = [("val_loss", "val loss (prose+code)", 3), ("H_rel", "H(m|x)/log E", 3), ("H_rel_mlp", "… MLP only", 3),
-           ("max_mean", "max/mean load", 2), ("max_mean_mlp", "… MLP only", 2)]
+           ("H_m_rel", "H(m)/log E per domain", 3), ("max_mean", "max/mean load per domain", 2),
+           ("max_mean_mlp", "… MLP only", 2), ("pooled_H_m_rel", "H(m)/log E, domains pooled", 3),
+           ("pooled_max_mean", "max/mean, pooled", 2), ("pooled_max_mean_mlp", "… MLP only", 2)]
 
 
 def main(argv=None) -> int:
@@ -80,7 +86,7 @@ def main(argv=None) -> int:
     body = (f"{len(rows)}/{len(grid)} runs finished. Each method at its best lr (lowest mean val loss):\n\n"
             + c.markdown(agg, COLUMNS, order=METHODS, all_lrs=False)
             + "\n\nEvery lr:\n\n" + c.markdown(agg, COLUMNS, order=METHODS, all_lrs=True))
-    png = c.plot(agg, "max_mean", "max/mean expert load (held out)", os.path.join(s.out, "s1.png"), METHODS,
+    png = c.plot(agg, "pooled_max_mean", "max/mean expert load (held out, domains pooled)", os.path.join(s.out, "s1.png"), METHODS,
                  f"S1: load balance, weight {a.weight:g}")
     c.plot(agg, "val_loss", "val loss", os.path.join(s.out, "s1_val.png"), METHODS, "S1: validation loss")
     body += f"\n\nPlots: {png or '(matplotlib missing: no plot)'}, s1_val.png"

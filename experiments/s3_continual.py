@@ -68,9 +68,14 @@ def row(s: c.Settings, run: c.Run, base: dict) -> dict | None:
         for d in DOMAINS:
             for kind in ("attn", "mlp"):
                 r[f"{d}_new_mass_{kind}"] = c.sublayer_mean(m, d, "new_mass", kind)
+    # The trainer's own measurement (molm_ds.continual.routing, on data.eval_batches = 4 batches per domain):
+    # old_* = the prose eval, new_* = the code eval; a cross-check of measure.py's 102k-token numbers.
     rep = c.read_json(os.path.join(c.run_dir(s, run), "continual_report.json"))
     if rep is not None:
-        r["trainer_report"] = rep
+        for when in ("before", "after"):
+            for k, v in rep.get(when, {}).items():
+                if "_new_mass_" in k or "_new_topk_" in k:
+                    r[f"trainer_{when}_{k}"] = v
     return r
 
 
@@ -89,7 +94,8 @@ def main(argv=None) -> int:
     base_m = {b.group["seed"]: c.read_json(os.path.join(c.run_dir(s, b), "measure.json")) for b in bases}
     rows = [r for r in (row(s, run, base_m[run.group["seed"]]) for run in runs
                         if base_m.get(run.group["seed"]) is not None) if r is not None]
-    agg = c.aggregate(rows, [k for k, _, _ in COLUMNS], select="code_loss")
+    trainer_keys = sorted({k for r in rows for k in r if k.startswith("trainer_")})
+    agg = c.aggregate(rows, [k for k, _, _ in COLUMNS] + trainer_keys, select="code_loss")
     total = c.add_wall(s, time.time() - t0)
     bl = [b for b in base_m.values() if b]
     base_line = ""
@@ -102,6 +108,12 @@ def main(argv=None) -> int:
             + "Each method at its best lr (lowest mean code loss):\n\n"
             + c.markdown(agg, COLUMNS, order=METHODS, all_lrs=False)
             + "\n\nEvery lr:\n\n" + c.markdown(agg, COLUMNS, order=METHODS, all_lrs=True))
+    tcols = [(k, k.replace("trainer_", "").replace("_new_mass_", " new mass ").replace("_new_topk_", " new top-k "), 3)
+             for k in trainer_keys if "_after_" in k]
+    if tcols:
+        body += ("\n\nThe trainer's own routing share (continual_report.json, 4 eval batches per domain; old = prose, "
+                 "new = code), each method at its best lr:\n\n"
+                 + c.markdown(agg, tcols, order=[m for m in METHODS if m != "full_ft"], all_lrs=False))
     png = c.plot(agg, "code_loss", "code loss after (held out)", os.path.join(s.out, "s3.png"), METHODS,
                  "S3: learning the new domain")
     c.plot(agg, "prose_loss", "prose loss after (held out)", os.path.join(s.out, "s3_prose.png"), METHODS,

@@ -276,6 +276,23 @@ def sublayer_mean(measure: dict, domain: str, key: str, kind: Optional[str] = No
     return sum(vals) / len(vals)
 
 
+def pooled_balance(measure: dict, domains: Sequence[str], kind: Optional[str] = None) -> tuple[float, float]:
+    """(max/mean token count, H(m)/log E) of the domains pooled (their held-out windows together, as the
+    training mixture pools them), averaged over sub-layers; NaNs for a measure.json without raw sums."""
+    tags = [t for t in measure["domains"][domains[0]]["sublayers"] if kind is None or t.endswith("/" + kind)]
+    mm, hh = [], []
+    for t in tags:
+        subs = [measure["domains"][d]["sublayers"][t] for d in domains]
+        if "counts" not in subs[0]:
+            return math.nan, math.nan
+        E = len(subs[0]["counts"])
+        n = [sum(x["counts"][e] for x in subs) for e in range(E)]
+        p = [sum(x["p_mean"][e] for x in subs) / len(subs) for e in range(E)]  # equal tokens per domain
+        mm.append(max(n) / (sum(n) / E))
+        hh.append(-sum(q * math.log(q) for q in p if q > 0) / math.log(E))
+    return sum(mm) / len(mm), sum(hh) / len(hh)
+
+
 def aggregate(rows: list[dict], metrics: Sequence[str], *, select: str, by: str = "method") -> dict:
     """rows: one dict per finished run with `by`, 'lr', 'seed' and the metrics. Returns
     {method: {"best_lr", "n", "per_lr": {lr: {metric: (mean, std), "n": n}}}}; the best lr has the lowest

@@ -73,7 +73,9 @@ def measure_domain(model, path: str, *, windows: int, seq_len: int, val_fraction
         E = s.num_experts
         row = {"E": E, "H_m_given_x_rel": st["H_m_given_x"] / math.log(E) if E > 1 else float("nan"),
                "H_m_rel": st["H_m"] / math.log(E) if E > 1 else float("nan"),
-               "max_over_mean_load": st["max_over_mean_load"], "dead_experts": st["dead_experts"]}
+               "max_over_mean_load": st["max_over_mean_load"], "dead_experts": st["dead_experts"],
+               # raw sums, so domains can be pooled afterwards (the training batches mix them)
+               "counts": s.counts_E.tolist(), "p_mean": (s.probs_E / s.tokens).tolist()}
         if old is not None:
             e_old = old[key.kind]
             row["new_mass"] = float(s.probs_E[e_old:].sum() / s.tokens) if E > e_old else 0.0
