@@ -1,5 +1,5 @@
 """The science harness (experiments/): a shrunken grid through the real trainer, skip-done, user errors,
-and the pure parts (aggregation, roff stripping). The grid test runs 2 trainer runs of 3 steps (~20-40 s)."""
+and the pure parts (aggregation, settings checks). The grid test runs 2 trainer runs of 3 steps (~20-40 s)."""
 
 import json
 import os
@@ -8,7 +8,6 @@ import sys
 
 import pytest
 
-from data_prep.science import roff_to_text
 from experiments.science import common
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -95,10 +94,3 @@ def test_aggregate_picks_each_methods_best_lr():
     assert agg["a"]["best_lr"] == 1e-2  # mean 3.0 beats 3.1, however wide its spread
     assert agg["a"]["per_lr"][1e-2]["v"] == pytest.approx((3.0, 2 ** 0.5))
     assert agg["b"]["best_lr"] == 1e-2 and agg["b"]["per_lr"][1e-2]["v"] == (1.0, 0.0)
-
-
-def test_roff_to_text():
-    src = ('.\\" comment\n.TH LS 1\n.SH NAME\nls \\- list directory contents\n.SH DESCRIPTION\n'
-           '.B ls\nlists \\fBfiles\\fR and \\fIdirs\\fP\\(em fast.\n.de XX\nignored\n..\n.BR ls (1)\n')
-    assert roff_to_text(src) == "NAME\nls - list directory contents\n\nDESCRIPTION\nls\nlists files and dirs-- fast.\nls(1)"
-    assert roff_to_text(".so man1/other.1\n") is None
