@@ -1,7 +1,7 @@
 """S4: fine-tuning with load concentration, then pruning the experts the task does not use.
 
     python -m experiments.s4_prune --out runs/science/s4 [--data data/science] [--seeds 1,2,3]
-        [--lrs 1e-3,3e-3] [--steps 150] [--weights 0,0.1,1] [--taus 0.01,0.1,0.3]
+        [--lrs 1e-3,3e-3] [--steps 150] [--weights 0,1,0.1] [--taus 0.01,0.1,0.3]
         [--base-steps 400] [--base-lr 1e-2] [--jobs 2]
 
 Paper (ModuleFormer, arXiv 2306.04640): fine-tuning with the load-concentration loss H(m) makes a task
@@ -25,7 +25,7 @@ DOMAINS = ("prose", "code")
 
 
 def extra(p):
-    p.add_argument("--weights", default="0,0.1,1", help="load-concentration weights")
+    p.add_argument("--weights", default="0,1,0.1", help="load-concentration weights, run in this order")
     p.add_argument("--taus", default="0.01,0.1,0.3", help="prune thresholds on f_m / max f")
     p.add_argument("--base-steps", type=int, default=400, help="pretraining steps of the base models")
     p.add_argument("--base-lr", type=float, default=1e-2, help="lr of the base models")
