@@ -85,6 +85,38 @@ COLUMNS = [("code_loss", "code loss after", 3), ("prose_loss", "prose loss after
            ("prose_new_mass_mlp", "prose (MLP)", 3), ("code_new_mass_mlp", "code (MLP)", 3)]
 
 
+def tradeoff_plot(agg: dict, path: str) -> str | None:
+    """Prose loss (forgetting) against code loss (learning) for every method and lr: the best lr by code
+    loss alone can hide a method that learns a little less and forgets much less."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for method in METHODS:
+        if method not in agg:
+            continue
+        lrs = sorted(agg[method]["per_lr"])
+        t = [agg[method]["per_lr"][lr] for lr in lrs]
+        ax.errorbar([x["code_loss"][0] for x in t], [x["prose_loss"][0] for x in t],
+                    xerr=[x["code_loss"][1] for x in t], yerr=[x["prose_loss"][1] for x in t], marker="o",
+                    capsize=3, label=method)
+        for lr, x in zip(lrs, t):
+            ax.annotate(f"{lr:g}", (x["code_loss"][0], x["prose_loss"][0]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set_xlabel("code loss after (learning; lower is better)")
+    ax.set_ylabel("prose loss after (forgetting; lower is better)")
+    ax.set_title("S3: learning vs forgetting, labels = lr", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None) -> int:
     s, a = c.parse("s3_continual", __doc__, lrs="3e-4,1e-3,3e-3", steps=150, argv=argv, extra=extra)
     c.check_inputs(s, DOMAINS)
@@ -118,7 +150,8 @@ def main(argv=None) -> int:
                  "S3: learning the new domain")
     c.plot(agg, "prose_loss", "prose loss after (held out)", os.path.join(s.out, "s3_prose.png"), METHODS,
            "S3: forgetting the old domain")
-    body += f"\n\nPlots: {png or '(matplotlib missing: no plot)'}, s3_prose.png"
+    tradeoff_plot(agg, os.path.join(s.out, "s3_tradeoff.png"))
+    body += f"\n\nPlots: {png or '(matplotlib missing: no plot)'}, s3_prose.png, s3_tradeoff.png"
     c.write_report(s, "S3: continual learning, prose -> code", body,
                    {"aggregate": agg, "rows": rows, "bases": base_m}, total)
     return 0 if len(rows) == len(runs) else 1
