@@ -1,7 +1,7 @@
 """S1: the MI load-balance loss against Switch's balance loss and no balance loss.
 
     python -m experiments.s1_balance --out runs/science/s1 [--data data/science] [--seeds 1,2,3]
-        [--lrs 3e-3,1e-2] [--steps 300] [--weight 0.01] [--jobs 2]
+        [--lrs 3e-3,1e-2,3e-2] [--steps 300] [--weight 0.01] [--jobs 2]
 
 Paper (ModuleFormer, arXiv 2306.04640): the mutual-information loss L_MI = H(m|x) - H(m) balances the
 experts' load (high H(m)) while making each token's routing confident (low H(m|x)). Grid: tiny preset
@@ -75,7 +75,7 @@ COLUMNS = [("val_loss", "val loss (prose+code)", 3), ("H_rel", "H(m|x)/log E", 3
 
 
 def main(argv=None) -> int:
-    s, a = c.parse("s1_balance", __doc__, lrs="3e-3,1e-2", steps=300, argv=argv, extra=extra)
+    s, a = c.parse("s1_balance", __doc__, lrs="3e-3,1e-2,3e-2", steps=300, argv=argv, extra=extra)
     c.check_inputs(s, DOMAINS)
     t0 = time.time()
     grid = runs(s, a.weight)

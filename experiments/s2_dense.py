@@ -1,7 +1,7 @@
 """S2: a sparse MoLM against a dense model with the same active parameters, on the same tokens.
 
     python -m experiments.s2_dense --out runs/science/s2 [--data data/science] [--seeds 1,2,3]
-        [--lrs 3e-3,1e-2] [--steps 300] [--jobs 2] [--reuse-moe runs/science/s1]
+        [--lrs 3e-3,1e-2,3e-2] [--steps 300] [--jobs 2] [--reuse-moe runs/science/s1]
 
 Paper (ModuleFormer, arXiv 2306.04640): at equal compute (active parameters per token) the sparse
 model reaches a lower loss than a dense one. Here: the tiny preset (4 attention experts of width 64,
@@ -74,7 +74,7 @@ COLUMNS = [("val_loss", "val loss (mean of domains)", 3), ("prose_loss", "prose"
 
 
 def main(argv=None) -> int:
-    s, a = c.parse("s2_dense", __doc__, lrs="3e-3,1e-2", steps=300, argv=argv, extra=extra)
+    s, a = c.parse("s2_dense", __doc__, lrs="3e-3,1e-2,3e-2", steps=300, argv=argv, extra=extra)
     c.check_inputs(s, DOMAINS)
     t0 = time.time()
     grid = runs(s, a.reuse_moe)
