@@ -1,0 +1,272 @@
+"""A larger two-domain corpus for the science experiments, built from what this machine has installed.
+
+    python -m data_prep.science --out data/science [--prose-chars 4500000] [--code-chars 4500000]
+
+Domains (both deterministic for a given set of installed files):
+  prose  English manual pages (/usr/share/man/man1..man8, gzip'd roff), rendered to plain text here by
+         stripping the roff markup (no groff: a page per millisecond instead of per 50 ms, and no
+         dependence on the terminal width); `.so` redirections, duplicates and pages under 400
+         characters are dropped. Pages are taken in the order of the SHA-1 of their file names (a
+         spread over commands, libraries and file formats, not the first letters of the alphabet)
+         until --prose-chars.
+  code   the Python standard library source (<stdlib>/**/*.py, test suites included), in the same
+         hashed order, until --code-chars.
+
+The tokenizer (SentencePiece BPE with byte fallback, vocab --vocab-size, 512 = the tiny preset) is
+trained on both domains with data_prep.train_tokenizer, the shards are written by
+data_prep.build_shards (the project's format), so molm_ds.data reads DIR/shards/{prose,code}.
+
+The held-out split is the trainer's own (molm_ds.data.mixture.split_windows: blocks of 16 windows drawn
+with a fixed seed, independent of the training seed) at the val_fraction stored in the manifest (0.1 by
+default); the manifest records how many validation tokens each domain holds at seq_len 64.
+
+    DIR/pile/train/00.jsonl.zst   both domains, meta.pile_set_name man_pages | python_stdlib_tree
+    DIR/tokenizer.model, DIR/shards/prose, DIR/shards/code, DIR/manifest.json
+Idempotent: a rerun with the same options prints "up to date".
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import json
+import os
+import re
+import sys
+import sysconfig
+import time
+
+import zstandard
+
+from data_prep.build_shards import build_shards
+from data_prep.indexed_writer import atomic_write_bytes
+from data_prep.readers import SourceSpec
+from data_prep.spm_model import tokenizer_record
+from data_prep.train_tokenizer import train_tokenizer
+from molm_ds.errors import DataError
+
+PROSE, CODE = "man_pages", "python_stdlib_tree"
+MAN_ROOT = "/usr/share/man"
+VAL_FRACTION = 0.1
+SEQ_LEN = 64
+MIN_DOC_CHARS = 400
+# Pages per command family (the name up to the first '-', '_', '.' or digit): man1 on this machine holds
+# thousands of near-identical `gcloud-*` pages, which would otherwise be most of the prose.
+MAX_PER_FAMILY = 8
+
+# Roff escapes, most specific first. \f font changes, \s size changes, \* strings and \( / \[ special
+# characters either become their plain-text reading or disappear.
+_SPECIAL = {"em": "--", "en": "-", "bu": "*", "aq": "'", "dq": '"', "lq": '"', "rq": '"', "oq": "'",
+            "cq": "'", "hy": "-", "mi": "-", "pl": "+", "eq": "=", "ti": "~", "ha": "^", "co": "(c)",
+            "rg": "(R)", "tm": "(TM)", "<=": "<=", ">=": ">=", "->": "->", "<-": "<-", "ga": "`",
+            "sl": "/", "rs": "\\", "lB": "[", "rB": "]", "lC": "{", "rC": "}", "ba": "|", "or": "|",
+            "at": "@", "sh": "#", "Do": "$", "ct": "c", "de": "deg", "mu": "x", "di": "/"}
+_ESCAPES = [
+    (re.compile(r"\\f(\(..|\[[^\]]*\]|.)"), ""),
+    (re.compile(r"\\s[+-]?(\(\d\d|\[\d+\]|\d)"), ""),
+    (re.compile(r"\\\((..)"), lambda m: _SPECIAL.get(m.group(1), "")),
+    (re.compile(r"\\\[([^\]]*)\]"), lambda m: _SPECIAL.get(m.group(1), "")),
+    (re.compile(r"\\\*(\(..|\[[^\]]*\]|.)"), ""),
+    (re.compile(r"\\[nkgw](\(..|\[[^\]]*\]|.)"), ""),
+    (re.compile(r"\\[hvlLDxXoNbYZ]'[^']*'"), " "),
+    (re.compile(r"\\[-]"), "-"),
+    (re.compile(r"\\e"), "\\\\"),
+    (re.compile(r"\\[&|^%:{}cdrtpu)]"), ""),
+    (re.compile(r"\\ "), " "),
+    (re.compile(r"\\(.)"), r"\1"),
+]
+# Requests whose arguments are text (section headings, fonts, tagged paragraphs, mdoc macros).
+_TEXT_MACROS = {"SH", "SS", "B", "I", "SM", "SB", "BR", "RB", "IR", "RI", "BI", "IB", "IP", "UR",
+                "MT", "OP", "Nm", "Nd", "Sh", "Ss", "Fl", "Ar", "Op", "Xr", "Pa", "Ev", "Cm", "Dv", "Em",
+                "Sy", "Li", "Ql", "Dq", "Sq", "Pq", "It", "Fn", "Fa", "Ft", "Va", "Er", "Tn", "Ic", "Ux"}
+_ALTERNATING = {"BR", "RB", "IR", "RI", "BI", "IB"}  # fonts alternate word by word, no space between
+
+
+def _unescape(s: str) -> str:
+    for pat, rep in _ESCAPES:
+        s = pat.sub(rep, s)
+    return s
+
+
+def _macro_args(rest: str) -> list[str]:
+    return [a.strip('"') for a in re.findall(r'"[^"]*"|\S+', rest)]
+
+
+def roff_to_text(src: str) -> str | None:
+    """Plain text of a man page's roff source, or None for a `.so` redirection."""
+    out: list[str] = []
+    skip_until = None  # inside .de/.ig definitions (macro packages preambles of pod2man pages)
+    for line in src.split("\n"):
+        if skip_until is not None:
+            if line.startswith(skip_until):
+                skip_until = None
+            continue
+        if line.startswith((".\\\"", "'\\\"", "\\\"")):
+            continue
+        if line[:1] in (".", "'"):
+            m = re.match(r"[.']\s*(\S*)\s*(.*)", line)
+            name, rest = (m.group(1), m.group(2)) if m else ("", "")
+            if name == "so":
+                return None
+            if name in ("de", "de1", "am", "ig"):
+                skip_until = ".."
+                continue
+            if name in _TEXT_MACROS:
+                args = _macro_args(rest)[:1] if name == "IP" else _macro_args(rest)  # .IP tag indent
+                text = ("" if name in _ALTERNATING else " ").join(args)
+                if name in ("SH", "SS", "Sh", "Ss"):
+                    out.append("")
+                out.append(_unescape(text))
+            elif name in ("PP", "LP", "P", "sp", "Pp", "br", "TP"):
+                out.append("")
+            continue  # other requests (.TH, .if, .nr, .ds, .TS, ...) carry no prose
+        out.append(_unescape(line))
+    text = re.sub(r"[ \t]+", " ", "\n".join(out))
+    text = re.sub(r"\n{3,}", "\n\n", text).strip()
+    return text
+
+
+def _hashed(paths: list[str], root: str) -> list[str]:
+    return sorted(paths, key=lambda p: hashlib.sha1(os.path.relpath(p, root).encode()).hexdigest())
+
+
+def _take(paths, read, max_chars: int) -> tuple[list[str], int]:
+    docs, seen, total = [], set(), 0
+    for p in paths:
+        text = read(p)
+        if text is None or len(text) < MIN_DOC_CHARS:
+            continue
+        h = hashlib.sha1(text.encode()).digest()
+        if h in seen:
+            continue
+        seen.add(h)
+        docs.append(text)
+        total += len(text)
+        if total >= max_chars:
+            break
+    return docs, total
+
+
+def _read_man(path: str) -> str | None:
+    try:
+        with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
+            return roff_to_text(f.read())
+    except (OSError, EOFError):
+        return None
+
+
+def _read_py(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (UnicodeDecodeError, OSError):
+        return None
+
+
+def _family(path: str) -> str:
+    return re.split(r"[-_.\d]", os.path.basename(path), maxsplit=1)[0].lower()
+
+
+def prose_documents(max_chars: int, root: str = MAN_ROOT) -> list[str]:
+    paths = [p for d in range(1, 9) for p in glob.glob(os.path.join(root, f"man{d}", "*.gz"))
+             if os.path.isfile(p) and not os.path.islink(p)]
+    kept, per_family = [], {}
+    for p in _hashed(paths, root):
+        f = _family(p)
+        per_family[f] = per_family.get(f, 0) + 1
+        if per_family[f] <= MAX_PER_FAMILY:
+            kept.append(p)
+    return _take(kept, _read_man, max_chars)[0]
+
+
+def code_documents(max_chars: int) -> list[str]:
+    lib = sysconfig.get_paths()["stdlib"]
+    paths = [p for p in glob.glob(os.path.join(lib, "**", "*.py"), recursive=True)
+             if "site-packages" not in p and "dist-packages" not in p and os.path.isfile(p)]
+    return _take(_hashed(paths, lib), _read_py, max_chars)[0]
+
+
+def val_tokens(shard_dir: str, val_fraction: float, seq_len: int) -> int:
+    """Tokens in the trainer's validation windows of one domain (predicted tokens: seq_len per window)."""
+    from molm_ds.data import DataSource, MixtureLoader
+
+    val = MixtureLoader([DataSource(shard_dir, 1.0)], seq_len=seq_len, micro_batch_size=1, seed=0,
+                        split="val", val_fraction=val_fraction)
+    return sum(len(w) for w in val.windows) * seq_len
+
+
+def build_science(out: str, *, prose_chars: int, code_chars: int, vocab_size: int = 512, workers: int = 2,
+                  say=print) -> dict:
+    options = {"prose_chars": prose_chars, "code_chars": code_chars, "vocab_size": vocab_size,
+               "python": sys.version.split()[0], "val_fraction": VAL_FRACTION}
+    man_path = os.path.join(out, "manifest.json")
+    if os.path.exists(man_path):
+        with open(man_path) as f:
+            man = json.load(f)
+        if man.get("options") == options:
+            say(f"science corpus in {out} is up to date ({man_path})")
+            return man
+        raise DataError(f"{out} holds a corpus built with {man.get('options')}, not {options}; "
+                        "use another --out or delete it")
+    pile = os.path.join(out, "pile", "train", "00.jsonl.zst")
+    os.makedirs(os.path.dirname(pile), exist_ok=True)
+    if not os.path.exists(pile):
+        prose, code = prose_documents(prose_chars), code_documents(code_chars)
+        if not prose or not code:
+            raise DataError(f"found {len(prose)} man pages under {MAN_ROOT} and {len(code)} stdlib modules: "
+                            "this machine lacks one of the domains")
+        lines = [json.dumps({"text": t, "meta": {"pile_set_name": PROSE}}) for t in prose]
+        lines += [json.dumps({"text": t, "meta": {"pile_set_name": CODE}}) for t in code]
+        atomic_write_bytes(pile, zstandard.ZstdCompressor(level=3).compress(("\n".join(lines) + "\n").encode()))
+        say(f"samples: {pile} ({len(prose)} man pages, {sum(map(len, prose)):,} chars; "
+            f"{len(code)} stdlib modules, {sum(map(len, code)):,} chars)")
+    tok = os.path.join(out, "tokenizer.model")
+    if not os.path.exists(tok):
+        train_tokenizer([SourceSpec("pile", pile)], os.path.join(out, "tokenizer"), vocab_size=vocab_size,
+                        sample_sentences=400_000, threads=workers)
+        say(f"tokenizer: {tok} (vocab {vocab_size})")
+    domains = {}
+    for domain, subset in (("prose", PROSE), ("code", CODE)):
+        shard_dir = os.path.join(out, "shards", domain)
+        m = build_shards([SourceSpec("pile", pile)], tok, shard_dir, workers=workers, subsets={subset},
+                         progress=False)
+        vt = val_tokens(shard_dir, VAL_FRACTION, SEQ_LEN)
+        domains[domain] = {"shards": os.path.join("shards", domain), "pile_set_name": subset,
+                           "documents": m["documents"], "tokens": m["tokens"],
+                           f"val_tokens_seq{SEQ_LEN}": vt}
+        say(f"shards: {shard_dir} ({m['documents']} documents, {m['tokens']:,} tokens, "
+            f"{vt:,} held out at val_fraction {VAL_FRACTION})")
+    rec = tokenizer_record(tok)
+    rec["model_path"] = "tokenizer.model"
+    man = {"options": options, "tokenizer": rec, "domains": domains,
+           "samples": {"pile": [os.path.relpath(pile, out)]}}
+    atomic_write_bytes(man_path, (json.dumps(man, indent=1) + "\n").encode())
+    say(f"manifest: {man_path}")
+    return man
+
+
+def main(argv=None) -> int:
+    from data_prep.options import positive_int
+    from molm_ds import cli
+
+    p = cli.ArgumentParser(prog="python -m data_prep.science", description=__doc__)
+    p.add_argument("--out", required=True, help="output directory (e.g. data/science)")
+    p.add_argument("--prose-chars", type=positive_int, default=4_500_000, help="characters of man-page text")
+    p.add_argument("--code-chars", type=positive_int, default=4_500_000, help="characters of stdlib source")
+    p.add_argument("--vocab-size", type=positive_int, default=512, help="512 for the tiny preset")
+    p.add_argument("--workers", type=positive_int, default=2, help="tokenising processes")
+    a = p.parse_args(argv)
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        raise DataError(f"--out {a.out} is a file, not a directory")
+    t0 = time.perf_counter()
+    build_science(a.out, prose_chars=a.prose_chars, code_chars=a.code_chars, vocab_size=a.vocab_size,
+                  workers=a.workers)
+    print(f"done in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    from molm_ds import cli
+
+    cli.run(main)

@@ -1,0 +1,161 @@
+"""S3: continual learning (prose -> code) with new experts against full fine-tuning.
+
+    python -m experiments.s3_continual --out runs/science/s3 [--data data/science] [--seeds 1,2,3]
+        [--lrs 3e-4,1e-3,3e-3] [--steps 150] [--base-steps 400] [--base-lr 1e-2] [--jobs 2]
+
+Paper (ModuleFormer, arXiv 2306.04640): adding experts for a new domain and training only them (and the
+router rows A') learns the domain while forgetting less than fine-tuning the whole model; the router
+sends new-domain tokens to the new experts. Grid: per seed one tiny base pretrained on prose
+(--base-steps at --base-lr), then --steps on code only (lifelong) with
+  full_ft      init_from only: every parameter trains (no new experts);
+  full_router  +2 attention and +2 MLP experts per layer, new experts + the whole router train;
+  new_only     +2/+2 experts, only the new experts and A' train, ||A'||^2 regulariser 0.01;
+every group at the same lr (the lr swept; so no method gets a larger router lr than another). Reported
+at each method's best lr by code val loss: prose loss after (forgetting; before = the base), code loss
+after, and the mean router probability mass on the new experts for prose and for code tokens
+(measure.py on the held-out windows; continual_report.json holds the trainer's own before/after).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from experiments.s1_balance import DOMAINS, measure_cmd
+from experiments.science import common as c
+from molm_ds import cli
+
+METHODS = ("full_ft", "full_router", "new_only")
+
+
+def extra(p):
+    p.add_argument("--base-steps", type=int, default=400, help="prose pretraining steps of the base models")
+    p.add_argument("--base-lr", type=float, default=1e-2, help="lr of the base models (tiny's demo lr)")
+
+
+def grid(s: c.Settings, base_steps: int, base_lr: float) -> tuple[list[c.Run], list[c.Run]]:
+    bases, runs = [], []
+    for seed in s.seeds:
+        job = c.base_job(s, sources=[{"path": s.domain("prose")}], seed=seed, lr=base_lr, steps=base_steps)
+        bases.append(c.Run(f"base_s{seed}", job, after=[measure_cmd(s)], group={"seed": seed}))
+    for method in METHODS:
+        for lr in s.lrs:
+            for seed in s.seeds:
+                job = c.base_job(s, sources=[{"path": s.domain("code")}], seed=seed, lr=lr)
+                job["init_from"] = os.path.join(c.run_dir(s, bases[s.seeds.index(seed)]), "checkpoints")
+                old = None
+                if method != "full_ft":
+                    old = "4,4"
+                    job["continual"] = {
+                        "attention": 2, "mlp": 2, "strategy": method,
+                        "router_reg_weight": 0.01 if method == "new_only" else 0.0,
+                        "lr": {"new_experts": lr, "router": lr},
+                        "eval": {"old": [s.domain("prose")], "new": [s.domain("code")]}}
+                runs.append(c.Run(f"{method}_lr{lr:g}_s{seed}", job, after=[measure_cmd(s, old)],
+                                  group={"method": method, "lr": lr, "seed": seed}))
+    return bases, runs
+
+
+def row(s: c.Settings, run: c.Run, base: dict) -> dict | None:
+    m = c.read_json(os.path.join(c.run_dir(s, run), "measure.json"))
+    if m is None:
+        return None
+    r = dict(run.group)
+    r["prose_loss"] = m["domains"]["prose"]["loss"]
+    r["code_loss"] = m["domains"]["code"]["loss"]
+    r["prose_forgetting"] = r["prose_loss"] - base["domains"]["prose"]["loss"]
+    if run.group["method"] != "full_ft":
+        for d in DOMAINS:
+            for kind in ("attn", "mlp"):
+                r[f"{d}_new_mass_{kind}"] = c.sublayer_mean(m, d, "new_mass", kind)
+    # The trainer's own measurement (molm_ds.continual.routing, on data.eval_batches = 4 batches per domain):
+    # old_* = the prose eval, new_* = the code eval; a cross-check of measure.py's 102k-token numbers.
+    rep = c.read_json(os.path.join(c.run_dir(s, run), "continual_report.json"))
+    if rep is not None:
+        for when in ("before", "after"):
+            for k, v in rep.get(when, {}).items():
+                if "_new_mass_" in k or "_new_topk_" in k:
+                    r[f"trainer_{when}_{k}"] = v
+    return r
+
+
+COLUMNS = [("code_loss", "code loss after", 3), ("prose_loss", "prose loss after", 3),
+           ("prose_forgetting", "prose loss − base", 3),
+           ("prose_new_mass_attn", "new-expert mass, prose (attn)", 3), ("code_new_mass_attn", "code (attn)", 3),
+           ("prose_new_mass_mlp", "prose (MLP)", 3), ("code_new_mass_mlp", "code (MLP)", 3)]
+
+
+def tradeoff_plot(agg: dict, path: str) -> str | None:
+    """Prose loss (forgetting) against code loss (learning) for every method and lr: the best lr by code
+    loss alone can hide a method that learns a little less and forgets much less."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for method in METHODS:
+        if method not in agg:
+            continue
+        lrs = sorted(agg[method]["per_lr"])
+        t = [agg[method]["per_lr"][lr] for lr in lrs]
+        ax.errorbar([x["code_loss"][0] for x in t], [x["prose_loss"][0] for x in t],
+                    xerr=[x["code_loss"][1] for x in t], yerr=[x["prose_loss"][1] for x in t], marker="o",
+                    capsize=3, label=method)
+        for lr, x in zip(lrs, t):
+            ax.annotate(f"{lr:g}", (x["code_loss"][0], x["prose_loss"][0]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set_xlabel("code loss after (learning; lower is better)")
+    ax.set_ylabel("prose loss after (forgetting; lower is better)")
+    ax.set_title("S3: learning vs forgetting, labels = lr", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    s, a = c.parse("s3_continual", __doc__, lrs="3e-4,1e-3,3e-3", steps=150, argv=argv, extra=extra)
+    c.check_inputs(s, DOMAINS)
+    t0 = time.time()
+    bases, runs = grid(s, a.base_steps, a.base_lr)
+    c.execute(s, [bases, runs], report_only=a.report_only)
+    base_m = {b.group["seed"]: c.read_json(os.path.join(c.run_dir(s, b), "measure.json")) for b in bases}
+    rows = [r for r in (row(s, run, base_m[run.group["seed"]]) for run in runs
+                        if base_m.get(run.group["seed"]) is not None) if r is not None]
+    trainer_keys = sorted({k for r in rows for k in r if k.startswith("trainer_")})
+    agg = c.aggregate(rows, [k for k, _, _ in COLUMNS] + trainer_keys, select="code_loss")
+    total = c.add_wall(s, time.time() - t0)
+    bl = [b for b in base_m.values() if b]
+    base_line = ""
+    if bl:
+        pm = c.mean_std([b["domains"]["prose"]["loss"] for b in bl])
+        cm = c.mean_std([b["domains"]["code"]["loss"] for b in bl])
+        base_line = (f"Base models ({len(bl)} seeds, {a.base_steps} prose steps at lr {a.base_lr:g}): prose loss "
+                     f"{c.fmt(pm)}, code loss {c.fmt(cm)}.\n\n")
+    body = (f"{len(rows)}/{len(runs)} continual runs finished. " + base_line
+            + "Each method at its best lr (lowest mean code loss):\n\n"
+            + c.markdown(agg, COLUMNS, order=METHODS, all_lrs=False)
+            + "\n\nEvery lr:\n\n" + c.markdown(agg, COLUMNS, order=METHODS, all_lrs=True))
+    tcols = [(k, k.replace("trainer_", "").replace("_new_mass_", " new mass ").replace("_new_topk_", " new top-k "), 3)
+             for k in trainer_keys if "_after_" in k]
+    if tcols:
+        body += ("\n\nThe trainer's own routing share (continual_report.json, 4 eval batches per domain; old = prose, "
+                 "new = code), each method at its best lr:\n\n"
+                 + c.markdown(agg, tcols, order=[m for m in METHODS if m != "full_ft"], all_lrs=False))
+    png = c.plot(agg, "code_loss", "code loss after (held out)", os.path.join(s.out, "s3.png"), METHODS,
+                 "S3: learning the new domain")
+    c.plot(agg, "prose_loss", "prose loss after (held out)", os.path.join(s.out, "s3_prose.png"), METHODS,
+           "S3: forgetting the old domain")
+    tradeoff_plot(agg, os.path.join(s.out, "s3_tradeoff.png"))
+    body += f"\n\nPlots: {png or '(matplotlib missing: no plot)'}, s3_prose.png, s3_tradeoff.png"
+    c.write_report(s, "S3: continual learning, prose -> code", body,
+                   {"aggregate": agg, "rows": rows, "bases": base_m}, total)
+    return 0 if len(rows) == len(runs) else 1
+
+
+if __name__ == "__main__":
+    cli.run(main)

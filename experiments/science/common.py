@@ -1,0 +1,383 @@
+"""What every claim's grid shares: run specs, launching the real tools, skip-done, aggregation, reports.
+
+A grid is a list of `Run`s in phases (a base model before the runs that start from it). A run is a
+directory with the job YAML it trains (`launch/pretrain.py`), then the commands that read its checkpoint
+(`experiments.science.measure`, `launch/prune.py`); `result.json` is written last, so a run that has it
+is done and a rerun skips it. Runs go `--jobs` at a time, each process with one thread (two threads per
+process on a shared 2-core machine spin instead of working). Everything reported is read back from the
+files the tools wrote (metrics.jsonl, measure.json, continual_report.json, sweep.json).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import yaml
+
+from molm_ds import cli
+from molm_ds.errors import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+GRID_FILE = "grid.json"
+RESULT = "result.json"
+
+
+@dataclass
+class Settings:
+    """One grid's knobs (all on the command line; stored in grid.json, a rerun must match them)."""
+
+    claim: str
+    out: str
+    data: str
+    seeds: list[int]
+    lrs: list[float]
+    steps: int
+    batch: int
+    jobs: int
+    windows: int
+    seq_len: int = 64
+    val_fraction: float = 0.1
+    extra: dict = field(default_factory=dict)  # the claim's own options (weights, base steps, ...)
+
+    def fingerprint(self) -> dict:
+        d = dict(vars(self))
+        d.pop("jobs")  # how many run at once does not change any result
+        d.pop("out")
+        return d
+
+    def must_match(self) -> dict:
+        """The settings every run of one --out shares. Seeds and lrs may grow: runs are named by them, so a
+        rerun with a wider sweep adds runs and keeps the finished ones."""
+        return {k: v for k, v in self.fingerprint().items() if k not in ("seeds", "lrs")}
+
+    def domain(self, name: str) -> str:
+        return os.path.join(self.data, "shards", name)
+
+
+@dataclass
+class Run:
+    """One training run and the measurements of its checkpoint."""
+
+    name: str  # directory under out/runs
+    job: dict  # the job YAML (run_dir and name are filled in)
+    after: list[list[str]] = field(default_factory=list)  # commands run after training ({run} = run dir)
+    group: dict = field(default_factory=dict)  # method, lr, seed... (what the aggregation groups by)
+    reuse: Optional[str] = None  # a finished run of another grid that trained this very job (copied, not rerun)
+
+
+def parse(claim: str, doc: str, *, lrs: str, steps: int, argv=None, extra: Optional[Callable] = None):
+    p = cli.ArgumentParser(prog=f"python -m experiments.{claim}", description=doc)
+    p.add_argument("--out", required=True, help="grid directory (created; a rerun skips finished runs)")
+    p.add_argument("--data", default="data/science", help="corpus of python -m data_prep.science")
+    p.add_argument("--seeds", default="1,2,3", help="comma-separated training seeds")
+    p.add_argument("--lrs", default=lrs, help="comma-separated peak learning rates swept for every method")
+    p.add_argument("--steps", type=int, default=steps, help="optimizer steps of each run")
+    p.add_argument("--batch", type=int, default=8, help="micro-batch (sequences of 64 tokens)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
+    p.add_argument("--windows", type=int, default=1600, help="held-out windows of 64 tokens scored per domain")
+    p.add_argument("--report-only", action="store_true",
+                   help="start no run: write the tables from the runs finished so far")
+    if extra is not None:
+        extra(p)
+    a = p.parse_args(argv)
+    try:
+        seeds = [int(s) for s in a.seeds.split(",")]
+        lr_list = [float(x) for x in a.lrs.split(",")]
+    except ValueError:
+        raise ConfigError(f"--seeds {a.seeds!r} / --lrs {a.lrs!r}: expected comma-separated numbers") from None
+    for name in ("steps", "batch", "jobs", "windows"):
+        if getattr(a, name) < 1:
+            raise ConfigError(f"--{name} must be at least 1, got {getattr(a, name)}")
+    known = {"out", "data", "seeds", "lrs", "steps", "batch", "jobs", "windows", "report_only"}
+    s = Settings(claim=claim, out=a.out, data=a.data, seeds=seeds, lrs=lr_list, steps=a.steps, batch=a.batch,
+                 jobs=a.jobs, windows=a.windows, extra={k: v for k, v in vars(a).items() if k not in known})
+    return s, a
+
+
+def check_inputs(s: Settings, domains: Sequence[str]) -> None:
+    """Fail before any work: the corpus exists, --out is this grid's directory or new."""
+    for d in domains:
+        if not os.path.isfile(os.path.join(s.domain(d), "manifest.json")):
+            raise ConfigError(f"--data {s.data}: no finished shard directory {s.domain(d)}; build the corpus with "
+                              f"python -m data_prep.science --out {s.data}")
+    grid = os.path.join(s.out, GRID_FILE)
+    if os.path.isfile(s.out):
+        raise ConfigError(f"--out {s.out} is a file; give a directory")
+    if os.path.isdir(s.out) and os.listdir(s.out):
+        if not os.path.isfile(grid):
+            raise ConfigError(f"--out {s.out} exists and holds other files (no {GRID_FILE}); give a new or empty "
+                              "directory")
+        with open(grid) as f:
+            old = json.load(f)
+        old = {k: v for k, v in old.items() if k not in ("seeds", "lrs")}
+        if old != s.must_match():
+            diff = ", ".join(f"{k}: {old.get(k)} -> {v}" for k, v in s.must_match().items() if old.get(k) != v)
+            raise ConfigError(f"--out {s.out} holds a grid with other settings ({diff}); use another --out or "
+                              "the same settings (only --seeds and --lrs may change)")
+    os.makedirs(s.out, exist_ok=True)
+    with open(grid, "w") as f:
+        json.dump(s.fingerprint(), f, indent=1)
+
+
+def base_job(s: Settings, *, sources: list[dict], seed: int, lr: float, steps: Optional[int] = None) -> dict:
+    """A pretraining job: tiny preset, one process, no checkpoints but the final one, no evaluation in the
+    loop (measure.py scores the final checkpoint on fixed windows instead), TensorBoard off."""
+    steps = steps or s.steps
+    return {
+        "model": {"preset": "tiny"},
+        "data": {"sources": sources, "seq_len": s.seq_len, "val_fraction": s.val_fraction, "eval_batches": 4},
+        "training": {"steps": steps, "micro_batch_size": s.batch, "lr": lr, "warmup_steps": max(1, steps // 20),
+                     "eval_interval": 0, "seed": seed},
+        "deepspeed": {"config": "ds_configs/zero0_fp32.json"},
+        "checkpoint": {"interval": 0, "save_final": True},
+        "monitor": {"log_interval": max(1, steps // 5), "tensorboard": False},
+    }
+
+
+def run_dir(s: Settings, run: Run) -> str:
+    return os.path.join(s.out, "runs", run.name)
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE",
+               PYTHONPATH=REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""))
+    return env
+
+
+def _same_job(a: dict, b: dict) -> bool:
+    """Equal once validated (the trainer saves the validated job, defaults filled in), name and run_dir aside."""
+    from molm_ds.train.job import job_from_dict
+
+    strip = lambda j: {k: v for k, v in job_from_dict(j, "job").model_dump().items()  # noqa: E731
+                       if k not in ("name", "run_dir")}
+    return strip(a) == strip(b)
+
+
+def _copy_reused(run: Run, job: dict, d: str) -> bool:
+    """Copy the results of an identical finished run (same job file but its name and directory; the
+    trainer is deterministic on the CPU, so training it again would give the same numbers)."""
+    src = run.reuse
+    if not (src and os.path.isfile(os.path.join(src, RESULT)) and os.path.isfile(os.path.join(src, "job.yaml"))):
+        return False
+    with open(os.path.join(src, "job.yaml")) as f:
+        if not _same_job(yaml.safe_load(f), job):
+            return False
+    for name in os.listdir(src):
+        if name not in ("checkpoints", RESULT, "job.yaml") and os.path.isfile(os.path.join(src, name)):
+            shutil.copy2(os.path.join(src, name), os.path.join(d, name))
+    with open(os.path.join(src, RESULT)) as f:
+        res = json.load(f)
+    with open(os.path.join(d, RESULT), "w") as f:
+        json.dump({**res, "group": run.group, "reused_from": src}, f)
+    return True
+
+
+def _execute(s: Settings, run: Run) -> tuple[str, bool, float]:
+    d = run_dir(s, run)
+    if os.path.isfile(os.path.join(d, RESULT)):
+        return run.name, True, 0.0
+    if os.path.isdir(d):  # an unfinished earlier attempt: start it over
+        shutil.rmtree(d)
+    os.makedirs(d)
+    job = dict(run.job, name=run.name, run_dir=d)
+    with open(os.path.join(d, "job.yaml"), "w") as f:
+        yaml.safe_dump(job, f, sort_keys=False)
+    if _copy_reused(run, job, d):
+        return run.name, True, 0.0
+    with open(os.path.join(d, "job.yaml"), "w") as f:
+        yaml.safe_dump(job, f, sort_keys=False)
+    cmds = [[sys.executable, os.path.join(REPO, "launch", "pretrain.py"), "--config", os.path.join(d, "job.yaml")]]
+    cmds += [[sys.executable] + [a.format(run=d) for a in c] for c in run.after]
+    t0 = time.time()
+    with open(os.path.join(d, "log.txt"), "w") as log:
+        for c in cmds:
+            log.write("$ " + " ".join(c) + "\n")
+            log.flush()
+            rc = subprocess.call(c, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=REPO)
+            if rc != 0:
+                return run.name, False, time.time() - t0
+    secs = time.time() - t0
+    with open(os.path.join(d, RESULT), "w") as f:
+        json.dump({"seconds": secs, "group": run.group}, f)
+    return run.name, True, secs
+
+
+def execute(s: Settings, phases: list[list[Run]], *, report_only: bool = False) -> dict:
+    """Run every phase in order (a phase's runs `--jobs` at a time); returns {name: ok}. Prints one line
+    per run as it ends. report_only: start nothing (the tables then cover the finished runs)."""
+    if report_only:
+        n = sum(os.path.isfile(os.path.join(run_dir(s, r), RESULT)) for p in phases for r in p)
+        print(f"--report-only: {n}/{sum(len(p) for p in phases)} runs finished, none started", flush=True)
+        return {}
+    total = sum(len(p) for p in phases)
+    done, status = 0, {}
+    t0 = time.time()
+    for phase in phases:
+        todo = [r for r in phase if not os.path.isfile(os.path.join(run_dir(s, r), RESULT))]
+        for r in phase:
+            if r not in todo:
+                done += 1
+                status[r.name] = True
+                print(f"[{done}/{total}] {r.name}: done earlier, skipped", flush=True)
+        with ThreadPoolExecutor(max_workers=s.jobs) as pool:
+            for name, ok, secs in pool.map(lambda r: _execute(s, r), todo):
+                done += 1
+                status[name] = ok
+                where = os.path.join(s.out, "runs", name, "log.txt")
+                print(f"[{done}/{total}] {name}: {'ok' if ok else 'FAILED, see ' + where} in {secs:.0f}s "
+                      f"(grid {time.time() - t0:.0f}s)", flush=True)
+        if not all(status[r.name] for r in phase):
+            print(f"a run of this phase failed; the later phases depend on it and are not started", flush=True)
+            break
+    return status
+
+
+# ---- reading what the tools wrote -----------------------------------------------------------------
+def read_json(path: str) -> Optional[dict]:
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def last_metrics(path: str) -> dict:
+    """The last row of a metrics.jsonl that has a loss (the final step)."""
+    last = {}
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            if "loss" in row:
+                last = row
+    return last
+
+
+def mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    if not xs:
+        return math.nan, math.nan
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return m, sd
+
+
+def sublayer_mean(measure: dict, domain: str, key: str, kind: Optional[str] = None) -> float:
+    subs = measure["domains"][domain]["sublayers"]
+    vals = [v[key] for tag, v in subs.items() if kind is None or tag.endswith("/" + kind)]
+    return sum(vals) / len(vals)
+
+
+def pooled_balance(measure: dict, domains: Sequence[str], kind: Optional[str] = None) -> tuple[float, float]:
+    """(max/mean token count, H(m)/log E) of the domains pooled (their held-out windows together, as the
+    training mixture pools them), averaged over sub-layers; NaNs for a measure.json without raw sums."""
+    tags = [t for t in measure["domains"][domains[0]]["sublayers"] if kind is None or t.endswith("/" + kind)]
+    mm, hh = [], []
+    for t in tags:
+        subs = [measure["domains"][d]["sublayers"][t] for d in domains]
+        if "counts" not in subs[0]:
+            return math.nan, math.nan
+        E = len(subs[0]["counts"])
+        n = [sum(x["counts"][e] for x in subs) for e in range(E)]
+        p = [sum(x["p_mean"][e] for x in subs) / len(subs) for e in range(E)]  # equal tokens per domain
+        mm.append(max(n) / (sum(n) / E))
+        hh.append(-sum(q * math.log(q) for q in p if q > 0) / math.log(E))
+    return sum(mm) / len(mm), sum(hh) / len(hh)
+
+
+def aggregate(rows: list[dict], metrics: Sequence[str], *, select: str, by: str = "method") -> dict:
+    """rows: one dict per finished run with `by`, 'lr', 'seed' and the metrics. Returns
+    {method: {"best_lr", "n", "per_lr": {lr: {metric: (mean, std), "n": n}}}}; the best lr has the lowest
+    mean of `select` over its seeds."""
+    out: dict = {}
+    for r in rows:
+        out.setdefault(r[by], {}).setdefault(r["lr"], []).append(r)
+    res = {}
+    for method, per_lr in out.items():
+        table = {}
+        for lr, rs in sorted(per_lr.items()):
+            table[lr] = {m: mean_std([x.get(m) for x in rs]) for m in metrics}
+            table[lr]["n"] = len(rs)
+        best = min(table, key=lambda lr: (math.inf if math.isnan(table[lr][select][0]) else table[lr][select][0]))
+        res[method] = {"best_lr": best, "per_lr": table}
+    return res
+
+
+def fmt(ms: tuple[float, float], digits: int = 3) -> str:
+    m, sd = ms
+    if math.isnan(m):
+        return "-"
+    return f"{m:.{digits}f} ± {sd:.{digits}f}"
+
+
+def markdown(agg: dict, metrics: Sequence[tuple[str, str, int]], *, order: Sequence[str], all_lrs: bool) -> str:
+    """A table: one row per method at its best lr (or per method and lr). metrics: (key, header, digits)."""
+    head = ["method", "lr", "seeds"] + [h for _, h, _ in metrics]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
+    for method in order:
+        if method not in agg:
+            continue
+        a = agg[method]
+        for lr in (sorted(a["per_lr"]) if all_lrs else [a["best_lr"]]):
+            t = a["per_lr"][lr]
+            mark = " (best)" if all_lrs and lr == a["best_lr"] else ""
+            lines.append("| " + " | ".join([method, f"{lr:g}{mark}", str(t["n"])]
+                                           + [fmt(t[k], d) for k, _, d in metrics]) + " |")
+    return "\n".join(lines)
+
+
+def plot(agg: dict, key: str, ylabel: str, path: str, order: Sequence[str], title: str) -> Optional[str]:
+    """Mean ± std of `key` against lr, one line per method (matplotlib; skipped if it is missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for method in order:
+        if method not in agg:
+            continue
+        lrs = sorted(agg[method]["per_lr"])
+        m = [agg[method]["per_lr"][lr][key][0] for lr in lrs]
+        sd = [agg[method]["per_lr"][lr][key][1] for lr in lrs]
+        ax.errorbar(lrs, m, yerr=sd, marker="o", capsize=3, label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(s: Settings, title: str, body: str, summary: dict, seconds: float) -> None:
+    text = f"# {title}\n\n{body}\n\nGrid wall time: {seconds:.0f} s ({s.jobs} runs at once), settings: " \
+           f"`{json.dumps(s.fingerprint())}`\n"
+    with open(os.path.join(s.out, "results.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(s.out, "results.json"), "w") as f:
+        json.dump({"settings": s.fingerprint(), "seconds": seconds, **summary}, f, indent=1, default=str)
+    print(text)
+
+
+def add_wall(s: Settings, seconds: float) -> float:
+    """Add this invocation's wall time to out/timing.json; returns the grid's total over invocations
+    (a resumed grid's cost is the sum of its invocations)."""
+    path = os.path.join(s.out, "timing.json")
+    t = read_json(path) or {"invocations": []}
+    t["invocations"].append(round(seconds, 1))
+    with open(path, "w") as f:
+        json.dump(t, f)
+    return sum(t["invocations"])

@@ -1,0 +1,96 @@
+"""The science harness (experiments/): a shrunken grid through the real trainer, skip-done, user errors,
+and the pure parts (aggregation, settings checks). The grid test runs 2 trainer runs of 3 steps (~20-40 s)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from experiments.science import common
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _env():
+    return dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=REPO)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from data_prep.embedded import build_embedded
+
+    out = str(tmp_path_factory.mktemp("corpus") / "embedded")  # shards/prose and shards/code, like data/science
+    build_embedded(out, vocab_size=512, code_bytes=200_000, say=lambda _: None)
+    return out
+
+
+def test_s2_grid_table_comes_from_the_runs(corpus, tmp_path, capsys):
+    from experiments import s2_dense
+
+    out = str(tmp_path / "s2")
+    args = ["--out", out, "--data", corpus, "--seeds", "1", "--lrs", "1e-2", "--steps", "3", "--windows", "16"]
+    assert s2_dense.main(args) == 0
+    md = open(os.path.join(out, "results.md")).read()
+    loss = {}
+    for m in ("moe", "dense"):
+        res = json.load(open(os.path.join(out, "runs", f"{m}_lr0.01_s1", "measure.json")))
+        loss[m] = sum(d["loss"] for d in res["domains"].values()) / 2
+        assert res["domains"]["prose"]["tokens"] == 16 * 64
+        assert f"| {m} | 0.01 | 1 | {loss[m]:.3f} ± 0.000 |" in md
+    assert loss["moe"] != loss["dense"]
+    assert os.path.isfile(os.path.join(out, "s2.png"))
+    # params come from the trainer's own count: equal active, twice the expert weights for the MoE
+    agg = json.load(open(os.path.join(out, "results.json")))["aggregate"]
+    assert agg["moe"]["per_lr"]["0.01"]["params"][0] > agg["dense"]["per_lr"]["0.01"]["params"][0]
+
+    # A rerun trains nothing and rebuilds the table from the files: change one and it shows.
+    capsys.readouterr()
+    path = os.path.join(out, "runs", "dense_lr0.01_s1", "measure.json")
+    res = json.load(open(path))
+    for d in res["domains"].values():
+        d["loss"] = 9.25
+    json.dump(res, open(path, "w"))
+    assert s2_dense.main(args) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("done earlier, skipped") == 2
+    assert "| dense | 0.01 | 1 | 9.250 ± 0.000 |" in open(os.path.join(out, "results.md")).read()
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=_env(), cwd=REPO, timeout=60)
+
+
+def test_out_with_other_content_is_one_error_line(corpus, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    r = _cli("-m", "experiments.s1_balance", "--out", str(tmp_path), "--data", corpus)
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: --out") and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_other_settings_in_the_same_out_are_refused(corpus, tmp_path):
+    s, _ = common.parse("s1_balance", "", lrs="1e-2", steps=3, argv=["--out", str(tmp_path / "g"), "--data", corpus])
+    common.check_inputs(s, ("prose", "code"))
+    s2, _ = common.parse("s1_balance", "", lrs="1e-2", steps=4, argv=["--out", str(tmp_path / "g"), "--data", corpus])
+    with pytest.raises(common.ConfigError, match="steps: 3 -> 4"):
+        common.check_inputs(s2, ("prose", "code"))
+    wider, _ = common.parse("s1_balance", "", lrs="1e-2,3e-2", steps=3, argv=["--out", str(tmp_path / "g"), "--data", corpus])
+    common.check_inputs(wider, ("prose", "code"))  # a wider sweep adds runs to the same grid
+
+
+def test_unknown_claim_and_missing_corpus(tmp_path):
+    r = _cli("-m", "experiments.science", "s9", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and r.stderr.startswith("error: unknown claim 's9'"), r.stderr
+    r = _cli("-m", "experiments.science", "s1", "--out", str(tmp_path / "x"), "--data", str(tmp_path / "none"))
+    assert r.returncode == 2 and "python -m data_prep.science" in r.stderr, r.stderr
+
+
+def test_aggregate_picks_each_methods_best_lr():
+    rows = [dict(method="a", lr=1e-3, seed=1, v=3.0), dict(method="a", lr=1e-3, seed=2, v=3.2),
+            dict(method="a", lr=1e-2, seed=1, v=2.0), dict(method="a", lr=1e-2, seed=2, v=4.0),
+            dict(method="b", lr=1e-2, seed=1, v=1.0)]
+    agg = common.aggregate(rows, ["v"], select="v")
+    assert agg["a"]["best_lr"] == 1e-2  # mean 3.0 beats 3.1, however wide its spread
+    assert agg["a"]["per_lr"][1e-2]["v"] == pytest.approx((3.0, 2 ** 0.5))
+    assert agg["b"]["best_lr"] == 1e-2 and agg["b"]["per_lr"][1e-2]["v"] == (1.0, 0.0)
