@@ -17,20 +17,14 @@ Idempotent: every step is skipped when its output exists (and the manifest match
 
 from __future__ import annotations
 
-import json
 import lzma
 import os
 import sys
 import sysconfig
 import time
 
-import zstandard
-
-from data_prep.build_shards import build_shards
+from data_prep import domains
 from data_prep.indexed_writer import atomic_write_bytes
-from data_prep.readers import SourceSpec
-from data_prep.spm_model import tokenizer_record
-from data_prep.train_tokenizer import train_tokenizer
 from molm_ds.errors import DataError
 
 PROSE, CODE = "pydoc_topics", "python_stdlib"
@@ -63,12 +57,6 @@ def code_documents(max_bytes: int) -> list[str]:
     return docs
 
 
-def _write_pile(path: str, prose: list[str], code: list[str]) -> None:
-    lines = [json.dumps({"text": t, "meta": {"pile_set_name": PROSE}}) for t in prose]
-    lines += [json.dumps({"text": t, "meta": {"pile_set_name": CODE}}) for t in code]
-    atomic_write_bytes(path, zstandard.ZstdCompressor(level=3).compress(("\n".join(lines) + "\n").encode()))
-
-
 def _write_cc100(path: str, prose: list[str]) -> None:
     # A CC-100 document has no blank lines inside: drop them, keep the paragraphs' lines.
     docs = ["\n".join(l for l in d.split("\n") if l.strip()) for d in prose]
@@ -79,44 +67,21 @@ def build_embedded(out: str, *, vocab_size: int = 512, code_bytes: int = 1_500_0
                    say=print) -> dict:
     """Build (or finish) the embedded corpus in ``out``; returns the top-level manifest."""
     options = {"vocab_size": vocab_size, "code_bytes": code_bytes, "python": sys.version.split()[0]}
-    man_path = os.path.join(out, "manifest.json")
-    if os.path.exists(man_path):
-        with open(man_path) as f:
-            man = json.load(f)
-        if man.get("options") == options:
-            say(f"embedded corpus in {out} is up to date ({man_path})")
-            return man
-        raise DataError(f"{out} holds an embedded corpus built with {man.get('options')}, not {options}; "
-                        "use another --out or delete it")
-    pile = os.path.join(out, "pile", "train", "00.jsonl.zst")
+    man = domains.up_to_date(out, options, "embedded corpus", say)
+    if man is not None:
+        return man
+    pile = domains.pile_path(out)
     cc100 = os.path.join(out, "cc100", "en.txt.xz")
     os.makedirs(os.path.dirname(pile), exist_ok=True)
     os.makedirs(os.path.dirname(cc100), exist_ok=True)
     if not (os.path.exists(pile) and os.path.exists(cc100)):
         prose, code = prose_documents(), code_documents(code_bytes)
-        _write_pile(pile, prose, code)
+        domains.write_pile(pile, prose, code, prose_set=PROSE, code_set=CODE)
         _write_cc100(cc100, prose)
         say(f"samples: {pile} ({len(prose)} prose + {len(code)} code documents), {cc100}")
-    tok = os.path.join(out, "tokenizer.model")
-    if not os.path.exists(tok):
-        train_tokenizer([SourceSpec("pile", pile)], os.path.join(out, "tokenizer"), vocab_size=vocab_size,
-                        threads=workers)
-        say(f"tokenizer: {tok} (vocab {vocab_size})")
-    domains = {}
-    for domain, subset in (("prose", PROSE), ("code", CODE)):
-        shard_dir = os.path.join(out, "shards", domain)
-        m = build_shards([SourceSpec("pile", pile)], tok, shard_dir, workers=workers, subsets={subset},
-                         progress=False)
-        domains[domain] = {"shards": os.path.join("shards", domain), "pile_set_name": subset,
-                           "documents": m["documents"], "tokens": m["tokens"]}
-        say(f"shards: {shard_dir} ({m['documents']} documents, {m['tokens']} tokens)")
-    rec = tokenizer_record(tok)
-    rec["model_path"] = "tokenizer.model"  # relative to this directory
-    man = {"options": options, "tokenizer": rec, "domains": domains,
-           "samples": {"pile": [os.path.relpath(pile, out)], "cc100": [os.path.relpath(cc100, out)]}}
-    atomic_write_bytes(man_path, (json.dumps(man, indent=1) + "\n").encode())
-    say(f"manifest: {man_path}")
-    return man
+    return domains.tokenize_domains(
+        out, options=options, subsets={"prose": PROSE, "code": CODE}, vocab_size=vocab_size, workers=workers,
+        samples={"pile": [os.path.relpath(pile, out)], "cc100": [os.path.relpath(cc100, out)]}, say=say)
 
 
 def main(argv=None) -> int:

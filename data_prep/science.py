@@ -30,20 +30,13 @@ from __future__ import annotations
 import glob
 import gzip
 import hashlib
-import json
 import os
 import re
 import sys
 import sysconfig
 import time
 
-import zstandard
-
-from data_prep.build_shards import build_shards
-from data_prep.indexed_writer import atomic_write_bytes
-from data_prep.readers import SourceSpec
-from data_prep.spm_model import tokenizer_record
-from data_prep.train_tokenizer import train_tokenizer
+from data_prep import domains
 from molm_ds.errors import DataError
 
 PROSE, CODE = "man_pages", "python_stdlib_tree"
@@ -200,50 +193,27 @@ def build_science(out: str, *, prose_chars: int, code_chars: int, vocab_size: in
                   say=print) -> dict:
     options = {"prose_chars": prose_chars, "code_chars": code_chars, "vocab_size": vocab_size,
                "python": sys.version.split()[0], "val_fraction": VAL_FRACTION}
-    man_path = os.path.join(out, "manifest.json")
-    if os.path.exists(man_path):
-        with open(man_path) as f:
-            man = json.load(f)
-        if man.get("options") == options:
-            say(f"science corpus in {out} is up to date ({man_path})")
-            return man
-        raise DataError(f"{out} holds a corpus built with {man.get('options')}, not {options}; "
-                        "use another --out or delete it")
-    pile = os.path.join(out, "pile", "train", "00.jsonl.zst")
+    man = domains.up_to_date(out, options, "science corpus", say)
+    if man is not None:
+        return man
+    pile = domains.pile_path(out)
     os.makedirs(os.path.dirname(pile), exist_ok=True)
     if not os.path.exists(pile):
         prose, code = prose_documents(prose_chars), code_documents(code_chars)
         if not prose or not code:
             raise DataError(f"found {len(prose)} man pages under {MAN_ROOT} and {len(code)} stdlib modules: "
                             "this machine lacks one of the domains")
-        lines = [json.dumps({"text": t, "meta": {"pile_set_name": PROSE}}) for t in prose]
-        lines += [json.dumps({"text": t, "meta": {"pile_set_name": CODE}}) for t in code]
-        atomic_write_bytes(pile, zstandard.ZstdCompressor(level=3).compress(("\n".join(lines) + "\n").encode()))
+        domains.write_pile(pile, prose, code, prose_set=PROSE, code_set=CODE)
         say(f"samples: {pile} ({len(prose)} man pages, {sum(map(len, prose)):,} chars; "
             f"{len(code)} stdlib modules, {sum(map(len, code)):,} chars)")
-    tok = os.path.join(out, "tokenizer.model")
-    if not os.path.exists(tok):
-        train_tokenizer([SourceSpec("pile", pile)], os.path.join(out, "tokenizer"), vocab_size=vocab_size,
-                        sample_sentences=400_000, threads=workers)
-        say(f"tokenizer: {tok} (vocab {vocab_size})")
-    domains = {}
-    for domain, subset in (("prose", PROSE), ("code", CODE)):
-        shard_dir = os.path.join(out, "shards", domain)
-        m = build_shards([SourceSpec("pile", pile)], tok, shard_dir, workers=workers, subsets={subset},
-                         progress=False)
+
+    def held_out(shard_dir: str) -> tuple[dict, str]:
         vt = val_tokens(shard_dir, VAL_FRACTION, SEQ_LEN)
-        domains[domain] = {"shards": os.path.join("shards", domain), "pile_set_name": subset,
-                           "documents": m["documents"], "tokens": m["tokens"],
-                           f"val_tokens_seq{SEQ_LEN}": vt}
-        say(f"shards: {shard_dir} ({m['documents']} documents, {m['tokens']:,} tokens, "
-            f"{vt:,} held out at val_fraction {VAL_FRACTION})")
-    rec = tokenizer_record(tok)
-    rec["model_path"] = "tokenizer.model"
-    man = {"options": options, "tokenizer": rec, "domains": domains,
-           "samples": {"pile": [os.path.relpath(pile, out)]}}
-    atomic_write_bytes(man_path, (json.dumps(man, indent=1) + "\n").encode())
-    say(f"manifest: {man_path}")
-    return man
+        return {f"val_tokens_seq{SEQ_LEN}": vt}, f", {vt:,} held out at val_fraction {VAL_FRACTION}"
+
+    return domains.tokenize_domains(
+        out, options=options, subsets={"prose": PROSE, "code": CODE}, vocab_size=vocab_size, workers=workers,
+        samples={"pile": [os.path.relpath(pile, out)]}, say=say, sample_sentences=400_000, describe=held_out)
 
 
 def main(argv=None) -> int:
