@@ -63,7 +63,7 @@ def parse_args(argv=None):
 def load_source(path: str):
     """(model, job dict, tag) from a trainer checkpoint or a HF directory."""
     from molm_ds.interop import load_moduleformer
-    from molm_ds.train import checkpoint as ckpt
+    from molm_ds import checkpoint as ckpt
 
     if os.path.isfile(os.path.join(path, "config.json")):
         return load_moduleformer(path), {}, "step_00000000"

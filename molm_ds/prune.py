@@ -108,7 +108,7 @@ def pruned_config(config: ModelConfig, keep: dict[SubLayer, list[int]]) -> Model
 def _check_keep(model: MoLM, keep: dict[SubLayer, list[int]]) -> None:
     if getattr(model, "_molm_expert_parallel", None) is not None:
         raise ValueError("prune_model needs the plain (full) model, not an expert-parallel one: load the checkpoint "
-                         "with molm_ds.train.checkpoint.load_model (all experts on one process)")
+                         "with molm_ds.checkpoint.load_model (all experts on one process)")
     for key, ids in keep.items():
         if key.kind not in _SUBLAYER_ATTR or not 0 <= key.layer < len(model.blocks):
             raise ValueError(f"keep: no MoE sub-layer {key} in a model of {len(model.blocks)} layers")
@@ -179,7 +179,7 @@ def perplexity(model: nn.Module, batches: Iterable[dict], *, group=None) -> floa
 def save_pruned_checkpoint(model: MoLM, job: dict, out_dir: str, *, tag: str, info: Optional[dict] = None) -> str:
     """Write the pruned model as a weights-only checkpoint `out_dir/<tag>/` in the trainer's layout, with
     `prune.yaml` (`info`) beside; its job.yaml's model section holds the per-layer counts, so
-    `molm_ds.train.checkpoint.load_model` and `init_from` rebuild the pruned model. Returns the tag directory."""
-    from molm_ds.train import checkpoint as ckpt
+    `molm_ds.checkpoint.load_model` and `init_from` rebuild the pruned model. Returns the tag directory."""
+    from molm_ds import checkpoint as ckpt
 
     return ckpt.write_model(model, job, out_dir, tag=tag, kind="pruned", extra_files={"prune.yaml": info or {}})

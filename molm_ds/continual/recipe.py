@@ -26,7 +26,7 @@ from molm_ds.continual.routing import KINDS, NewExpertShare
 from molm_ds.continual.surgery import grow_experts
 from molm_ds.errors import ConfigError
 from molm_ds.log import get_logger, info0, is_rank0
-from molm_ds.train import checkpoint as ckpt
+from molm_ds import checkpoint as ckpt
 from molm_ds.train.evaluate import evaluate
 from molm_ds.train.recipe import Recipe, Run
 

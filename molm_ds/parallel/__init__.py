@@ -15,7 +15,7 @@ import importlib
 
 _EXPORTS = {
     "all_to_all_variable": "all_to_all", "exchange_counts": "all_to_all",
-    "EXPERT_KEY": "bridge", "is_deepspeed_moe_bridge": "bridge", "to_deepspeed_moe": "bridge",
+    "is_deepspeed_moe_bridge": "bridge", "to_deepspeed_moe": "bridge",
     "clip_grad_norm_": "clip", "grad_norm": "clip", "grad_norm_reference": "clip", "guard_plain_optimizer": "clip",
     "AllToAllDispatcher": "dispatch",
     "check_expert_parallel": "groups", "check_zero_stage": "groups", "ensure_distributed": "groups",

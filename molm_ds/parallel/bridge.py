@@ -27,9 +27,9 @@ import torch
 from deepspeed.moe.layer import MoE
 from torch import Tensor, nn
 
-__all__ = ["DeepSpeedMoEMixin", "EXPERT_KEY", "to_deepspeed_moe", "is_deepspeed_moe_bridge"]
+from molm_ds.checkpoint.layout import EXPERT_INFIX as EXPERT_KEY
 
-EXPERT_KEY = "deepspeed_moe.experts.deepspeed_experts"  # DeepSpeed's per-expert key infix
+__all__ = ["DeepSpeedMoEMixin", "to_deepspeed_moe", "is_deepspeed_moe_bridge"]
 
 
 class DeepSpeedMoEMixin(MoE):

@@ -26,7 +26,7 @@ import torch
 
 from molm_ds.errors import UserError
 from molm_ds.log import get_logger, info0
-from molm_ds.train import checkpoint as ckpt
+from molm_ds import checkpoint as ckpt
 from molm_ds.train.distributed import init_distributed
 from molm_ds.train.engine import build_engine, set_lr
 from molm_ds.train.evaluate import evaluate

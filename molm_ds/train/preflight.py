@@ -18,10 +18,10 @@ from typing import Optional
 
 from molm_ds.errors import CheckpointError, ConfigError
 from molm_ds.paths import ensure_writable_dir
-from molm_ds.train import checkpoint as ckpt
+from molm_ds import checkpoint as ckpt
 from molm_ds.train.data import TrainData, check_vocab
 from molm_ds.train.ds_config import build_ds_config, zero_stage
-from molm_ds.train.runlock import RunLock
+from molm_ds.checkpoint import RunLock
 from molm_ds.train.job import JobConfig
 
 __all__ = ["Preflight", "preflight"]

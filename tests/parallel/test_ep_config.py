@@ -31,7 +31,8 @@ def test_bridge_is_deepspeed_moe_and_state_dict_round_trips():
     from deepspeed.moe.layer import MoE
 
     from molm_ds.model import MLPExperts
-    from molm_ds.parallel import EXPERT_KEY, to_deepspeed_moe
+    from molm_ds.checkpoint.layout import EXPERT_INFIX as EXPERT_KEY
+    from molm_ds.parallel import to_deepspeed_moe
 
     torch.manual_seed(0)
     full = MLPExperts(4, 3, 5)

@@ -19,7 +19,7 @@ from typing import Optional
 from molm_ds.errors import ConfigError
 from molm_ds.log import get_logger
 
-log = get_logger("train.lock")
+log = get_logger("checkpoint.lock")
 
 __all__ = ["RunLock", "LOCK_FILE", "STALE_AFTER_S"]
 
