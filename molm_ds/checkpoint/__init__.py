@@ -26,7 +26,7 @@ from molm_ds.checkpoint.reader import check_same_model, load_fp32_model, load_mo
 from molm_ds.checkpoint.record import model_config, read_job
 from molm_ds.checkpoint.resolve import resolve, resolve_resume
 from molm_ds.checkpoint.trainer import (
-    can_load_natively, engine_topology, load, load_weights, rng_state, save, set_rng_state, topology,
+    can_load_natively, check_resumable, engine_topology, load, load_weights, rng_state, save, set_rng_state, topology,
 )
 from molm_ds.checkpoint.writer import model_section, write_model
 from molm_ds.errors import CheckpointError
@@ -38,5 +38,5 @@ __all__ = [
     "resolve", "resolve_resume", "read_job", "model_config",
     "read_model_state", "has_fp32_masters", "read_fp32_state", "load_model", "load_fp32_model", "check_same_model",
     "model_section", "write_model",
-    "save", "load", "load_weights", "rng_state", "set_rng_state", "topology", "engine_topology", "can_load_natively",
+    "save", "load", "load_weights", "rng_state", "set_rng_state", "topology", "engine_topology", "can_load_natively", "check_resumable",
 ]

@@ -12,7 +12,7 @@ from molm_ds.checkpoint import ds_masters
 from molm_ds.checkpoint.layout import MODEL_FILE, UNIVERSAL_DIR, list_expert_files, parse_expert_key
 from molm_ds.checkpoint.marker import read_marker
 from molm_ds.checkpoint.optim_state import masters_from_pieces
-from molm_ds.checkpoint.record import model_config, read_job
+from molm_ds.checkpoint.record import model_config, read_job, read_model_record
 from molm_ds.errors import CheckpointError
 
 __all__ = ["read_model_state", "has_fp32_masters", "read_fp32_state"]
@@ -60,14 +60,15 @@ def read_fp32_state(ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
 
     sd = read_model_state(ckpt_dir, tag)
     d = os.path.join(ckpt_dir, tag)
+    record = read_model_record(ckpt_dir, tag)
+    stacked = {f"{s['name']}.experts.{w}" for s in record["sublayers"] for w in s["stacked"]}
     if read_marker(ckpt_dir, tag).get("topology", {}).get("bf16") and os.path.isdir(os.path.join(d, UNIVERSAL_DIR)):
-        sd.update(masters_from_pieces(d, {k: v.shape for k, v in sd.items()}))
+        sd.update(masters_from_pieces(d, {k: v.shape for k, v in sd.items()}, stacked=stacked))
     elif has_fp32_masters(ckpt_dir, tag):
         with torch.device("meta"):
             shapes = {n: p.shape for n, p in MoLM(model_config(ckpt_dir, tag)).named_parameters()}
+        sharded = {f"{s['name']}.experts.{w}" for s in record["sublayers"] if s["expert_parallel"] for w in s["stacked"]}
         parallel = read_job(ckpt_dir, tag).get("parallel") or {}
-        replicated = bool(parallel.get("replicate_attention_experts", False))
-        sharded = {n for n in shapes if ".mlpf.experts." in n or (".attn.experts." in n and not replicated)}
         sd.update(ds_masters.read_fp32_masters(d, low_precision=sd, shapes=shapes,
                                                ep_size=int(parallel.get("ep_size", 1)), expert_parallel=sharded))
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}

@@ -9,7 +9,8 @@
         rng_rank{r}.pt                python / numpy / torch RNG state of rank r (training checkpoints)
         optim_universal/rank{r}.pt    rank r's share of the optimizer state by parameter and global expert
                                       (topology-free: resume at another world size / ep_size / ZeRO stage)
-        job.yaml                      the job that wrote it; its model section describes the model
+        job.yaml                      the job that wrote it
+        model.json                    the model it holds: config and MoE sub-layers (``record``)
         COMPLETE                      written last, once every rank finished (``marker``)
 
 L counts expert-parallel MoE sub-layers in ``named_modules()`` order (block 0 attention, block 0 MLP,
@@ -26,7 +27,7 @@ import re
 from molm_ds.errors import CheckpointError
 
 __all__ = [
-    "COMPLETE", "MODEL_FILE", "JOB_FILE", "LATEST", "UNIVERSAL_DIR", "EXPERT_INFIX", "tag_for", "step_of", "is_tag",
+    "COMPLETE", "MODEL_FILE", "JOB_FILE", "MODEL_RECORD", "LATEST", "UNIVERSAL_DIR", "EXPERT_INFIX", "tag_for", "step_of", "is_tag",
     "list_tags", "expert_file", "list_expert_files", "check_expert_files", "expert_key", "parse_expert_key", "rng_file",
     "universal_file", "tag_files",
 ]
@@ -34,6 +35,7 @@ __all__ = [
 COMPLETE = "COMPLETE"
 MODEL_FILE = "mp_rank_00_model_states.pt"
 JOB_FILE = "job.yaml"
+MODEL_RECORD = "model.json"
 LATEST = "latest"
 UNIVERSAL_DIR = "optim_universal"  # topology-free optimizer state (molm_ds.checkpoint.optim_state)
 EXPERT_INFIX = "deepspeed_moe.experts.deepspeed_experts"  # DeepSpeed's per-expert key infix

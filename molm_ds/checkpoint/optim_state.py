@@ -21,9 +21,7 @@ import torch
 from molm_ds.checkpoint.layout import UNIVERSAL_DIR, universal_file
 from molm_ds.errors import CheckpointError
 
-__all__ = ["STACKED_SUFFIXES", "piece_key", "split", "write_pieces", "Pieces", "masters_from_pieces"]
-
-STACKED_SUFFIXES = (".experts.w1", ".experts.w2", ".experts.w_q", ".experts.w_o")
+__all__ = ["piece_key", "split", "write_pieces", "Pieces", "masters_from_pieces"]
 
 
 def piece_key(name: str, expert_id: Optional[int] = None) -> str:
@@ -94,12 +92,12 @@ class Pieces:
         return {k: torch.cat(v) if len(v) > 1 else v[0] for k, v in out.items()}
 
 
-def masters_from_pieces(tag_dir: str, shapes: dict) -> dict[str, torch.Tensor]:
-    """The fp32 master of every trained tensor from the topology-free optimizer state (stacked experts
-    assembled by global id); tensors with no pieces (frozen) are left out."""
+def masters_from_pieces(tag_dir: str, shapes: dict, *, stacked: set[str]) -> dict[str, torch.Tensor]:
+    """The fp32 master of every trained tensor from the topology-free optimizer state (``stacked``: the
+    names of stacked expert tensors, assembled by global id); tensors with no pieces (frozen) are left out."""
     pieces, out = Pieces(tag_dir), {}
     for name, shape in shapes.items():
-        if name.endswith(STACKED_SUFFIXES):
+        if name in stacked:
             keys = [piece_key(name, e) for e in range(shape[0])]
             if all(k in pieces.index for k in keys):
                 per = shape[1:].numel()

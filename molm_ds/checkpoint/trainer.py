@@ -21,13 +21,14 @@ from molm_ds.checkpoint.marker import (
     clean_retired, collective_digests, is_complete, mark_complete, read_marker, retire,
 )
 from molm_ds.checkpoint.optim_state import Pieces, write_pieces
+from molm_ds.checkpoint.record import model_record, write_model_record
 from molm_ds.errors import CheckpointError
 from molm_ds.log import get_logger
 
 log = get_logger("checkpoint")
 
-__all__ = ["rng_state", "set_rng_state", "topology", "engine_topology", "can_load_natively", "save", "load",
-           "load_weights"]
+__all__ = ["rng_state", "set_rng_state", "topology", "engine_topology", "can_load_natively", "check_resumable",
+           "save", "load", "load_weights"]
 
 
 def rng_state() -> dict:
@@ -86,6 +87,8 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, *, job_yaml: str,
             check_expert_files(ckpt_dir, tag, ep_info)
         with open(os.path.join(d, JOB_FILE), "w") as f:
             f.write(job_yaml)
+        sharded = set() if ep_info is None else {layer.name for layer in ep_info.layers}
+        write_model_record(d, model_record(engine.module, expert_parallel=sharded))
     comm.barrier()
     names = comm.broadcast_object(tag_files(d) if rank == 0 else None)
     files = collective_digests(d, names)
@@ -108,6 +111,19 @@ def can_load_natively(marker: dict, current: dict) -> bool:
     return marker.get("topology", {}) == current
 
 
+def check_resumable(ckpt_dir: str, tag: str, now: dict, *, marker: Optional[dict] = None) -> None:
+    """CheckpointError unless the tag resumes at topology ``now``: the topology it was saved at
+    (DeepSpeed's own loader), or any other when it was saved with its topology-free optimizer state."""
+    marker = read_marker(ckpt_dir, tag) if marker is None else marker
+    was = marker.get("topology")
+    d = os.path.join(ckpt_dir, tag)
+    if was is None or was == now or (marker.get("elastic") and os.path.isdir(os.path.join(d, UNIVERSAL_DIR))):
+        return
+    raise CheckpointError(f"resume: {d} was saved at {was} without its topology-free optimizer state "
+                          f"(checkpoint.elastic: false), so it cannot resume at {now}: resume at the saved topology, "
+                          f"or start from its weights with init_from: {d}")
+
+
 def load(engine, ckpt_dir: str, tag: str, *, ep_info=None) -> dict:
     """Restore a trainer checkpoint into an engine; returns the client_state. The same topology as the
     save: DeepSpeed's own loader (bit-identical). Another one (world size, ep_size, ZeRO stage, dtype):
@@ -119,7 +135,7 @@ def load(engine, ckpt_dir: str, tag: str, *, ep_info=None) -> dict:
         raise CheckpointError(f"{os.path.join(ckpt_dir, tag)} is partial (no {COMPLETE} marker)")
     marker = read_marker(ckpt_dir, tag)
     if "topology" in marker and not can_load_natively(marker, engine_topology(engine, ep_info)):
-        return _load_elastic(engine, ckpt_dir, tag, marker)
+        return _load_elastic(engine, ckpt_dir, tag, marker, ep_info)
     path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=False)
     if path is None:
@@ -132,15 +148,12 @@ def load(engine, ckpt_dir: str, tag: str, *, ep_info=None) -> dict:
     return client_state or {}
 
 
-def _load_elastic(engine, ckpt_dir: str, tag: str, marker: dict) -> dict:
+def _load_elastic(engine, ckpt_dir: str, tag: str, marker: dict, ep_info) -> dict:
     from molm_ds.parallel import comm
     from molm_ds.parallel.optim_state import load_pieces
 
     d = os.path.join(ckpt_dir, tag)
-    if not marker.get("elastic") or not os.path.isdir(os.path.join(d, UNIVERSAL_DIR)):
-        raise CheckpointError(f"resume: {d} was saved without its topology-free optimizer state "
-                              "(checkpoint.elastic: false), so it resumes only at the topology it was saved at "
-                              f"({marker.get('topology')}); start from its weights with init_from: {d}")
+    check_resumable(ckpt_dir, tag, engine_topology(engine, ep_info), marker=marker)
     missing, unexpected = engine.module.load_state_dict(read_model_state(ckpt_dir, tag), strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{d}: weights do not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}")

@@ -21,7 +21,8 @@ import torch
 from deepspeed.moe.utils import is_moe_param
 from torch import Tensor
 
-from molm_ds.checkpoint.optim_state import STACKED_SUFFIXES, split
+from molm_ds.checkpoint.optim_state import split
+from molm_ds.model.sublayers import stacked_expert_params
 from molm_ds.parallel import comm
 
 __all__ = ["STATE_KEYS", "local_pieces", "load_pieces"]
@@ -54,10 +55,11 @@ def _base_optimizer(engine):
     return engine.optimizer.optimizer if _partitioned(engine) is not None else _replicated(engine)[1]
 
 
-def _split(name: str, param: Tensor, start: int, numel: int) -> Iterator[tuple[str, int, int, int]]:
+def _split(name: str, param: Tensor, start: int, numel: int, stacked: set[str]) -> Iterator[tuple[str, int, int, int]]:
     """A range of a local parameter's flat values -> pieces by key. Stacked expert tensors [E_l, ...]
-    split by global expert (expert-parallel or replicated alike)."""
-    if not name.endswith(STACKED_SUFFIXES):
+    (``stacked``: their names, as the model publishes them) split by global expert (expert-parallel or
+    replicated alike)."""
+    if name not in stacked:
         return split(name, start, numel)
     return split(name, start, numel, first_expert=int(getattr(param, "_molm_first_expert", 0)),
                  per_expert=param[0].numel())
@@ -72,11 +74,12 @@ def local_pieces(engine) -> tuple[dict[str, list[tuple[int, int, dict]]], dict[s
     each key (None before its first update). The moments are read from the optimizer's own state, not
     from DeepSpeed's fragment views, which are linked once and miss groups first stepped later."""
     names = {id(p): n for n, p in engine.module.named_parameters()}
+    stacked = stacked_expert_params(engine.module)
     pieces: dict[str, list] = {}
     steps: dict[str, Optional[int]] = {}
 
     def add(name, param, start, numel, values, step):
-        for key, off, n, at in _split(name, param, start, numel):
+        for key, off, n, at in _split(name, param, start, numel, stacked):
             pieces.setdefault(key, []).append(
                 (off, n, {k: v[at:at + n].detach().float().cpu().clone() for k, v in values.items()}))
             steps[key] = step
@@ -129,9 +132,10 @@ def load_pieces(engine, fetch: Fetch, steps: dict[str, Optional[int]]) -> None:
     from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
 
     names = {id(p): n for n, p in engine.module.named_parameters()}
+    stacked = stacked_expert_params(engine.module)
 
     def gather(name, param, start, numel) -> tuple[dict, set]:
-        parts = [(fetch(key, off, n), steps.get(key)) for key, off, n, _ in _split(name, param, start, numel)]
+        parts = [(fetch(key, off, n), steps.get(key)) for key, off, n, _ in _split(name, param, start, numel, stacked)]
         keys = set.intersection(*(set(v) for v, _ in parts)) if parts else set()
         return {k: torch.cat([v[k] for v, _ in parts]) for k in keys}, {st for _, st in parts}
 

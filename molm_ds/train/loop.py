@@ -26,7 +26,7 @@ import torch
 
 from molm_ds.errors import UserError
 from molm_ds.log import get_logger, info0
-from molm_ds import checkpoint as ckpt
+from molm_ds import checkpoint as ckpt, rundir
 from molm_ds.train.distributed import init_distributed
 from molm_ds.train.engine import build_engine, set_lr
 from molm_ds.train.evaluate import evaluate
@@ -147,7 +147,7 @@ def _train(job: JobConfig, recipe: Recipe, rank: int, world: int, pre, stops: St
     steplog = StepLog(job, engine, hooks, resume_step=state.step, world=world)
     steplog.write(0, recipe.start(run, resumed=pre.resume_from is not None))
     if rank == 0:
-        with open(os.path.join(job.run_dir, "job.yaml"), "w") as f:
+        with open(os.path.join(job.run_dir, rundir.JOB), "w") as f:
             f.write(job.to_yaml())
     info0(steplog.banner(state.step))
 
