@@ -101,6 +101,25 @@ def split_windows3(n_windows: int, val_fraction: float, test_fraction: float = 0
     return all_w[label_w == 0], all_w[label_w == 1], all_w[label_w == 2]
 
 
+def document_labels(doc_starts: np.ndarray, n_tokens: int, val_fraction: float, test_fraction: float = 0.0
+                    ) -> np.ndarray:
+    """Per document 0 (train), 1 (val) or 2 (test): documents in a fixed permutation go to val until it holds
+    val_fraction of the tokens, then to test likewise; the rest train."""
+    _check_fractions(val_fraction, test_fraction)
+    starts = np.asarray(doc_starts, dtype=np.int64)
+    lengths = np.diff(np.append(starts, n_tokens))
+    label = np.zeros(len(starts), dtype=np.int8)
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(starts))
+    i = 0
+    for lab, frac in ((1, val_fraction), (2, test_fraction)):
+        got = 0
+        while frac > 0 and got < frac * n_tokens and i < len(starts):
+            label[order[i]] = lab
+            got += int(lengths[order[i]])
+            i += 1
+    return label
+
+
 def split_by_document(doc_starts: np.ndarray, n_tokens: int, seq_len: int, val_fraction: float,
                       test_fraction: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(train, val, test) window indices by document. doc_starts: the first token of every document
@@ -109,22 +128,13 @@ def split_by_document(doc_starts: np.ndarray, n_tokens: int, seq_len: int, val_f
     w*seq_len + seq_len) belongs to a split when every document it touches does; the others are dropped.
     Raises DataError when the documents do not allow it (a split without windows, or training left with
     less than half its share of the tokens)."""
-    _check_fractions(val_fraction, test_fraction)
     starts = np.asarray(doc_starts, dtype=np.int64)
     n_docs = len(starts)
     n_windows = max(n_tokens - 1, 0) // seq_len
     if n_docs == 0 or n_windows == 0:
         raise DataError(f"{n_docs} documents, {n_windows} windows: nothing to split by document")
     lengths = np.diff(np.append(starts, n_tokens))
-    label = np.zeros(n_docs, dtype=np.int8)
-    order = np.random.default_rng(SPLIT_SEED).permutation(n_docs)
-    i = 0
-    for lab, frac in ((1, val_fraction), (2, test_fraction)):
-        got = 0
-        while frac > 0 and got < frac * n_tokens and i < n_docs:
-            label[order[i]] = lab
-            got += int(lengths[order[i]])
-            i += 1
+    label = document_labels(starts, n_tokens, val_fraction, test_fraction)
     first = np.searchsorted(starts, np.arange(n_windows, dtype=np.int64) * seq_len, side="right") - 1
     last = np.searchsorted(starts, np.arange(n_windows, dtype=np.int64) * seq_len + seq_len, side="right") - 1
     out = []
