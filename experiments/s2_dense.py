@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 
-from experiments.s1_balance import DOMAINS, measure_cmd
+from experiments.s1_balance import DOMAINS
 from experiments.science import common as c
 from molm_ds import cli
 
@@ -42,7 +42,7 @@ def runs(s: c.Settings, reuse: str | None = None) -> list[c.Run]:
                     job["model"]["overrides"] = dict(DENSE)
                     job["training"]["loss_weights"] = {"mi": 0.0}
                 twin = os.path.join(reuse, "runs", f"mi_lr{lr:g}_s{seed}") if reuse and method == "moe" else None
-                out.append(c.Run(f"{method}_lr{lr:g}_s{seed}", job, after=[measure_cmd(s)],
+                out.append(c.Run(f"{method}_lr{lr:g}_s{seed}", job, after=c.measure_cmds(s, DOMAINS),
                                  group={"method": method, "lr": lr, "seed": seed}, reuse=twin))
     return out
 
@@ -58,18 +58,21 @@ def params(run_dir: str) -> tuple[int, int]:
 
 def row(s: c.Settings, run: c.Run) -> dict | None:
     d = c.run_dir(s, run)
-    m = c.read_json(os.path.join(d, "measure.json"))
-    if m is None:
+    v = c.read_json(os.path.join(d, "measure.json"))
+    m = c.read_json(os.path.join(d, "measure_test.json"))
+    if m is None or v is None:
         return None
     r = dict(run.group)
-    r["val_loss"] = sum(m["domains"][x]["loss"] for x in DOMAINS) / len(DOMAINS)
+    r["val_loss"] = sum(v["domains"][x]["loss"] for x in DOMAINS) / len(DOMAINS)  # chooses the lr
+    r["test_loss"] = sum(m["domains"][x]["loss"] for x in DOMAINS) / len(DOMAINS)
     for x in DOMAINS:
         r[f"{x}_loss"] = m["domains"][x]["loss"]
     r["params"], r["active"] = params(d)
     return r
 
 
-COLUMNS = [("val_loss", "val loss (mean of domains)", 3), ("prose_loss", "prose", 3), ("code_loss", "code", 3),
+COLUMNS = [("val_loss", "val loss (selects the lr)", 3), ("test_loss", "test loss (mean of domains)", 3),
+           ("prose_loss", "prose (test)", 3), ("code_loss", "code (test)", 3),
            ("params", "params", 0), ("active", "active params", 0)]
 
 
@@ -85,9 +88,9 @@ def main(argv=None) -> int:
     body = (f"{len(rows)}/{len(grid)} runs finished. Each model at its best lr:\n\n"
             + c.markdown(agg, COLUMNS, order=METHODS, all_lrs=False)
             + "\n\nEvery lr:\n\n" + c.markdown(agg, COLUMNS, order=METHODS, all_lrs=True))
-    png = c.plot(agg, "val_loss", "val loss (held out)", os.path.join(s.out, "s2.png"), METHODS,
+    png = c.plot(agg, "test_loss", "test loss", os.path.join(s.out, "s2.png"), METHODS,
                  "S2: MoE vs dense, equal active parameters")
-    body += f"\n\nPlot: {png or '(matplotlib missing: no plot)'}"
+    body += f"\n\nPlot: {os.path.basename(png) if png else '(matplotlib missing: no plot)'}"
     c.write_report(s, "S2: MoE vs dense at equal active parameters", body, {"aggregate": agg, "rows": rows}, total)
     return 0 if len(rows) == len(grid) else 1
 
