@@ -1,14 +1,17 @@
 """S2: a sparse MoLM against a dense model with the same active parameters, on the same tokens.
 
     python -m experiments.s2_dense --out runs/science/s2 [--data data/science] [--seeds 1,2,3]
-        [--lrs 3e-3,1e-2,3e-2] [--steps 300] [--jobs 2] [--reuse-moe runs/science/s1]
+        [--lrs 3e-3,1e-2,3e-2] [--steps 300] [--jobs 2] [--reuse-moe runs/science/s1] [--preset small]
 
 Paper (ModuleFormer, arXiv 2306.04640): at equal compute (active parameters per token) the sparse
 model reaches a lower loss than a dense one. Here: the tiny preset (4 attention experts of width 64,
 k 2; 4 MLP experts of hidden 128, k 2; MI loss 0.01) against the same network with every expert always
 active: 2 attention experts with k 2 (all chosen, gated by their softmax) and one MLP expert of hidden 256
 (gate 1), no balance loss. Both have the same active parameters and FLOPs per token (the MoE holds 2x
-the expert parameters). Same data (prose + code 50/50), steps and batch; each at its own best lr.
+the expert parameters). Same data (prose + code 50/50), steps and batch; each at its own best lr (by
+validation loss; reported on the test split). --preset small runs the same comparison one step up (4
+layers, d_model 128, 4 attention experts of width 128, 8 MLP experts of hidden 256, k 2; the dense twin has
+2 attention experts and one MLP expert of hidden 512), with the corpus's 512-token vocabulary.
 """
 
 from __future__ import annotations
@@ -24,13 +27,24 @@ METHODS = ("moe", "dense")
 DENSE = {"n_att_experts": 2, "k_att": 2, "n_mlp_experts": 1, "k_mlp": 1, "ffd_hidden": 256}
 
 
+def dense_overrides(preset: str) -> dict:
+    """The preset with every expert always active and the same active parameters: E = k attention experts, one
+    MLP expert k times as wide (gate 1)."""
+    from molm_ds.config import ModelConfig
+
+    cfg = ModelConfig.from_preset(preset)
+    return {"n_att_experts": cfg.k_att, "k_att": cfg.k_att, "n_mlp_experts": 1, "k_mlp": 1,
+            "ffd_hidden": cfg.k_mlp * cfg.ffd_hidden}
+
+
 def extra(p):
+    p.add_argument("--preset", default="tiny", choices=("tiny", "small"), help="model size of both networks")
     p.add_argument("--reuse-moe", default=None, metavar="S1_OUT",
                    help="an S1 grid: its 'mi' runs are this grid's MoE runs (the same job file but the name, "
                         "checked), copied instead of trained again")
 
 
-def runs(s: c.Settings, reuse: str | None = None) -> list[c.Run]:
+def runs(s: c.Settings, reuse: str | None = None, preset: str = "tiny") -> list[c.Run]:
     out = []
     sources = [{"path": s.domain(d), "weight": 0.5} for d in DOMAINS]
     for method in METHODS:
@@ -38,8 +52,10 @@ def runs(s: c.Settings, reuse: str | None = None) -> list[c.Run]:
             for seed in s.seeds:
                 job = c.base_job(s, sources=sources, seed=seed, lr=lr)
                 job["training"]["loss_weights"] = {"mi": 0.01, "switch": 0.0, "z": 0.0, "load_concentration": 0.0}
+                if preset != "tiny":
+                    job["model"] = {"preset": preset, "overrides": {"vocab_size": 512}}  # the corpus's vocabulary
                 if method == "dense":
-                    job["model"]["overrides"] = dict(DENSE)
+                    job["model"]["overrides"] = {**job["model"].get("overrides", {}), **dense_overrides(preset)}
                     job["training"]["loss_weights"] = {"mi": 0.0}
                 twin = os.path.join(reuse, "runs", f"mi_lr{lr:g}_s{seed}") if reuse and method == "moe" else None
                 out.append(c.Run(f"{method}_lr{lr:g}_s{seed}", job, after=c.measure_cmds(s, DOMAINS),
@@ -80,7 +96,7 @@ def main(argv=None) -> int:
     s, a = c.parse("s2_dense", __doc__, lrs="3e-3,1e-2,3e-2", steps=300, argv=argv, extra=extra)
     c.check_inputs(s, DOMAINS)
     t0 = time.time()
-    grid = runs(s, a.reuse_moe)
+    grid = runs(s, a.reuse_moe, a.preset)
     c.execute(s, [grid], report_only=a.report_only)
     rows = [r for r in (row(s, run) for run in grid) if r is not None]
     agg = c.aggregate(rows, [k for k, _, _ in COLUMNS], select="val_loss")
