@@ -472,8 +472,24 @@ def commit() -> dict:
                               "experiments", "data_prep"))}
 
 
+def split_sizes(s: Settings) -> dict:
+    """{domain: {"split_by": how, "train"/"val"/"test": windows}} of the corpus at the grid's settings."""
+    from molm_ds.data.mixture import SPLITS, split_source
+    from molm_ds.data.packing import TokenStream
+
+    out = {}
+    for d in sorted(os.listdir(os.path.join(s.data, "shards"))):
+        parts, how = split_source(TokenStream(s.domain(d)), s.seq_len, s.val_fraction, s.test_fraction, s.split_by)
+        out[d] = {"split_by": how, **{name: int(len(w)) for name, w in zip(SPLITS, parts)}}
+    return out
+
+
 def write_report(s: Settings, title: str, body: str, summary: dict, seconds: float) -> None:
     prov = commit()
+    splits = split_sizes(s)
+    body += "\n\nWindows of " + str(s.seq_len) + " tokens per split (train / validation / test): " + "; ".join(
+        f"{d} {v['train']:,} / {v['val']:,} / {v['test']:,} (by {v['split_by']})" for d, v in splits.items()) + "."
+    summary = {**summary, "splits": splits}
     text = (f"# {title}\n\n{body}\n\nGrid wall time: {seconds:.0f} s ({s.jobs} runs at once). Corpus sha256 "
             f"{s.corpus_sha256}; code commit {prov['commit']}{' (with uncommitted changes)' if prov['dirty'] else ''}; "
             f"settings: `{json.dumps(s.fingerprint())}`\n")
