@@ -164,8 +164,12 @@ def main(argv=None) -> int:
               "tokens": args.eval_batches * args.batch_size * seq_len, "distinct_windows": distinct}
 
     sums = expert_load_sums(model, (train.next_batch() for _ in range(args.batches)))
-    base = {"params": param_count(model), "ppl": perplexity(model, val_batches), "scored": scored}
-    print0(f"unpruned: {base['params']:,} parameters, task perplexity {base['ppl']:.3f} "
+    # --match alone compares pruned models only: the unpruned perplexity is not needed (and costs one evaluation)
+    match_only = args.match is not None and not taus and args.tau is None
+    base = {"params": param_count(model), "ppl": None if match_only else perplexity(model, val_batches),
+            "scored": scored}
+    print0(f"unpruned: {base['params']:,} parameters, task perplexity "
+           f"{'not measured (--match only)' if match_only else format(base['ppl'], '.3f')} "
            f"({args.batches} x {args.batch_size} x {seq_len} tokens counted on {world} rank(s))")
 
     def run(tau: float, keep=None):
