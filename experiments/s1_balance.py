@@ -6,7 +6,8 @@
 Paper (ModuleFormer, arXiv 2306.04640): the mutual-information loss L_MI = H(m|x) - H(m) balances the
 experts' load (high H(m)) while making each token's routing confident (low H(m|x)). Grid: tiny preset
 from scratch on prose + code 50/50, every method at every lr and seed; each method is reported at its
-own best lr (lowest mean validation loss over seeds). Routing is measured on the held-out windows:
+own best lr (lowest mean validation loss over seeds); everything in the tables is measured on the test
+split (whole documents held out, never used to choose anything). Routing is measured on those windows:
 H(m|x)/log E (lower = sharper), H(m)/log E (1 = the mean routing probabilities are uniform: what
 the MI loss maximises), max/mean token count per expert (1 = perfectly balanced), both the mean
 over the 4 MoE sub-layers and the 2 domains.
@@ -39,24 +40,19 @@ def runs(s: c.Settings, weight: float) -> list[c.Run]:
             for seed in s.seeds:
                 job = c.base_job(s, sources=sources, seed=seed, lr=lr)
                 job["training"]["loss_weights"] = w
-                out.append(c.Run(f"{method}_lr{lr:g}_s{seed}", job, after=[measure_cmd(s)],
+                out.append(c.Run(f"{method}_lr{lr:g}_s{seed}", job, after=c.measure_cmds(s, DOMAINS),
                                  group={"method": method, "lr": lr, "seed": seed}))
     return out
 
 
-def measure_cmd(s: c.Settings, old: str | None = None) -> list[str]:
-    cmd = ["-m", "experiments.science.measure", "--checkpoint", "{run}/checkpoints", "--out", "{run}/measure.json",
-           "--windows", str(s.windows), "--seq-len", str(s.seq_len), "--val-fraction", str(s.val_fraction),
-           "--data"] + [s.domain(d) for d in DOMAINS]
-    return cmd + (["--old-experts", old] if old else [])
-
-
 def row(s: c.Settings, run: c.Run) -> dict | None:
-    m = c.read_json(os.path.join(c.run_dir(s, run), "measure.json"))
-    if m is None:
+    v = c.read_json(os.path.join(c.run_dir(s, run), "measure.json"))
+    m = c.read_json(os.path.join(c.run_dir(s, run), "measure_test.json"))
+    if m is None or v is None:
         return None
     r = dict(run.group)
-    r["val_loss"] = sum(m["domains"][d]["loss"] for d in DOMAINS) / len(DOMAINS)
+    r["val_loss"] = sum(v["domains"][d]["loss"] for d in DOMAINS) / len(DOMAINS)  # chooses the lr
+    r["test_loss"] = sum(m["domains"][d]["loss"] for d in DOMAINS) / len(DOMAINS)
     r["H_rel"] = sum(c.sublayer_mean(m, d, "H_m_given_x_rel") for d in DOMAINS) / len(DOMAINS)
     r["H_rel_mlp"] = sum(c.sublayer_mean(m, d, "H_m_given_x_rel", "mlp") for d in DOMAINS) / len(DOMAINS)
     r["H_m_rel"] = sum(c.sublayer_mean(m, d, "H_m_rel") for d in DOMAINS) / len(DOMAINS)
@@ -68,7 +64,7 @@ def row(s: c.Settings, run: c.Run) -> dict | None:
     return r
 
 
-COLUMNS = [("val_loss", "val loss (prose+code)", 3), ("H_rel", "H(m|x)/log E", 3), ("H_rel_mlp", "… MLP only", 3),
+COLUMNS = [("val_loss", "val loss (selects the lr)", 3), ("test_loss", "test loss (prose+code)", 3), ("H_rel", "H(m|x)/log E", 3), ("H_rel_mlp", "… MLP only", 3),
            ("H_m_rel", "H(m)/log E per domain", 3), ("max_mean", "max/mean load per domain", 2),
            ("max_mean_mlp", "… MLP only", 2), ("pooled_H_m_rel", "H(m)/log E, domains pooled", 3),
            ("pooled_max_mean", "max/mean, pooled", 2), ("pooled_max_mean_mlp", "… MLP only", 2)]
@@ -86,10 +82,10 @@ def main(argv=None) -> int:
     body = (f"{len(rows)}/{len(grid)} runs finished. Each method at its best lr (lowest mean val loss):\n\n"
             + c.markdown(agg, COLUMNS, order=METHODS, all_lrs=False)
             + "\n\nEvery lr:\n\n" + c.markdown(agg, COLUMNS, order=METHODS, all_lrs=True))
-    png = c.plot(agg, "pooled_max_mean", "max/mean expert load (held out, domains pooled)", os.path.join(s.out, "s1.png"), METHODS,
+    png = c.plot(agg, "pooled_max_mean", "max/mean expert load (test, domains pooled)", os.path.join(s.out, "s1.png"), METHODS,
                  f"S1: load balance, weight {a.weight:g}")
-    c.plot(agg, "val_loss", "val loss", os.path.join(s.out, "s1_val.png"), METHODS, "S1: validation loss")
-    body += f"\n\nPlots: {png or '(matplotlib missing: no plot)'}, s1_val.png"
+    c.plot(agg, "test_loss", "test loss", os.path.join(s.out, "s1_test.png"), METHODS, "S1: test loss")
+    body += f"\n\nPlots: {os.path.basename(png) if png else '(matplotlib missing: no plot)'}, s1_test.png"
     c.write_report(s, f"S1: MI vs Switch load balance (weight {a.weight:g})", body,
                    {"aggregate": agg, "rows": rows}, total)
     return 0 if len(rows) == len(grid) else 1

@@ -74,6 +74,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         renormalize_topk=bool(c.get("renormalize_topk", False)), sample_topk=c["sample_topk"],
         routing=c.get("routing", "token_choice"), capacity_factor=c.get("capacity_factor"),
         init_std=c["initializer_range"], layer_norm_eps=float(c["layer_norm_epsilon"]) if ours else 1e-5,
+        router_init=c.get("router_init", "released"),  # released checkpoints say nothing: theirs
         dropout=float(c.get("resid_pdrop", 0.0)) if ours else 0.0,
         # pruned models: per-layer counts; the released modeling code has no such keys
         att_experts_per_layer=c.get("n_att_experts_per_layer"), mlp_experts_per_layer=c.get("n_mlp_experts_per_layer"),
@@ -127,6 +128,7 @@ def hf_config(cfg: ModelConfig) -> dict:
         moe_pdrop=0.0, aux_loss_type="mi", aux_loss_weight=0, tie_word_embeddings=False,
         kv_proj=cfg.kv_proj, stickbreaking_include_current=cfg.stickbreaking_include_current,
         renormalize_topk=cfg.renormalize_topk, routing=cfg.routing, capacity_factor=cfg.capacity_factor,
+        router_init=cfg.router_init,
     )
     if att is None:
         out["n_att_experts_per_layer"] = list(cfg.att_experts_per_layer)

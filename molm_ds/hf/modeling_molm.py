@@ -84,6 +84,9 @@ class MixtureOfExperts(nn.Module):
             gate = [nn.Linear(D, num_experts, bias=False)]
         else:
             raise ValueError(f"gate_type {config.gate_type!r} is not supported (mlp or linear)")
+        for m in gate:
+            if isinstance(m, nn.Linear):
+                m._molm_router = True  # _init_weights: router_init applies to these
         self.gate = nn.Module()
         self.gate.w_gate = nn.Sequential(*gate)
         self.experts = ExpertWeights(num_experts, D, hidden_in or hidden)
@@ -220,9 +223,16 @@ class MoLMPreTrainedModel(PreTrainedModel):
     _supports_cache_class = True  # transformers 4.4x: generate() passes a DynamicCache
 
     def _init_weights(self, module: nn.Module) -> None:
-        # As molm-ds initialises a fresh model: normal linears and embedding, experts U(-1/fan_in, 1/fan_in).
+        # As molm-ds initialises a fresh model: normal linears and embedding, experts U(-1/fan_in, 1/fan_in),
+        # routers per config.router_init (the molm-ds model's choice, written by the export).
         std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Embedding)):
+        if isinstance(module, nn.Linear) and getattr(module, "_molm_router", False) and \
+                getattr(self.config, "router_init", "released") == "fan_in":
+            # molm_ds.model.router.Router's fan_in init: B ~ N(0, 1/D), A ~ N(0, 1/R), b = 0
+            nn.init.normal_(module.weight, std=module.in_features ** -0.5)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=std)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)

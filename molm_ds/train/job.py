@@ -78,6 +78,11 @@ class DataSection(_Section):
     sources: list[SourceSection] = Field(min_length=1, description="The training mixture.")
     seq_len: int = Field(ge=1, description="Tokens per training sequence.")
     val_fraction: float = Field(0.01, ge=0, lt=1, description="Windows held out per source for validation.")
+    test_fraction: float = Field(0.0, ge=0, lt=1, description="Windows held out per source for a test split "
+                                 "(never trained on nor evaluated in the loop; launch/evaluate.py --split test).")
+    split_by: Literal["position", "document", "auto"] = Field(
+        "position", description="Hold out blocks of windows (position), whole documents (document), or "
+                                "documents where they allow it (auto); see molm_ds.data.mixture.")
     eval_batches: int = Field(4, ge=1, description="Validation micro-batches per rank at each evaluation.")
 
 
