@@ -287,7 +287,9 @@ def build_shards(specs: list[SourceSpec], tokenizer_path: str, out_dir: str, *, 
         ndocs, ntok = writer.finish()
         p = os.path.join(out_dir, cur["name"])
         prog["shards"][cur["name"]] = {"docs": ndocs, "tokens": ntok, "empty": cur["empty"],
-                                       "bin_bytes": os.path.getsize(p + ".bin"), "idx_bytes": os.path.getsize(p + ".idx")}
+                                       "bin_bytes": os.path.getsize(p + ".bin"), "idx_bytes": os.path.getsize(p + ".idx"),
+                                       "bin_sample_sha256": identity(p + ".bin")["sample_sha256"],
+                                       "idx_sample_sha256": identity(p + ".idx")["sample_sha256"]}
         _atomic_json(prog_path, prog)
 
     pool = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(
@@ -374,7 +376,8 @@ def _manifest(specs, prog, fingerprint, tok, dtype, command, subsets) -> dict:
         r = prog["shards"][name]
         if r["docs"]:
             shards.append({"prefix": name, "docs": r["docs"], "tokens": r["tokens"], "input": int(name[5:10]),
-                           "bin_bytes": r["bin_bytes"], "idx_bytes": r["idx_bytes"]})
+                           "bin_bytes": r["bin_bytes"], "idx_bytes": r["idx_bytes"],
+                           **{k: r[k] for k in ("bin_sample_sha256", "idx_sample_sha256") if k in r}})
     seen: dict = {}
     for fi, spec in enumerate(specs):
         f = prog["files"][str(fi)]

@@ -46,7 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--text-key", default="text", help="field of jsonl / hf records holding the text")
     p.add_argument("--device", default="auto", help="auto (the rank's GPU if there is one), cpu or cuda")
     p.add_argument("--no-masters", action="store_true", help="bf16 checkpoints: the saved bf16 weights, not the fp32 masters")
-    p.add_argument("--out", default="eval.json", help="JSON results (rank 0 writes)")
+    p.add_argument("--out", default="eval.json", help="JSON results (rank 0 writes; a file)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--local_rank", type=int, default=None, help=cli.SUPPRESS)
     args = p.parse_args(argv)
     for name in ("seq_len", "stride", "batch_size", "max_docs"):
@@ -73,21 +74,13 @@ def _check_sources(specs: list[str]) -> None:
             source_shards(s)
 
 
-def device_for(choice: str):
-    import torch
-
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if choice == "auto":
-        return torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    if choice == "cuda":
-        return torch.device("cuda", local)
-    return torch.device(choice)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from molm_ds.devices import resolve_device
     from molm_ds.errors import ConfigError
     from molm_ds.loading import load_source
+    from molm_ds.paths import check_output_file
+    from molm_ds.storage import atomic_write_text
     from molm_ds.log import setup_logging
     from molm_ds.parallel import comm
     from molm_ds.perplexity import bits_per_byte, read_documents, rolling_windows, sequences, window_batches
@@ -97,6 +90,8 @@ def main(argv=None) -> int:
 
     setup_logging()
     _check_sources(args.data)
+    check_output_file(args.out, what="--out", error=ConfigError, overwrite=args.overwrite)
+    device = resolve_device(args.device)
     rank, world = init_distributed() if launcher_kind() != "single" else (0, 1)
     src = load_source(args.checkpoint, tokenizer=args.tokenizer, masters=not args.no_masters)
     if src.tokenizer_path is None:
@@ -109,7 +104,7 @@ def main(argv=None) -> int:
     stride = args.stride or seq_len
     if stride > seq_len:
         raise ConfigError(f"--stride {stride} is larger than the window length {seq_len}; lower --stride")
-    model = src.model.to(device_for(args.device))
+    model = src.model.to(device)
 
     rows = []
     for spec in args.data:
@@ -136,8 +131,7 @@ def main(argv=None) -> int:
                "tokenizer": tok.name, "seq_len": seq_len, "stride": stride, "context": args.context,
                "score_eos": args.score_eos, "world_size": world, "sources": rows, "all": total}
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
+        atomic_write_text(args.out, json.dumps(out, indent=1), what="--out")
         print(f"wrote {args.out}")
     comm.barrier()
     return 0

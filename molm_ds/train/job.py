@@ -26,6 +26,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from molm_ds.config import ModelConfig, preset_names
 from molm_ds.errors import ConfigError
 from molm_ds.monitor.config import MonitorConfig
+from molm_ds.paths import read_utf8
 
 __all__ = ["JobConfig", "JobConfigError", "load_job", "job_from_dict", "parse_overrides", "apply_overrides", "parse_yaml",
            "ContinualSection", "FinetuneSection", "REPO_ROOT"]
@@ -380,18 +381,6 @@ _StrictLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
-def read_text(path: str, what: str, error: type = None) -> str:
-    """The UTF-8 text of ``path``; a file that is not UTF-8 is one error naming the byte where it fails."""
-    error = error or JobConfigError
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        raise error(f"{what} {path} is not UTF-8 text (byte {exc.start}, line {line}): save it as UTF-8") from None
-
-
 def parse_yaml(text: str, source: str):
     """YAML text -> Python objects; syntax errors and duplicate keys become one JobConfigError line."""
     try:
@@ -490,5 +479,5 @@ def load_job(path: str | os.PathLike, overrides: Optional[list[str]] = None) -> 
     if not os.path.isfile(path):
         shipped = sorted(p.name for p in (REPO_ROOT / "configs").glob("*.yaml"))
         raise JobConfigError(f"job file {path} not found; shipped jobs: {', '.join('configs/' + s for s in shipped)}")
-    raw = parse_yaml(read_text(path, "job file"), path) or {}
+    raw = parse_yaml(read_utf8(path, what="job file", error=JobConfigError), path) or {}
     return job_from_dict(apply_overrides(raw, overrides or []), path)
