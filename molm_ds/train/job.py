@@ -302,6 +302,11 @@ class JobConfig(_Section):
     overwrite: bool = Field(
         False, description="Start fresh in a run_dir that holds an earlier run's metrics or checkpoints, deleting "
         "them (without it such a start is refused: resume with --resume auto or choose another run_dir).")
+    allow_data_change: bool = Field(
+        False, description="Resume although the global batch (micro_batch_size x grad_accum_steps x world size), the "
+        "data mixture (sources, weights, val_fraction), seq_len or the seed differ from the checkpoint's job: the "
+        "weights, optimizer and step continue, the data order starts afresh (without it such a resume is refused: "
+        "the exact data order needs the same settings).")
     init_from: Optional[str] = Field(
         None, description="Start from the weights of this checkpoint (directory = newest complete tag, or a tag); "
         "the model section must describe the model it holds. See molm_ds.continual.")

@@ -87,7 +87,8 @@ def _resume(run: Run, target: tuple[str, str], ep_info) -> TrainState:
     if client is None:
         raise ckpt.CheckpointError(f"{os.path.join(*target)} has no {CLIENT_KEY!r} client state: not written by the "
                                    "molm-ds trainer (to start from its weights only, use init_from)")
-    run.data.train.load_state_dict(client["data"])
+    if not run.job.allow_data_change:  # else the data order starts afresh (preflight said what changed)
+        run.data.train.load_state_dict(client["data"])
     info0(f"resumed from {os.path.join(*target)} at step {client['step']}")
     return TrainState(client["step"], client["skipped_steps"], client["nonfinite_in_a_row"])
 
