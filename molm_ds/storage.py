@@ -24,7 +24,7 @@ from typing import Iterable, Iterator, Optional
 
 from molm_ds.errors import UserError
 
-__all__ = ["StorageError", "guarded_write", "atomic_write_text", "free_bytes", "human_bytes", "STORAGE_ERRNOS",
+__all__ = ["StorageError", "as_storage_error", "guarded_write", "atomic_write_text", "free_bytes", "human_bytes", "STORAGE_ERRNOS",
            "storage_error"]
 
 STORAGE_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EIO, errno.EROFS,
@@ -73,14 +73,14 @@ def _reason(err: Optional[int], path: str) -> str:
 
 
 def storage_error(what: str, path: str, err: Optional[int], *, need: Optional[int] = None,
-                  after: str = "") -> StorageError:
+                  after: str = "", verb: str = "write") -> StorageError:
     """The one-line error for a refused write of ``what`` at ``path``; ``after`` says what happens next
     (e.g. which checkpoint stays the resume target)."""
     free = free_bytes(path)
     space = f"{human_bytes(free)} free there" + (f", about {human_bytes(need)} needed" if need else "")
     fix = ("free space or point it at another disk" if err in (errno.ENOSPC, getattr(errno, "EDQUOT", -1), errno.EFBIG)
            else "make the directory writable or choose another one")
-    return StorageError(f"cannot write {what} {path}: {_reason(err, path)} ({space}); {fix}" + (f"; {after}" if after else ""))
+    return StorageError(f"cannot {verb} {what + ' ' if what else ''}{path}: {_reason(err, path)} ({space}); {fix}" + (f"; {after}" if after else ""))
 
 
 def _torch_write_failure(exc: RuntimeError) -> bool:
@@ -148,3 +148,16 @@ def atomic_write_text(path: str, text: str, *, what: str, after: str = "") -> No
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+
+
+def as_storage_error(exc: BaseException) -> Optional[StorageError]:
+    """The StorageError for an exception that no guard caught (an OSError with a storage errno, a library's
+    background writer re-raising one, torch.save's wrapped one); None for anything else."""
+    if isinstance(exc, StorageError):
+        return exc
+    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+        writes_only = {errno.ENOSPC, errno.EROFS, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+        return storage_error("", exc.filename or "?", exc.errno, verb="write to" if exc.errno in writes_only else "use")
+    if isinstance(exc, RuntimeError) and _torch_write_failure(exc):
+        return storage_error("a file", "(torch.save)", _guess_errno(os.getcwd()))
+    return None
