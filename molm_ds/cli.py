@@ -63,8 +63,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def run(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Optional[Sequence[str]] = None) -> NoReturn:
     """Call ``main(argv)`` and exit with its return code; a ``UserError`` becomes the one-line error."""
-    from molm_ds.storage import StorageError, as_storage_error
+    from molm_ds.storage import StorageError, as_storage_error, quiet_storage_errors_in_threads
 
+    quiet_storage_errors_in_threads()
     try:
         code = main(argv)
     except UserError as exc:

@@ -24,7 +24,7 @@ from typing import Iterable, Iterator, Optional
 
 from molm_ds.errors import UserError
 
-__all__ = ["StorageError", "as_storage_error", "guarded_write", "atomic_write_text", "free_bytes", "human_bytes", "STORAGE_ERRNOS",
+__all__ = ["StorageError", "as_storage_error", "quiet_storage_errors_in_threads", "guarded_write", "atomic_write_text", "free_bytes", "human_bytes", "STORAGE_ERRNOS",
            "storage_error"]
 
 STORAGE_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EIO, errno.EROFS,
@@ -161,3 +161,21 @@ def as_storage_error(exc: BaseException) -> Optional[StorageError]:
     if isinstance(exc, RuntimeError) and _torch_write_failure(exc):
         return storage_error("a file", "(torch.save)", _guess_errno(os.getcwd()))
     return None
+
+
+def quiet_storage_errors_in_threads() -> None:
+    """A background writer thread (TensorBoard's) that dies of a storage error hands it to the main thread,
+    which reports it as one line; keep the thread's own traceback off stderr. Other thread errors print."""
+    import threading
+
+    previous = threading.excepthook
+    if getattr(previous, "_molm_ds_quiet", False):
+        return
+
+    def hook(args):
+        if args.exc_value is not None and as_storage_error(args.exc_value) is not None:
+            return
+        previous(args)
+
+    hook._molm_ds_quiet = True
+    threading.excepthook = hook

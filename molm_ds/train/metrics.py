@@ -126,7 +126,11 @@ class StepLog:
         row = {k: v for k, v in metrics.items() if v is not None}
         if row:
             for hook in self.hooks:
-                hook(step, row)
+                if hook is self.monitor:
+                    with guarded_write("TensorBoard events in", self.job.tensorboard_dir):
+                        hook(step, row)
+                else:
+                    hook(step, row)
 
     def due(self, step: int) -> bool:
         return step % self.job.monitor.log_interval == 0 or step in (1, self.job.training.steps)
@@ -157,4 +161,5 @@ class StepLog:
 
     def close(self) -> None:
         if self.monitor is not None:
-            self.monitor.close()
+            with guarded_write("TensorBoard events in", self.job.tensorboard_dir):
+                self.monitor.close()
