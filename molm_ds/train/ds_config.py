@@ -301,6 +301,30 @@ def _fill_or_check(ds: dict, key: str, want, source: str, job_key: str) -> None:
                          f"from the ds config (it is filled from the job) or set it to {want}")
 
 
+_OUTPUT_KEYS = ("output_path", "output_file")
+
+
+def _contain_outputs(ds: dict, run_dir: str, source: str) -> None:
+    """Every file a ds_config block asks DeepSpeed to write (csv_monitor, comet, flops_profiler ...:
+    ``output_path`` / ``output_file``) stays inside run_dir: a relative path is taken inside it, an absolute
+    one inside it is kept, any other (absolute elsewhere, or climbing out with '..') is refused. (The tensorboard block is the job's own.)"""
+    import os
+
+    root = os.path.realpath(run_dir)
+    for section, block in ds.items():
+        if section == "tensorboard" or not isinstance(block, dict):
+            continue
+        for key in _OUTPUT_KEYS:
+            value = block.get(key)
+            if not isinstance(value, str) or not value:
+                continue
+            target = os.path.realpath(os.path.join(root, value))
+            if os.path.commonpath([target, root]) != root:
+                raise ConfigError(f"{source}: {section}.{key}={value!r} writes outside run_dir {run_dir}: give a path "
+                                  f"relative to run_dir (e.g. {section})")
+            block[key] = target
+
+
 def check_world(job: "JobConfig", world_size: int) -> None:
     """Checks that need the world size (before any model is built)."""
     ep = job.parallel.ep_size
@@ -325,6 +349,7 @@ def build_ds_config(job: "JobConfig", world_size: int) -> dict:
     if "tensorboard" in ds:
         raise ConfigError(f"{src}: remove the 'tensorboard' block; set monitor.tensorboard / tensorboard_dir in the job")
     ds["tensorboard"] = {"enabled": job.monitor.tensorboard, "output_path": job.tensorboard_dir, "job_name": job.name}
+    _contain_outputs(ds, job.run_dir, src)
     ds.setdefault("steps_per_print", 10**9)  # the trainer prints its own progress line
     ds.setdefault("wall_clock_breakdown", False)
     if offloads_optimizer(ds):

@@ -97,3 +97,17 @@ def test_a_ds_config_that_is_not_utf8_is_one_line(tmp_path):
     p.write_bytes(b'{"x": "caf\xe9"}')
     with pytest.raises(ConfigError, match="is not UTF-8 text"):
         read_ds_config(p)
+
+
+@pytest.mark.parametrize("path, ok", [("csv", True), ("../../escape", False), ("/etc/x", False)])
+def test_ds_config_outputs_stay_inside_run_dir(tmp_path, path, ok):
+    import os
+
+    cfg = write_ds_config(tmp_path / "m.json", csv_monitor={"enabled": True, "output_path": path, "job_name": "j"})
+    job = load_job(TINY_JOB, [f"deepspeed.config={cfg}", f"run_dir={tmp_path / 'run'}"])
+    if ok:
+        out = build_ds_config(job, world_size=1)["csv_monitor"]["output_path"]
+        assert out == os.path.realpath(tmp_path / "run" / path)
+    else:
+        with pytest.raises(ConfigError, match="writes outside run_dir"):
+            build_ds_config(job, world_size=1)
