@@ -463,9 +463,14 @@ def main(argv=None) -> int:
     # as typed (globs and all), run from here: what the loader tells a user to rerun to finish the directory
     command = f"cd {shlex.quote(os.getcwd())} && " + shlex.join(
         ["python", "-m", "data_prep.build_shards", *(sys.argv[1:] if argv is None else argv)])
-    man = build_shards(specs, a.tokenizer, a.out, workers=a.workers, docs_per_shard=a.docs_per_shard,
-                       subsets=set(a.pile_subset) if a.pile_subset else None, text_key=a.text_key,
-                       skip_corrupt=a.skip_corrupt, overwrite=a.overwrite, progress=not a.no_progress, command=command)
+    from molm_ds.storage import guarded_write
+
+    # a full disk: one line; finished shards stay, *.tmp files are ignored and the same command resumes
+    with guarded_write("shards to", a.out, after="rerun the same command after freeing space: it resumes"):
+        man = build_shards(specs, a.tokenizer, a.out, workers=a.workers, docs_per_shard=a.docs_per_shard,
+                           subsets=set(a.pile_subset) if a.pile_subset else None, text_key=a.text_key,
+                           skip_corrupt=a.skip_corrupt, overwrite=a.overwrite, progress=not a.no_progress,
+                           command=command)
     print(f"{a.out}: {len(man['shards'])} shards, {man['documents']} documents, {man['tokens']} tokens "
           f"({time.perf_counter() - t0:.1f}s)")
     for line in summary_lines(man):

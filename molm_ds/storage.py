@@ -156,8 +156,11 @@ def as_storage_error(exc: BaseException) -> Optional[StorageError]:
     if isinstance(exc, StorageError):
         return exc
     if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+        if not exc.filename:  # a write on an open file: the library did not say which
+            return StorageError(f"a write failed: {_reason(exc.errno, '')} (the file was not named; see the "
+                                "directories this command writes); free space or make them writable")
         writes_only = {errno.ENOSPC, errno.EROFS, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
-        return storage_error("", exc.filename or "?", exc.errno, verb="write to" if exc.errno in writes_only else "use")
+        return storage_error("", exc.filename, exc.errno, verb="write to" if exc.errno in writes_only else "use")
     if isinstance(exc, RuntimeError) and _torch_write_failure(exc):
         return storage_error("a file", "(torch.save)", _guess_errno(os.getcwd()))
     return None

@@ -113,3 +113,30 @@ def test_after_training_outputs_on_a_read_only_place_are_refused_before_work(sha
         line = one_error(["launch/export.py", "--checkpoint", str(tmp_path / "nowhere"), "--out",
                           os.path.join(ro, "hf")])
         assert "--out" in line and "not writable" in line, line
+
+
+def test_data_prep_on_a_full_disk_is_one_line_and_a_rerun_finishes(tmp_path):
+    import json
+
+    import pydoc_data.topics
+
+    from data_prep.readers import SourceSpec
+    from data_prep.train_tokenizer import train_tokenizer
+
+    corpus = tmp_path / "in.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t[:2000]}) + "\n" for t in list(pydoc_data.topics.topics.values())[:60]))
+    tok = train_tokenizer([SourceSpec("jsonl", str(corpus))], str(tmp_path / "tok"), vocab_size=400, threads=1)
+    cmd = ["-m", "data_prep.build_shards", "--tokenizer", tok, "--input", f"jsonl:{corpus}", "--workers", "1",
+           "--docs-per-shard", "10", "--no-progress"]
+    with tmpfs(tmp_path / "fs", "1m") as fs:
+        fill(fs, leave=6 * 4096)
+        out = os.path.join(fs, "shards")
+        line = one_error([*cmd, "--out", out])
+        assert "no space left on the device" in line and "shards" in line and "resumes" in line, line
+        os.remove(os.path.join(fs, "filler"))  # space again: the same command resumes and finishes
+        proc = subprocess.run([sys.executable, *cmd, "--out", out], cwd=REPO, env=env(), capture_output=True,
+                              text=True, timeout=TIMEOUT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        from molm_ds.data import check_sources
+
+        check_sources([out])
