@@ -16,8 +16,9 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from molm_ds.errors import CheckpointError, ConfigError
+from molm_ds.errors import CheckpointError, ConfigError, UserError
 from molm_ds.paths import ensure_writable_dir
+from molm_ds.storage import StorageError, as_storage_error
 from molm_ds.train import checkpoint as ckpt
 from molm_ds.train.data import TrainData, check_vocab
 from molm_ds.train.ds_config import build_ds_config, zero_stage
@@ -145,13 +146,19 @@ def _take_run_dir(job: JobConfig, rank: int, fresh: bool) -> Optional[RunLock]:
                 raise ConfigError(f"run_dir {job.run_dir} holds an earlier run ({', '.join(earlier)}) and {how}")
             if earlier:
                 _clear_earlier_run(job)
-        except ConfigError as exc:
+        except UserError as exc:  # a refusal, or the storage refusing the lock: every rank ends with it
             if lock is not None:
                 lock.release()  # only removes the lock file if this job holds it
-            lock, error = None, str(exc)
+            lock, error = None, (type(exc).__name__, str(exc))
+        except OSError as exc:
+            err = as_storage_error(exc)
+            if err is None:
+                raise
+            lock, error = None, ("StorageError", str(err))
     error = comm.broadcast_object(error)
     if error is not None:
-        raise ConfigError(error)
+        kind, message = error
+        raise (StorageError if kind == "StorageError" else ConfigError)(message)
     return lock
 
 
