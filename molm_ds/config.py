@@ -8,17 +8,22 @@ shapes (ModuleFormer, arXiv 2306.04640) and add tiny models that train in second
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Tuple
+from typing import Annotated, Literal, Optional, Tuple
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 __all__ = ["ModelConfig", "PRESETS", "preset_names"]
 
 
-class ModelConfig(BaseModel):
-    """Shape and options of one MoLM model. Unknown keys are rejected."""
+def _list_to_tuple(v):
+    return tuple(v) if isinstance(v, list) else v  # YAML and JSON have no tuples; strict mode wants one
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+
+class ModelConfig(BaseModel):
+    """Shape and options of one MoLM model. Unknown keys are rejected, values are not coerced ("2", 2.0 and
+    true are not integers) and floats are finite."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     vocab_size: int = Field(50295, ge=2, description="Vocabulary size (rows of wte and lm_head).")
     n_layer: int = Field(24, ge=1, description="Number of transformer blocks.")
@@ -74,11 +79,11 @@ class ModelConfig(BaseModel):
     )
 
     # Pruned models (molm_ds.prune): layers may keep different numbers of experts.
-    att_experts_per_layer: Optional[Tuple[int, ...]] = Field(
+    att_experts_per_layer: Optional[Annotated[Tuple[int, ...], BeforeValidator(_list_to_tuple)]] = Field(
         None, description="Attention experts of each layer (length n_layer, each in [1, n_att_experts]); "
         "None = n_att_experts everywhere. k_att is capped at a layer's count."
     )
-    mlp_experts_per_layer: Optional[Tuple[int, ...]] = Field(
+    mlp_experts_per_layer: Optional[Annotated[Tuple[int, ...], BeforeValidator(_list_to_tuple)]] = Field(
         None, description="MLP experts of each layer (length n_layer, each in [1, n_mlp_experts]); "
         "None = n_mlp_experts everywhere. k_mlp is capped at a layer's count."
     )

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from molm_ds.errors import UserError
+from molm_ds.storage import StorageError, as_storage_error, atomic_write_text
 from molm_ds.log import get_logger, info0
 from molm_ds.train import checkpoint as ckpt
 from molm_ds.train.distributed import init_distributed
@@ -87,7 +88,8 @@ def _resume(run: Run, target: tuple[str, str], ep_info) -> TrainState:
     if client is None:
         raise ckpt.CheckpointError(f"{os.path.join(*target)} has no {CLIENT_KEY!r} client state: not written by the "
                                    "molm-ds trainer (to start from its weights only, use init_from)")
-    run.data.train.load_state_dict(client["data"])
+    if not run.job.allow_data_change:  # else the data order starts afresh (preflight said what changed)
+        run.data.train.load_state_dict(client["data"])
     info0(f"resumed from {os.path.join(*target)} at step {client['step']}")
     return TrainState(client["step"], client["skipped_steps"], client["nonfinite_in_a_row"])
 
@@ -107,6 +109,17 @@ def _save(run: Run, state: TrainState, ep_info) -> Optional[str]:
                      keep=job.checkpoint.keep, elastic=job.checkpoint.elastic)
 
 
+def _resume_hint(job: JobConfig) -> str:
+    """Which checkpoint a resume would continue from, read from disk (this rank alone: others may be gone)."""
+    try:
+        target = ckpt.resolve_resume("auto", job.checkpoint_dir)
+    except Exception:  # the disk is failing; the hint is a courtesy
+        target = None
+    if target is None:
+        return "no complete checkpoint was written yet"
+    return f"the newest complete checkpoint is {os.path.join(*target)}: continue from it with --resume auto"
+
+
 def train(job: JobConfig, *, recipe: Optional[Recipe] = None, hooks: Iterable[MetricsHook] = ()) -> dict:
     """Run a job to ``training.steps`` on every rank (or until a stop signal: ``summary["stopped"]``);
     returns a summary of what was written."""
@@ -119,6 +132,11 @@ def train(job: JobConfig, *, recipe: Optional[Recipe] = None, hooks: Iterable[Me
     stops = StopRequests(c.preempt_signals)
     try:
         return _train(job, recipe, rank, world, pre, stops, hooks)
+    except (OSError, RuntimeError) as exc:  # a full or failing disk: say where the run can continue from
+        err = as_storage_error(exc)
+        if err is None:
+            raise
+        raise StorageError(f"{err}; {_resume_hint(job)}") from None
     finally:
         stops.close()
         if pre.lock is not None:
@@ -147,8 +165,7 @@ def _train(job: JobConfig, recipe: Recipe, rank: int, world: int, pre, stops: St
     steplog = StepLog(job, engine, hooks, resume_step=state.step, world=world)
     steplog.write(0, recipe.start(run, resumed=pre.resume_from is not None))
     if rank == 0:
-        with open(os.path.join(job.run_dir, "job.yaml"), "w") as f:
-            f.write(job.to_yaml())
+        atomic_write_text(os.path.join(job.run_dir, "job.yaml"), job.to_yaml(), what="job.yaml")
     info0(steplog.banner(state.step))
 
     # 4. steps
