@@ -19,6 +19,7 @@ the same inputs). ``MOLM_DS_DEBUG=1`` re-raises, for the traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, NoReturn, Optional, Sequence
 
@@ -39,11 +40,18 @@ def _rank() -> int:
         return 0
 
 
-def fail(message: str) -> NoReturn:
-    """Print ``error: message`` (rank 0) and exit 2."""
-    if _rank() == 0:
+def fail(message: str, *, every_rank: bool = False, code: int = EXIT_USER_ERROR, hard: bool = False) -> NoReturn:
+    """Print ``error: message`` (rank 0, or every rank when each has its own) and exit with ``code``
+    (2). ``hard``: exit at once, without interpreter teardown (which would wait on a dead peer)."""
+    if every_rank or _rank() == 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_USER_ERROR)
+    if hard:
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -64,7 +72,9 @@ def run(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Optional
     except UserError as exc:
         if debug_enabled():
             raise
-        fail(one_line(exc))
+        # errors a rank finds on its own (its network, a lost peer) are printed by every rank that has one
+        fail(one_line(exc), every_rank=getattr(exc, "every_rank", False), code=getattr(exc, "exit_code", EXIT_USER_ERROR),
+             hard=getattr(exc, "hard_exit", False))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         sys.exit(130)

@@ -123,6 +123,10 @@ class ParallelSection(_Section):
     ep_size: int = Field(1, ge=1, description="Expert-parallel group size; divides the world size and every expert count.")
     replicate_attention_experts: bool = Field(
         False, description="Keep attention experts whole on every rank (data parallel) instead of expert-parallel.")
+    collective_timeout_s: Optional[float] = Field(
+        None, gt=0, le=86400, description="Seconds any collective waits for a peer before the job ends with the "
+        "lost-peer line (null = 600: a large model's step plus checkpoint skew on GPUs; tests use ~20). A rank whose "
+        "step makes no progress for 2x this plus 60 s dumps its Python stacks and exits.")
 
 
 class DeepSpeedSection(_Section):

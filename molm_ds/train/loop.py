@@ -27,7 +27,8 @@ import torch
 from molm_ds.errors import UserError
 from molm_ds.log import get_logger, info0
 from molm_ds.train import checkpoint as ckpt
-from molm_ds.train.distributed import init_distributed
+from molm_ds.parallel.peers import PeerWatch
+from molm_ds.train.distributed import DEFAULT_COLLECTIVE_TIMEOUT_S, init_distributed
 from molm_ds.train.engine import build_engine, set_lr
 from molm_ds.train.evaluate import evaluate
 from molm_ds.train.job import JobConfig
@@ -114,18 +115,27 @@ def train(job: JobConfig, *, recipe: Optional[Recipe] = None, hooks: Iterable[Me
     c = job.checkpoint
 
     # 1. processes, then every check -- before any work
-    rank, world = init_distributed()
+    timeout_s = job.parallel.collective_timeout_s or DEFAULT_COLLECTIVE_TIMEOUT_S
+    rank, world = init_distributed(timeout_s)
     pre = preflight(job, recipe, rank, world)
     stops = StopRequests(c.preempt_signals)
+    peers = PeerWatch(timeout_s).start()
     try:
-        return _train(job, recipe, rank, world, pre, stops, hooks)
+        return _train(job, recipe, rank, world, pre, stops, hooks, peers)
+    except Exception as exc:  # a lost peer: one line on every survivor instead of a backend traceback
+        lost = peers.explain(exc, last_checkpoint=ckpt.newest_complete(job.checkpoint_dir))
+        if lost is None:
+            raise
+        raise lost from None
     finally:
+        peers.close()
         stops.close()
         if pre.lock is not None:
             pre.lock.release()
 
 
-def _train(job: JobConfig, recipe: Recipe, rank: int, world: int, pre, stops: StopRequests, hooks) -> dict:
+def _train(job: JobConfig, recipe: Recipe, rank: int, world: int, pre, stops: StopRequests, hooks,
+           peers: PeerWatch) -> dict:
     from molm_ds import parallel
 
     t, c = job.training, job.checkpoint
@@ -155,6 +165,7 @@ def _train(job: JobConfig, recipe: Recipe, rank: int, world: int, pre, stops: St
     last_saved, t_start, first, stopped = None, time.time(), state.step, None
     while state.step < t.steps:
         state.step += 1
+        peers.beat(state.step)  # the stall watchdog, re-armed
         factor = set_lr(engine, job, state.step)
         sums, reduced = train_step(engine, run.data.train.next_batch, recipe, run.device, t.grad_accum_steps)
         state.after_step(engine.was_step_applied(), t.max_nonfinite_in_a_row)
