@@ -9,6 +9,7 @@ namespace) and an /etc/hosts where that hostname resolves to 127.0.1.1, as on st
 and the other hosts' names to their addresses — the setup that makes a process advertise loopback.
 
     python scripts/hosts.py up 2                  # hosts molmh-0 and molmh-1 (prints their addresses)
+    python scripts/hosts.py up 2 --names node1,node2   # any names: they exist only inside the namespaces
     python scripts/hosts.py run 1 hostname -I     # a command on host 1 (by index or hostname)
     python scripts/hosts.py rsh molmh-1 CMD...    # the same, as an rsh/ssh agent (mpirun --mca plm_rsh_agent)
     python scripts/hosts.py cut 1 / mend 1        # pull / plug host 1's cable
@@ -84,10 +85,13 @@ class Hosts:
     ``{prefix}-{i}``, plus ``{prefix}-sw`` holding the bridge. ``up()`` builds them, ``down()`` kills
     every process inside and deletes them (idempotent)."""
 
-    def __init__(self, n: int, prefix: str | None = None, owner: int | None = None):
+    def __init__(self, n: int, prefix: str | None = None, owner: int | None = None, names: list[str] | None = None):
         if not 1 <= n <= 200:
             raise ValueError(f"n must be in 1..200, got {n}")
+        if names is not None and (len(names) != n or len(set(names)) != n):
+            raise ValueError(f"names must be {n} distinct host names, got {names}")
         self.n = n
+        self.names = list(names) if names else None  # hostnames only exist inside the namespaces: any will do
         self.owner = os.getpid() if owner is None else owner  # 0: a set made by the CLI, kept until `down`
         self.prefix = prefix or f"{CLI_PREFIX}{self.owner}x{secrets.token_hex(2)}"
         self.switch = f"{self.prefix}-sw"
@@ -98,7 +102,7 @@ class Hosts:
         return f"{self.prefix}-h{i}"
 
     def hostname(self, i: int) -> str:
-        return f"{self.prefix}-{i}"
+        return self.names[i] if self.names else f"{self.prefix}-{i}"
 
     def addr(self, i: int) -> str:
         return f"{SUBNET}.{i + 1}"
@@ -146,7 +150,8 @@ class Hosts:
 
     def _write_state(self) -> None:
         STATE_DIR.mkdir(parents=True, exist_ok=True)
-        (STATE_DIR / f"{self.prefix}.json").write_text(json.dumps({"prefix": self.prefix, "n": self.n, "owner": self.owner}))
+        (STATE_DIR / f"{self.prefix}.json").write_text(json.dumps({"prefix": self.prefix, "n": self.n, "owner": self.owner,
+                                                                   "names": self.names}))
 
     def pids(self) -> list[int]:
         out: set[int] = set()
@@ -263,7 +268,7 @@ def clean_stale() -> list[str]:
     for st in _known_sets():
         known.add(st["prefix"])
         if st["owner"] and not _pid_alive(st["owner"]):
-            Hosts(st["n"], st["prefix"], st["owner"]).down()
+            Hosts(st["n"], st["prefix"], st["owner"], st.get("names")).down()
             removed.append(st["prefix"])
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n")
     for line in names:
@@ -288,7 +293,7 @@ def clean_stale() -> list[str]:
 def _cli_set() -> Hosts:
     for st in _known_sets():
         if st["prefix"] == CLI_PREFIX:
-            return Hosts(st["n"], st["prefix"], st["owner"])
+            return Hosts(st["n"], st["prefix"], st["owner"], st.get("names"))
     print("error: no hosts are up; run `python scripts/hosts.py up 2` first", file=sys.stderr)
     sys.exit(2)
 
@@ -296,8 +301,11 @@ def _cli_set() -> Hosts:
 def _find(host: str) -> tuple[Hosts, int]:
     """A host of any live set by hostname or address (so a test's set works as an rsh target), or of
     the CLI's set by index."""
-    sets = [Hosts(st["n"], st["prefix"], st["owner"]) for st in _known_sets()]
-    for h in sorted(sets, key=lambda h: h.prefix != CLI_PREFIX):
+    sets = [Hosts(st["n"], st["prefix"], st["owner"], st.get("names")) for st in _known_sets()]
+    # the set the caller runs in comes first (mpirun on host 0 of a set asks for host 1 of the same set),
+    # so sets that reuse names (node1, node2 in every test) never mix
+    here = subprocess.run(["ip", "netns", "identify", str(os.getpid())], capture_output=True, text=True).stdout.strip()
+    for h in sorted(sets, key=lambda h: (not here.startswith(h.prefix + "-"), h.prefix != CLI_PREFIX)):
         for i in range(h.n):
             if host in (h.hostname(i), h.ns(i)) or (h.prefix == CLI_PREFIX and host in (str(i), h.addr(i))):
                 return h, i
@@ -313,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("up", help="create N hosts")
     s.add_argument("n", type=int)
+    s.add_argument("--names", help="comma-separated host names (default molmh-0, molmh-1, ...)")
     for name, hlp in (("run", "run a command on a host"), ("rsh", "rsh/ssh agent: HOST CMD...")):
         s = sub.add_parser(name, help=hlp)
         s.add_argument("host")
@@ -332,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         if any(st["prefix"] == CLI_PREFIX for st in _known_sets()):
             print("error: hosts are already up; run `python scripts/hosts.py down` first", file=sys.stderr)
             return 2
-        h = Hosts(a.n, CLI_PREFIX, owner=0).up()
+        h = Hosts(a.n, CLI_PREFIX, owner=0, names=a.names.split(",") if a.names else None).up()
         _LIVE.pop(h.prefix, None)  # the CLI's set outlives this process
         a.cmd = "list"
     if a.cmd == "clean":

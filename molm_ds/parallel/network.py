@@ -16,7 +16,7 @@ import struct
 
 from molm_ds.errors import UserError
 
-__all__ = ["NetworkError", "IFNAME_VARS", "interfaces", "interface_for", "set_socket_ifname", "outward_address",
+__all__ = ["NetworkError", "IFNAME_VARS", "interfaces", "interface_for", "set_socket_ifname", "outward_address", "outward_interface",
            "multi_host"]
 
 IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
@@ -92,17 +92,26 @@ def interface_for(master: str, *, multi_host: bool) -> str:
     literal_loopback = master == "localhost" or _is_ip(master) and _is_loopback(master)
     if not (multi_host and _is_loopback(src)) or literal_loopback:  # 127.0.0.1 given: one host, whatever the launcher says
         return name
+    return outward_interface(ifs, why=f"MASTER_ADDR={master} resolves to this host ({addr}) and the job spans hosts")
+
+
+def outward_interface(ifs: dict[str, str] | None = None, *, why: str = "the job spans hosts") -> str:
+    """The interface other hosts reach this one through: the only one with a non-loopback address,
+    else the one the default route leaves through."""
+    ifs = interfaces() if ifs is None else ifs
     outward = sorted(n for n, a in ifs.items() if not _is_loopback(a))
     if len(outward) == 1:
         return outward[0]
-    try:  # several: the one the default route leaves through (a documentation address: nothing is sent)
+    try:  # several: the default route's (a documentation address: a UDP connect sends nothing)
         dflt = _route_source("192.0.2.1")
         name = next((n for n, a in ifs.items() if a == dflt and not _is_loopback(a)), None)
     except OSError:
         name = None
     if name is None:
-        raise _ifname_error(master, f"it resolves to this host ({addr}) and the job spans hosts, but this host has "
-                                    f"{len(outward)} outward interfaces ({', '.join(outward) or 'none'})")
+        raise NetworkError(f"cannot tell which network interface of {socket.gethostname()} the other hosts reach ({why}, "
+                           f"and this host has {len(outward)} outward interfaces: {', '.join(outward) or 'none'}, "
+                           f"without a default route among them); set GLOO_SOCKET_IFNAME (and NCCL_SOCKET_IFNAME on "
+                           f"GPUs) to the interface that the hosts share, e.g. GLOO_SOCKET_IFNAME=eth0")
     return name
 
 
@@ -131,15 +140,20 @@ def set_socket_ifname() -> Optional[str]:
 
 
 def outward_address() -> str:
-    """An address of this host that other hosts can reach (for MASTER_ADDR under mpirun)."""
+    """An address of this host that other hosts can reach (MASTER_ADDR under mpirun across hosts):
+    GLOO_SOCKET_IFNAME's when set, else the host name's unless that is loopback, else the outward
+    interface's."""
+    ifs = interfaces()
+    name = os.environ.get("GLOO_SOCKET_IFNAME")
+    if name:
+        if name not in ifs:
+            raise NetworkError(f"GLOO_SOCKET_IFNAME={name} has no IPv4 address on {socket.gethostname()} "
+                               f"(interfaces: {', '.join(sorted(ifs))}); set it to one of them")
+        return ifs[name]
     try:
         addr = _resolve(socket.gethostname())
         if not _is_loopback(addr):
             return addr
     except OSError:
         pass
-    ifs = interfaces()
-    name = os.environ.get("GLOO_SOCKET_IFNAME") or interface_for("127.0.0.1", multi_host=True)
-    if name not in ifs:
-        raise _ifname_error("(this host)", f"GLOO_SOCKET_IFNAME={name} has no IPv4 address here")
-    return ifs[name]
+    return ifs[outward_interface(ifs, why="the host name resolves to loopback")]

@@ -5,8 +5,8 @@ backend traceback. Every collective gives up after the job's collective timeout
 (``molm_ds.train.distributed``); then :meth:`PeerWatch.explain` turns the failure into one line on
 every surviving rank::
 
-    error: lost peer: rank 2, 3 on host node2 (10.0.0.2) stopped answering at step 4 (collective timeout 20 s);
-    last complete checkpoint: runs/x/checkpoints/step_00000004; continue with --resume auto (any world size)
+    error: rank 0 on node1: lost peer: rank 2, 3 on host node2 (10.0.0.2) stopped answering at step 4 (collective
+    timeout 20 s); last complete checkpoint: runs/x/checkpoints/step_00000004; continue with --resume auto (any world size)
 
 Which ranks are gone is measured, not guessed from the backend's message: at start-up every rank opens a
 small TCP listener (a thread that accepts and closes) and all ranks exchange (rank, host, address,
@@ -174,7 +174,8 @@ class PeerWatch:
             if last_checkpoint else "no complete checkpoint yet: start again (--overwrite)"
         log.debug("collective failure: %s", exc)
         time.sleep(max(0.0, LINGER_S - (time.monotonic() - t0)))  # let later survivors see this one alive
-        return PeerLostError(f"{what} at step {self.step} (collective timeout {self.timeout_s:g} s); {where}")
+        me = f"rank {comm.rank()} on {socket.gethostname()}"
+        return PeerLostError(f"{me}: {what} at step {self.step} (collective timeout {self.timeout_s:g} s); {where}")
 
 
 def _own_address() -> str:

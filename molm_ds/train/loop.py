@@ -117,13 +117,15 @@ def train(job: JobConfig, *, recipe: Optional[Recipe] = None, hooks: Iterable[Me
     # 1. processes, then every check -- before any work
     timeout_s = job.parallel.collective_timeout_s or DEFAULT_COLLECTIVE_TIMEOUT_S
     rank, world = init_distributed(timeout_s)
+    job = job.at_world_size(world)  # grad_accum_steps from training.global_batch_size, if set
     pre = preflight(job, recipe, rank, world)
     stops = StopRequests(c.preempt_signals)
     peers = PeerWatch(timeout_s).start()
     try:
         return _train(job, recipe, rank, world, pre, stops, hooks, peers)
     except Exception as exc:  # a lost peer: one line on every survivor instead of a backend traceback
-        lost = peers.explain(exc, last_checkpoint=ckpt.newest_complete(job.checkpoint_dir))
+        tag = ckpt.newest_complete(job.checkpoint_dir)
+        lost = peers.explain(exc, last_checkpoint=tag and os.path.join(job.checkpoint_dir, tag))
         if lost is None:
             raise
         raise lost from None

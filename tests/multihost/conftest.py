@@ -1,6 +1,8 @@
 """Hosts for multi-host tests: network namespaces on this machine (scripts/hosts.py).
 
-``hosts2`` / ``hosts4`` give a fresh set of 2 / 4 hosts per test; ``make_hosts(n)`` makes any number.
+``hosts2`` / ``hosts4`` give a fresh set of 2 / 4 hosts per test; ``make_hosts(n, names=None)`` makes any
+number (named as given: names exist only inside the namespaces, so every test may call its hosts node1,
+node2, and ports may be fixed: each set is its own network).
 Every set is torn down after its test (also when it fails), at interpreter exit and on SIGTERM/SIGINT;
 a set left by a killed run is removed by the next session's start (``clean_stale``). Where namespaces
 cannot be made (not root, no iproute2, a container without CAP_SYS_ADMIN) the tests skip and say why.
@@ -42,8 +44,8 @@ def _hosts_available():
 def make_hosts(_hosts_available):
     made = []
 
-    def make(n: int):
-        h = hosts_lib.Hosts(n).up()
+    def make(n: int, names=None):
+        h = hosts_lib.Hosts(n, names=names).up()
         made.append(h)
         return h
 

@@ -104,3 +104,19 @@ def test_unresolvable_master_names_the_variable_to_set():
         network.interface_for("no-such-host.invalid", multi_host=True)
     assert "MASTER_ADDR=no-such-host.invalid" in str(e.value) and "\n" not in str(e.value)
     assert e.value.every_rank
+
+
+def test_global_batch_size_derives_grad_accum_at_every_world_size(tmp_path):
+    from molm_ds.train import load_job
+    from molm_ds.train.job import JobConfigError
+    from tests.train.helpers import TINY_JOB, tiny_job_overrides, write_shard
+
+    shard = write_shard(tmp_path / "data")
+    job = load_job(str(TINY_JOB), tiny_job_overrides(shard, tmp_path / "run") + ["training.global_batch_size=16"])
+    assert job.training.micro_batch_size == 2
+    assert [job.at_world_size(w).training.grad_accum_steps for w in (1, 2, 4, 8)] == [8, 4, 2, 1]
+    assert job.at_world_size(4).training.global_batch_size == 16
+    with pytest.raises(JobConfigError, match="global_batch_size=16 is not a multiple of micro_batch_size 2 x world size 3"):
+        job.at_world_size(3)
+    plain = load_job(str(TINY_JOB), tiny_job_overrides(shard, tmp_path / "run"))
+    assert plain.at_world_size(4) is plain  # without it, grad_accum_steps is the job's
