@@ -1,101 +1,31 @@
-"""Training across hosts (network namespaces, tests/multihost/conftest.py): 2 hosts x 2 ranks with the
-DeepSpeed launcher (--no_ssh, one launcher per host), mpirun (an rsh agent that enters the namespace) and
-torchrun (static and elastic rendezvous), expert parallelism spanning the hosts (ep_size 4); each run's
-losses equal a one-host run of the same job, its checkpoint is the one-host run's file for file, and a
-resume across hosts continues exactly. Each host's name resolves to 127.0.1.1 on itself, so these fail
-unless every rank finds the interface that reaches the master by itself."""
+"""Training across hosts with the commands of docs/multinode.md, as printed (tests/multihost/doc_commands.py):
+2 hosts x 2 ranks with the DeepSpeed launcher (--no_ssh, one launcher per host), mpirun (an rsh agent that
+enters the namespace instead of ssh), torchrun (static, and elastic rendezvous) and Slurm's srun (its
+environment given to each task), expert parallelism spanning the hosts (ep_size 4). Each run's losses
+equal a one-host run of the same job, its checkpoint holds the one-host run's files (written once, not
+once per host), and a resume across hosts continues exactly. Each host's own name resolves to
+127.0.1.1 there, so these fail unless every rank finds the interface that reaches the master itself."""
 
-import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from molm_ds.train.distributed import free_port
-from tests.multihost.conftest import REPO
-from tests.train.helpers import TINY_JOB, read_metrics, tiny_job_overrides, write_shard
+from tests.multihost import doc_commands as doc
+from tests.train.helpers import read_metrics, write_shard
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.multihost]
 
-BIN = Path(sys.executable).parent
-TIMEOUT = 600
 STEPS = 4
 
 
-def env(**extra) -> dict:
-    e = dict(os.environ, DS_ACCELERATOR="cpu", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-             PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    e.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions_molm_ds_tests"))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "GLOO_SOCKET_IFNAME",
-              "NCCL_SOCKET_IFNAME", "LOCAL_WORLD_SIZE"):
-        e.pop(k, None)
-    e.update(extra)
-    return e
-
-
-def job_args(shard, run_dir, *extra, ep=4) -> list[str]:
-    args = ["launch/pretrain.py", "--config", str(TINY_JOB)]
-    for o in tiny_job_overrides(shard, run_dir, **{"parallel.ep_size": ep, "parallel.collective_timeout_s": 60}) + list(extra):
-        args += ["--set", o]
-    return args
-
-
-def finish(procs: list[subprocess.Popen], timeout=TIMEOUT) -> list[str]:
-    """Every process's output; all must exit 0."""
-    outs = []
-    deadline = time.monotonic() + timeout
-    try:
-        for p in procs:
-            o, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            outs.append(o)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, o in zip(procs, outs):
-        assert p.returncode == 0, o[-6000:]
-    return outs
-
-
-def popen(h, i, argv, **kw):
-    return h.popen(i, argv, cwd=REPO, env=env(**kw), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def hostfile(h, tmp_path) -> str:
-    f = tmp_path / "hostfile"
-    f.write_text("".join(f"{h.hostname(i)} slots=2\n" for i in range(h.n)))
-    return str(f)
-
-
-def deepspeed_no_ssh(h, tmp_path, args) -> list[subprocess.Popen]:
-    hf, port = hostfile(h, tmp_path), str(free_port())
-    return [popen(h, i, [str(BIN / "deepspeed"), "--hostfile", hf, "--no_ssh", "--num_nodes", "2", "--node_rank", str(i),
-                         "--master_addr", h.hostname(0), "--master_port", port] + args) for i in range(2)]
-
-
-def torchrun(h, args, *, elastic=False, restarts=0, last_call=60) -> list[subprocess.Popen]:
-    port = str(free_port())
-    if elastic:
-        rdzv = ["--nnodes", "1:2", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"{h.hostname(0)}:{port}",
-                "--rdzv_id", f"molm{port}", "--rdzv_conf", f"last_call_timeout={last_call}", "--max-restarts", str(restarts)]
-        return [popen(h, i, [str(BIN / "torchrun"), "--nproc_per_node", "2"] + rdzv + args) for i in range(2)]
-    return [popen(h, i, [str(BIN / "torchrun"), "--nnodes", "2", "--nproc_per_node", "2", "--node_rank", str(i),
-                         "--master_addr", h.hostname(0), "--master_port", port] + args) for i in range(2)]
-
-
-def mpirun(h, tmp_path, args) -> subprocess.Popen:
-    agent = f"{sys.executable} {REPO / 'scripts' / 'hosts.py'} rsh"
-    return popen(h, 0, [str(BIN / "mpirun"), "--allow-run-as-root", "-np", "4", "--hostfile", hostfile(h, tmp_path),
-                        "--mca", "plm_rsh_agent", agent, "-x", "DS_ACCELERATOR", "-x", "PYTHONPATH", "-x", "PATH",
-                        "-x", "OMP_NUM_THREADS", sys.executable] + args)
-
-
 def ckpt_files(run_dir) -> dict[str, int]:
+    """Every checkpoint file, with its size where it holds only tensors (job.yaml, the marker and rank 0's
+    optimizer shard also carry the run's paths)."""
     root = Path(run_dir, "checkpoints")
-    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()
-            and p.name != "COMPLETE"}  # the marker records times
+    return {str(p.relative_to(root)): p.stat().st_size if "model_states" in p.name else None
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def assert_same_run(run_dir, ref_dir, steps=range(1, STEPS + 1), *, files=True):
@@ -104,7 +34,7 @@ def assert_same_run(run_dir, ref_dir, steps=range(1, STEPS + 1), *, files=True):
     for s in steps:
         for key in ("loss", "grad_norm"):
             assert got[s][key] == pytest.approx(want[s][key], rel=1e-5, abs=1e-6), (s, key, got[s][key], want[s][key])
-    if files:  # written once: the same files, the same sizes as one host writes (no host writes its own copy)
+    if files:  # written once: the same files of the same sizes as one host writes
         assert ckpt_files(run_dir) == ckpt_files(ref_dir)
 
 
@@ -116,34 +46,60 @@ def shard(tmp_path_factory):
 @pytest.fixture(scope="module")
 def one_host(shard, tmp_path_factory):
     """The reference: the same job on one host, 4 ranks, ep_size 4 (checkpoints at steps 2 and 4)."""
-    run_dir = tmp_path_factory.mktemp("one_host") / "run"
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "4", "--master_port", str(free_port())] + job_args(shard, run_dir)
-    p = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=TIMEOUT)
+    ws = doc.workspace(tmp_path_factory.mktemp("one_host") / "ws", shard)
+    cmd = [str(doc.BIN / "deepspeed"), "--num_gpus", "4", "--master_port", str(free_port()), "launch/pretrain.py",
+           "--config", "job.yaml"]
+    p = subprocess.run(cmd, cwd=ws, env=doc.env(), capture_output=True, text=True, timeout=doc.TIMEOUT)
     assert p.returncode == 0, (p.stdout + p.stderr)[-6000:]
-    return run_dir
+    return ws / "run"
 
 
-def test_deepspeed_no_ssh_two_hosts_and_resume_across_hosts(hosts2, shard, one_host, tmp_path):
-    h = hosts2
-    outs = finish(deepspeed_no_ssh(h, tmp_path, job_args(shard, tmp_path / "a")))
+@pytest.fixture
+def nodes(make_hosts):
+    return make_hosts(2, names=doc.NAMES)
+
+
+def test_deepspeed_no_ssh_two_hosts_and_resume_across_hosts(nodes, shard, one_host, tmp_path):
+    cmds = doc.commands("deepspeed --hostfile hostfile --no_ssh")
+    ws = doc.workspace(tmp_path / "a", shard)
+    outs = doc.wait(doc.start(nodes, cmds, ws))
     assert "rank 0 of 4" in outs[0] and "rank 3 of 4" in outs[1]
     assert "network: eth0" in outs[0] and "network: eth0" in outs[1]  # not lo, though the host names say 127.0.1.1
-    assert_same_run(tmp_path / "a", one_host)
-    # resume the step-2 checkpoint across the hosts: steps 3 and 4 as the straight run
-    ck = tmp_path / "a" / "checkpoints" / "step_00000002"
-    finish(deepspeed_no_ssh(h, tmp_path, job_args(shard, tmp_path / "b", f"resume={ck}")))
-    assert_same_run(tmp_path / "b", one_host, steps=(3, 4), files=False)
+    assert_same_run(ws / "run", one_host)
+    # the same commands resume the step-2 checkpoint across the hosts: steps 3 and 4 as the straight run
+    ws_b = doc.workspace(tmp_path / "b", shard)
+    doc.wait(doc.start(nodes, [(i, c + f" --resume {ws / 'run' / 'checkpoints' / 'step_00000002'}") for i, c in cmds], ws_b))
+    assert_same_run(ws_b / "run", one_host, steps=(3, 4), files=False)
 
 
-def test_mpirun_across_hosts(hosts2, shard, one_host, tmp_path):
-    out = finish([mpirun(hosts2, tmp_path, job_args(shard, tmp_path / "m"))])[0]
+def test_mpirun_across_hosts(nodes, shard, one_host, tmp_path):
+    ws = doc.workspace(tmp_path / "m", shard)
+    out = doc.wait(doc.start(nodes, doc.commands("mpirun"), ws))[0]
     assert "launcher: mpi" in out and "rank 3 of 4" in out
-    assert_same_run(tmp_path / "m", one_host)
+    assert_same_run(ws / "run", one_host)
 
 
-def test_torchrun_static_and_elastic_across_hosts(hosts2, shard, one_host, tmp_path):
-    finish(torchrun(hosts2, job_args(shard, tmp_path / "s")))
-    assert_same_run(tmp_path / "s", one_host)
-    outs = finish(torchrun(hosts2, job_args(shard, tmp_path / "e"), elastic=True))
+def test_torchrun_static_and_elastic_across_hosts(nodes, shard, one_host, tmp_path):
+    ws = doc.workspace(tmp_path / "s", shard)
+    doc.wait(doc.start(nodes, doc.commands("torchrun --nnodes 2"), ws))
+    assert_same_run(ws / "run", one_host)
+    ws = doc.workspace(tmp_path / "e", shard)  # ep_size 2 and global_batch_size 16 set on its command line
+    outs = doc.wait(doc.start(nodes, doc.commands("torchrun --nnodes 1:2"), ws))
     assert "rank 3 of 4" in "".join(outs)
-    assert_same_run(tmp_path / "e", one_host)
+    assert_same_run(ws / "run", one_host, files=False)  # ep 2: other expert files per rank, same losses
+
+
+def test_slurm_srun_tasks_across_hosts(nodes, shard, one_host, tmp_path):
+    """The sbatch script's srun line as 2 tasks per host, each with the environment srun gives a task."""
+    ws = doc.workspace(tmp_path / "slurm", shard)
+    cmd = doc.srun_line()
+    procs = []
+    for node in range(2):
+        for local in range(2):
+            e = dict(SLURM_PROCID=str(2 * node + local), SLURM_NTASKS="4", SLURM_LOCALID=str(local), SLURM_NNODES="2",
+                     SLURM_NODEID=str(node), SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node[1-2]",
+                     SLURM_STEP_TASKS_PER_NODE="2(x2)")
+            procs += doc.start(nodes, [(node, cmd)], ws, {node: e})
+    outs = doc.wait(procs)
+    assert "launcher: slurm" in outs[0] and "master node1:24242" in outs[0]
+    assert_same_run(ws / "run", one_host)
