@@ -22,6 +22,7 @@ re-raises, for the traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, NoReturn, Optional, Sequence
 
@@ -42,12 +43,19 @@ def _rank() -> int:
         return 0
 
 
-def fail(message: str, *, every_rank: bool = False) -> NoReturn:
-    """Print ``error: message`` (rank 0, or this rank when ``every_rank``) and exit 2."""
+def fail(message: str, *, every_rank: bool = False, code: int = EXIT_USER_ERROR, hard: bool = False) -> NoReturn:
+    """Print ``error: message`` (rank 0, or this rank too when ``every_rank``: each has its own) and exit with
+    ``code`` (2). ``hard``: exit at once, without interpreter teardown (which would wait on a dead peer)."""
     r = _rank()
     if r == 0 or every_rank:
         print(f"error: {'' if r == 0 else f'rank {r}: '}{message}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_USER_ERROR)
+    if hard:
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -71,7 +79,9 @@ def run(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Optional
     except UserError as exc:
         if debug_enabled():
             raise
-        fail(one_line(exc), every_rank=isinstance(exc, StorageError))
+        # errors a rank finds on its own (its disk, its network, a lost peer) are printed by every rank that has one
+        fail(one_line(exc), every_rank=isinstance(exc, StorageError) or getattr(exc, "every_rank", False),
+             code=getattr(exc, "exit_code", EXIT_USER_ERROR), hard=getattr(exc, "hard_exit", False))
     except (OSError, RuntimeError) as exc:
         err = as_storage_error(exc)
         if err is None or debug_enabled():

@@ -128,6 +128,10 @@ class TrainingSection(_Section):
     steps: int = Field(ge=1, description="Optimizer steps in the run (total, resumed runs included).")
     micro_batch_size: int = Field(ge=1, description="Sequences per rank per forward.")
     grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    global_batch_size: Optional[int] = Field(
+        None, ge=1, description="Sequences per optimizer step over all ranks; when set, grad_accum_steps is derived "
+        "from it at start-up (global / (micro_batch_size x world size)), so a job that restarts on fewer machines "
+        "keeps its global batch, data order and schedule.")
     lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a fraction of lr.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup from 0 to lr.")
@@ -158,6 +162,10 @@ class ParallelSection(_Section):
     ep_size: int = Field(1, ge=1, description="Expert-parallel group size; divides the world size and every expert count.")
     replicate_attention_experts: bool = Field(
         False, description="Keep attention experts whole on every rank (data parallel) instead of expert-parallel.")
+    collective_timeout_s: Optional[float] = Field(
+        None, gt=0, le=86400, description="Seconds any collective waits for a peer before the job ends with the "
+        "lost-peer line (null = 600: a large model's step plus checkpoint skew on GPUs; tests use ~20). A rank whose "
+        "step makes no progress for 2x this plus 60 s dumps its Python stacks and exits.")
 
 
 class DeepSpeedSection(_Section):
@@ -352,6 +360,19 @@ class JobConfig(_Section):
         return self
 
     # ---- derived ---------------------------------------------------------------------------------
+    def at_world_size(self, world: int) -> "JobConfig":
+        """This job at ``world`` ranks: ``grad_accum_steps`` derived from ``training.global_batch_size``."""
+        t = self.training
+        if t.global_batch_size is None:
+            return self
+        per_step = t.micro_batch_size * world
+        if t.global_batch_size % per_step:
+            raise JobConfigError(f"training.global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size "
+                                 f"{t.micro_batch_size} x world size {world} = {per_step}: choose a global batch that "
+                                 f"every world size you run at divides")
+        accum = t.global_batch_size // per_step
+        return self.model_copy(update={"training": t.model_copy(update={"grad_accum_steps": accum})})
+
     def build_model_config(self) -> ModelConfig:
         """The model this job trains: the model section, grown by the continual section's new experts."""
         if self.continual is not None:

@@ -28,7 +28,8 @@ from molm_ds.errors import UserError
 from molm_ds.storage import StorageError, as_storage_error, atomic_write_text
 from molm_ds.log import get_logger, info0
 from molm_ds.train import checkpoint as ckpt
-from molm_ds.train.distributed import init_distributed
+from molm_ds.parallel.peers import PeerWatch
+from molm_ds.train.distributed import DEFAULT_COLLECTIVE_TIMEOUT_S, init_distributed
 from molm_ds.train.engine import build_engine, set_lr
 from molm_ds.train.evaluate import evaluate
 from molm_ds.train.job import JobConfig
@@ -127,23 +128,34 @@ def train(job: JobConfig, *, recipe: Optional[Recipe] = None, hooks: Iterable[Me
     c = job.checkpoint
 
     # 1. processes, then every check -- before any work
-    rank, world = init_distributed()
+    timeout_s = job.parallel.collective_timeout_s or DEFAULT_COLLECTIVE_TIMEOUT_S
+    rank, world = init_distributed(timeout_s)
+    job = job.at_world_size(world)  # grad_accum_steps from training.global_batch_size, if set
     pre = preflight(job, recipe, rank, world)
     stops = StopRequests(c.preempt_signals)
+    peers = PeerWatch(timeout_s).start()
     try:
-        return _train(job, recipe, rank, world, pre, stops, hooks)
-    except (OSError, RuntimeError) as exc:  # a full or failing disk: say where the run can continue from
-        err = as_storage_error(exc)
+        return _train(job, recipe, rank, world, pre, stops, hooks, peers)
+    except Exception as exc:
+        # a lost peer: one line on every survivor instead of a backend traceback
+        tag = ckpt.newest_complete(job.checkpoint_dir)
+        lost = peers.explain(exc, last_checkpoint=tag and os.path.join(job.checkpoint_dir, tag))
+        if lost is not None:
+            raise lost from None
+        # a full or failing disk: say where the run can continue from
+        err = as_storage_error(exc) if isinstance(exc, (OSError, RuntimeError)) else None
         if err is None:
             raise
         raise StorageError(f"{err}; {_resume_hint(job)}") from None
     finally:
+        peers.close()
         stops.close()
         if pre.lock is not None:
             pre.lock.release()
 
 
-def _train(job: JobConfig, recipe: Recipe, rank: int, world: int, pre, stops: StopRequests, hooks) -> dict:
+def _train(job: JobConfig, recipe: Recipe, rank: int, world: int, pre, stops: StopRequests, hooks,
+           peers: PeerWatch) -> dict:
     from molm_ds import parallel
 
     t, c = job.training, job.checkpoint
@@ -172,6 +184,7 @@ def _train(job: JobConfig, recipe: Recipe, rank: int, world: int, pre, stops: St
     last_saved, t_start, first, stopped = None, time.time(), state.step, None
     while state.step < t.steps:
         state.step += 1
+        peers.beat(state.step)  # the stall watchdog, re-armed
         factor = set_lr(engine, job, state.step)
         sums, reduced = train_step(engine, run.data.train.next_batch, recipe, run.device, t.grad_accum_steps)
         state.after_step(engine.was_step_applied(), t.max_nonfinite_in_a_row)
