@@ -38,6 +38,7 @@ def make_router(config: ModelConfig, num_experts: int, top_k: int) -> Router:
         router_type=config.router_type, gating_size=config.gating_size,
         renormalize_topk=config.renormalize_topk, sample_topk=config.sample_topk,
         routing=config.routing, capacity_factor=config.capacity_factor,
+        balance=config.router_balance, bias_rate=config.router_bias_rate,
     )
 
 
