@@ -81,3 +81,23 @@ def test_trainer_accumulation_and_resume(shard, tmp_path):
     assert last["balance/L00/attn/load_max_mean"] >= 1.0 and "balance/L00/attn/load_cv" in last
     tb = scalars(str(tmp_path / "a" / "tensorboard"))
     assert tb["train/balance/L01/mlp/bias_spread"][4] == pytest.approx(last["balance/L01/mlp/bias_spread"])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_elastic_resume_carries_the_bias(shard, tmp_path):
+    """2 ranks (ep_size 2) save at step 2; one rank resumes (the elastic path): the bias it starts from is the
+    saved one, and after step 4 it equals the uninterrupted 2-rank run's (global batch 8 in both)."""
+    from tests.train._elastic_workers import train_recording
+
+    def job(run_dir, world, ep, *extra):
+        return tiny_job_overrides(shard, run_dir) + [
+            BIAS, "training.steps=4", f"training.grad_accum_steps={8 // (2 * world)}", "training.eval_interval=0",
+            "checkpoint.interval=2", f"parallel.ep_size={ep}", "monitor.tensorboard=false", *extra]
+
+    run_ranks(train_recording, 2, args=(job(tmp_path / "a", 2, 2),))
+    ck = str(tmp_path / "a" / "checkpoints")
+    loop.train(load_job(TINY_JOB, job(tmp_path / "b", 1, 1, f"resume={ck}/step_00000002")))
+    ba, bb = _biases(ck, "step_00000004"), _biases(str(tmp_path / "b" / "checkpoints"), "step_00000004")
+    assert len(ba) == 4 and all(torch.equal(ba[k], bb[k]) for k in ba)
+    assert any(float(v.abs().sum()) > 0 for v in ba.values())
