@@ -27,6 +27,7 @@ import torch
 from molm_ds.errors import UserError
 from molm_ds.log import get_logger, info0
 from molm_ds.train import checkpoint as ckpt
+from molm_ds.train.determinism import deterministic_mode
 from molm_ds.train.distributed import init_distributed
 from molm_ds.train.engine import build_engine, set_lr
 from molm_ds.train.evaluate import evaluate
@@ -113,16 +114,17 @@ def train(job: JobConfig, *, recipe: Optional[Recipe] = None, hooks: Iterable[Me
     recipe = recipe if recipe is not None else Recipe(job)
     c = job.checkpoint
 
-    # 1. processes, then every check -- before any work
-    rank, world = init_distributed()
-    pre = preflight(job, recipe, rank, world)
-    stops = StopRequests(c.preempt_signals)
-    try:
-        return _train(job, recipe, rank, world, pre, stops, hooks)
-    finally:
-        stops.close()
-        if pre.lock is not None:
-            pre.lock.release()
+    with deterministic_mode(job.training.deterministic):  # before the process group: cuBLAS reads its env once
+        # 1. processes, then every check -- before any work
+        rank, world = init_distributed()
+        pre = preflight(job, recipe, rank, world)
+        stops = StopRequests(c.preempt_signals)
+        try:
+            return _train(job, recipe, rank, world, pre, stops, hooks)
+        finally:
+            stops.close()
+            if pre.lock is not None:
+                pre.lock.release()
 
 
 def _train(job: JobConfig, recipe: Recipe, rank: int, world: int, pre, stops: StopRequests, hooks) -> dict:
