@@ -73,6 +73,18 @@ class ModelConfig(BaseModel):
         description="token_choice: each token takes its top-k. expert_choice: each expert takes its top-c tokens "
         "(non-causal: training only; inference falls back to token_choice).",
     )
+    router_balance: Literal["none", "bias"] = Field(
+        "none",
+        description="bias: auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias (a buffer, not a parameter) is "
+        "added to p(m|x) to choose the top-k only (gates stay the unbiased probabilities) and, after every applied "
+        "optimizer step, moves by router_bias_rate towards equal load: b_m += rate * sign(mean load - load_m), loads "
+        "summed over the step's micro-batches and all data-parallel ranks. Alone or beside the MI/Switch losses. "
+        "Needs routing: token_choice and sample_topk: 0. See docs/model.md.",
+    )
+    router_bias_rate: float = Field(
+        1e-3, ge=0, description="Update rate of the balancing bias per optimizer step (router_balance: bias); "
+        "0 freezes the bias (a loaded bias still routes)."
+    )
     capacity_factor: Optional[float] = Field(
         None, gt=0, description="Expert capacity = factor * tokens * k / E; overflow tokens are dropped "
         "(training only; eval is dropless). None = dropless."
@@ -109,6 +121,9 @@ class ModelConfig(BaseModel):
                 f"without kv_proj, K = V = LN(x) so att_hidden ({self.att_hidden}) must equal d_model "
                 f"({self.d_model}): set att_hidden={self.d_model} or kv_proj: true"
             )
+        if self.router_balance == "bias" and (self.routing != "token_choice" or self.sample_topk):
+            raise ValueError("router_balance: bias shifts a token-choice top-k; it needs routing: token_choice and "
+                             f"sample_topk: 0 (got routing: {self.routing}, sample_topk: {self.sample_topk})")
         if self.sample_topk > min(self.k_att, self.k_mlp):
             raise ValueError(f"sample_topk={self.sample_topk} must be <= k_att and k_mlp")
         for name, counts, full in (("att_experts_per_layer", self.att_experts_per_layer, self.n_att_experts),

@@ -225,7 +225,7 @@ def prune_model(model: MoLM, keep: dict[SubLayer, list[int]]) -> MoLM:
         prefix = f"blocks.{key.layer}.{_SUBLAYER_ATTR[key.kind]}."
         idx = torch.tensor(ids, dtype=torch.long)
         for name in list(sd):
-            if name.startswith(prefix + "experts.") or name == prefix + "router.w_gate":
+            if name.startswith(prefix + "experts.") or name in (prefix + "router.w_gate", prefix + "router.expert_bias_E"):
                 sd[name] = sd[name].index_select(0, idx.to(sd[name].device))
     with torch.device("meta"):
         pruned = MoLM(cfg)

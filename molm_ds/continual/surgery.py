@@ -76,6 +76,9 @@ def grow_experts(model: MoLM, *, attention: int, mlp: int, seed: int) -> MoLM:
                 ).to(router.w_gate)
         router.w_gate = nn.Parameter(torch.cat([router.w_gate.detach(), rows], 0),
                                      requires_grad=router.w_gate.requires_grad)
+        if router.expert_bias_E is not None:  # new experts start at the mean bias: no head start, no handicap
+            bias = router.expert_bias_E
+            router.expert_bias_E = torch.cat([bias, bias.mean().expand(n)])
         router.num_experts = layer.num_experts = E + n
         layer.dispatcher = LocalDispatcher(E + n)
     model.config = model.config.grown(attention=attention, mlp=mlp)

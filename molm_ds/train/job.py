@@ -148,6 +148,10 @@ class TrainingSection(_Section):
         False, description="Recompute each transformer block's activations during the backward instead of keeping "
         "them (torch.utils.checkpoint, non-reentrant): activation memory per block drops to its input, for one more "
         "forward of every block. Losses and gradients are unchanged (dropout and sampled routing replay their RNG).")
+    deterministic: bool = Field(
+        False, description="Bit-identical reruns: torch.use_deterministic_algorithms(True), deterministic cuDNN/cuBLAS, "
+        "and the MoE combine/gather as sorted, atomic-free reductions (molm_ds.train.determinism; costs in "
+        "docs/training.md).")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainingSection":

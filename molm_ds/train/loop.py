@@ -29,6 +29,7 @@ from molm_ds.storage import StorageError, as_storage_error, atomic_write_text
 from molm_ds.log import get_logger, info0
 from molm_ds.train import checkpoint as ckpt
 from molm_ds.parallel.peers import PeerWatch
+from molm_ds.train.determinism import deterministic_mode
 from molm_ds.train.distributed import DEFAULT_COLLECTIVE_TIMEOUT_S, init_distributed
 from molm_ds.train.engine import build_engine, set_lr
 from molm_ds.train.evaluate import evaluate
@@ -127,31 +128,32 @@ def train(job: JobConfig, *, recipe: Optional[Recipe] = None, hooks: Iterable[Me
     recipe = recipe if recipe is not None else Recipe(job)
     c = job.checkpoint
 
-    # 1. processes, then every check -- before any work
-    timeout_s = job.parallel.collective_timeout_s or DEFAULT_COLLECTIVE_TIMEOUT_S
-    rank, world = init_distributed(timeout_s)
-    job = job.at_world_size(world)  # grad_accum_steps from training.global_batch_size, if set
-    pre = preflight(job, recipe, rank, world)
-    stops = StopRequests(c.preempt_signals)
-    peers = PeerWatch(timeout_s).start()
-    try:
-        return _train(job, recipe, rank, world, pre, stops, hooks, peers)
-    except Exception as exc:
-        # a lost peer: one line on every survivor instead of a backend traceback
-        tag = ckpt.newest_complete(job.checkpoint_dir)
-        lost = peers.explain(exc, last_checkpoint=tag and os.path.join(job.checkpoint_dir, tag))
-        if lost is not None:
-            raise lost from None
-        # a full or failing disk: say where the run can continue from
-        err = as_storage_error(exc) if isinstance(exc, (OSError, RuntimeError)) else None
-        if err is None:
-            raise
-        raise StorageError(f"{err}; {_resume_hint(job)}") from None
-    finally:
-        peers.close()
-        stops.close()
-        if pre.lock is not None:
-            pre.lock.release()
+    with deterministic_mode(job.training.deterministic):  # before the process group: cuBLAS reads its env once
+        # 1. processes, then every check -- before any work
+        timeout_s = job.parallel.collective_timeout_s or DEFAULT_COLLECTIVE_TIMEOUT_S
+        rank, world = init_distributed(timeout_s)
+        job = job.at_world_size(world)  # grad_accum_steps from training.global_batch_size, if set
+        pre = preflight(job, recipe, rank, world)
+        stops = StopRequests(c.preempt_signals)
+        peers = PeerWatch(timeout_s).start()
+        try:
+            return _train(job, recipe, rank, world, pre, stops, hooks, peers)
+        except Exception as exc:
+            # a lost peer: one line on every survivor instead of a backend traceback
+            tag = ckpt.newest_complete(job.checkpoint_dir)
+            lost = peers.explain(exc, last_checkpoint=tag and os.path.join(job.checkpoint_dir, tag))
+            if lost is not None:
+                raise lost from None
+            # a full or failing disk: say where the run can continue from
+            err = as_storage_error(exc) if isinstance(exc, (OSError, RuntimeError)) else None
+            if err is None:
+                raise
+            raise StorageError(f"{err}; {_resume_hint(job)}") from None
+        finally:
+            peers.close()
+            stops.close()
+            if pre.lock is not None:
+                pre.lock.release()
 
 
 def _train(job: JobConfig, recipe: Recipe, rank: int, world: int, pre, stops: StopRequests, hooks,

@@ -16,6 +16,7 @@ import time
 from typing import Callable, Optional
 
 from molm_ds.log import is_rank0
+from molm_ds.monitor.balance import balance_metrics
 from molm_ds.storage import atomic_write_text, guarded_write
 
 __all__ = ["MetricsWriter", "StepLog", "format_progress", "format_duration", "MetricsHook"]
@@ -151,7 +152,9 @@ class StepLog:
         window = max(1, step - self.last_logged)
         m.update(lr=lr, grad_norm=_grad_norm(self.engine) if applied else None,
                  tokens_per_s=self.tokens_per_step * window / max(now - self.t_last, 1e-9),
-                 skipped_steps=state.skipped_steps, **extra)
+                 skipped_steps=state.skipped_steps,
+                 **balance_metrics(self.engine.module, per_expert_max=self.job.monitor.expert_load.per_expert_max),
+                 **extra)
         self.last_logged, self.t_last = step, now
         done = step - self.first_step
         eta = (now - self.t_start) / max(done, 1) * (self.job.training.steps - step)
