@@ -6,7 +6,7 @@ import os
 
 from molm_ds.errors import UserError
 
-__all__ = ["ensure_writable_dir"]
+__all__ = ["ensure_writable_dir", "save_safetensors"]
 
 
 def ensure_writable_dir(path: str, *, what: str, error: type[UserError]) -> None:
@@ -20,3 +20,15 @@ def ensure_writable_dir(path: str, *, what: str, error: type[UserError]) -> None
         raise error(f"{what} {path} cannot be created ({e.strerror or e}): choose a writable {what}") from None
     if not os.access(path, os.W_OK):
         raise error(f"{what} {path} is not writable: choose a writable {what}")
+
+
+def save_safetensors(tensors: dict, path: str, *, metadata: dict | None = None) -> None:
+    """``safetensors.torch.save_file``, then the mode ``open()`` gives every other file we write (0666 less
+    the umask): safetensors creates its file 0600, which other users (a shared model directory, a
+    serving process) cannot read."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, path, metadata=metadata)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
