@@ -14,7 +14,8 @@ Installed: molm-export ...
 
 --tokenizer overrides the run's SentencePiece model (found through the checkpoint's data manifests).
 --dtype float32 (default) or bfloat16 for the Hugging Face weights. --context-length (default: the
-job's data.seq_len) becomes n_positions and the tokenizer's model_max_length.
+job's data.seq_len) becomes n_positions (lm-eval's window); the tokenizer has no length limit (the model has
+no position embedding, so a longer text is no error).
 """
 
 from __future__ import annotations
@@ -162,15 +163,14 @@ def main(argv=None) -> int:
     if args.consolidated:
         meta = {"molm_ds_config": json.dumps(model.config.model_dump(mode="json")), "source": src.where,
                 "fp32_masters": str(src.masters)}
-        from safetensors.torch import save_file
-
+        from molm_ds.paths import save_safetensors
         from molm_ds.storage import guarded_write
 
         tmp = f"{args.consolidated}.tmp-{os.getpid()}"
         with guarded_write("--consolidated", args.consolidated, cleanup=[tmp]):
             os.makedirs(os.path.dirname(os.path.abspath(args.consolidated)), exist_ok=True)
-            save_file({k: v.detach().float().contiguous() for k, v in model.state_dict().items()}, tmp,
-                      metadata={"format": "pt", **meta})
+            save_safetensors({k: v.detach().float().contiguous() for k, v in model.state_dict().items()}, tmp,
+                             metadata={"format": "pt", **meta})
             os.replace(tmp, args.consolidated)  # an existing file (--overwrite) goes only now
         print(f"wrote {args.consolidated} ({model.config.total_params:,} fp32 parameters"
               f"{', from the fp32 masters' if src.masters else ''})")
@@ -184,10 +184,13 @@ def main(argv=None) -> int:
             model, d, tokenizer=tokenizer, context_length=args.context_length or src.context_length or DEFAULT_CONTEXT,
             dtype=args.dtype, source=src.where, max_shard_bytes=args.max_shard_bytes)))
         info = infos[0]
-        ibm = ("also loads in IBM's ModuleFormer code" if info["ibm_compatible"]
-               else "IBM's ModuleFormer code cannot build it: " + "; ".join(info["ibm_incompatibilities"]))
-        print(f"wrote {args.out} (model_type {info['model_type']}, {args.dtype}"
-              f"{', fp32 masters' if src.masters else ''}); {ibm}")
+        print(f"wrote {args.out}: a Hugging Face directory (model_type {info['model_type']}, {args.dtype}"
+              f"{', from the fp32 masters' if src.masters else ''}; {', '.join(info['weights'])}, config.json, "
+              f"modeling code{', tokenizer' if info['tokenizer'] else ''}, README.md)")
+        print("note: loads in transformers with trust_remote_code=True (AutoModelForCausalLM) and in lm_eval "
+              "--model hf; " + ("also in IBM's ModuleFormer code (model_type moduleformer)" if info["ibm_compatible"]
+                                else "not in IBM's ModuleFormer code, which would need "
+                                + "; ".join(info["ibm_incompatibilities"])))
     return 0
 
 

@@ -33,7 +33,13 @@ from molm_ds import cli  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = cli.ArgumentParser(prog="launch/pretrain.py", description=__doc__.split("\n")[0], epilog=__doc__)
+    def job_keys():
+        from molm_ds.train.job import job_keys
+
+        return job_keys()
+
+    p = cli.ArgumentParser(prog="launch/pretrain.py", description=__doc__.split("\n")[0], epilog=__doc__,
+                           set_keys=job_keys)
     p.add_argument("--config", required=True, help="job YAML (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a job field (repeatable), value parsed as YAML")

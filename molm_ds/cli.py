@@ -61,12 +61,42 @@ def fail(message: str, *, every_rank: bool = False, code: int = EXIT_USER_ERROR,
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with the project's error line: ``error: <message> (see --help)``, exit 2, no usage dump."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, set_keys: Optional[Callable[[], Sequence[str]]] = None, **kwargs) -> None:
+        """``set_keys``: the dotted job fields that ``--set`` changes, so ``--steps 20`` can name
+        ``--set training.steps=20`` (called only when a flag is unknown)."""
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(*args, **kwargs)
+        self._set_keys = set_keys
 
     def error(self, message: str) -> NoReturn:
         fail(f"{message} (see {self.prog} --help)")
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        """As argparse, but an unknown flag names the nearest valid one (``--steps``: did you mean ...)."""
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            hints = [h for h in (self._nearest_flag(x) for x in extras) if h]
+            self.error(f"unrecognized arguments: {' '.join(extras)}" + (f"; {'; '.join(hints)}" if hints else ""))
+        return ns
+
+    def _nearest_flag(self, arg: str) -> str:
+        import difflib
+
+        if not arg.startswith("-") or arg == "-":
+            return ""
+        flag = arg.split("=", 1)[0]
+        bare = flag.lstrip("-").replace("-", "_")
+        flags = [f for f in self._option_string_actions if f.startswith("--")]
+        same = [f for f in flags if f.lstrip("-").replace("-", "_") == bare]  # --max_new_tokens, --max-new-tokens
+        if same:
+            return f"{flag}: did you mean {same[0]}?"
+        keys = list(self._set_keys()) if self._set_keys is not None else []
+        field = [k for k in keys if k.rsplit(".", 1)[-1] == bare]  # --steps 20: a job field (--set)
+        near = difflib.get_close_matches(flag, flags, n=1, cutoff=0.7)
+        field = field or ([] if near else difflib.get_close_matches(bare, keys, n=1, cutoff=0.8))
+        if field:
+            return f"{flag}: did you mean --set {field[0]}=VALUE?"
+        return f"{flag}: did you mean {near[0]}?" if near else ""
 
 
 def run(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Optional[Sequence[str]] = None) -> NoReturn:

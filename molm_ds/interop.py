@@ -232,7 +232,7 @@ def load_moduleformer(path: PathLike, *, dtype: torch.dtype = torch.float32) -> 
 
 def save_moduleformer(model: MoLM, path: PathLike) -> None:
     """Write `config.json` and `model.safetensors` in the released layout."""
-    from safetensors.torch import save_file
+    from molm_ds.paths import save_safetensors
 
     cfg = model.config
     hf_cfg = config_to_hf(cfg)
@@ -243,6 +243,6 @@ def save_moduleformer(model: MoLM, path: PathLike) -> None:
         raise ValueError(f"save_moduleformer: parameters with no released equivalent: {extra[:8]}")
     d = Path(path)
     d.mkdir(parents=True, exist_ok=True)
-    save_file({inverse[k]: v.detach().contiguous().cpu() for k, v in sd.items()}, str(d / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_safetensors({inverse[k]: v.detach().contiguous().cpu() for k, v in sd.items()}, str(d / "model.safetensors"),
+                     metadata={"format": "pt"})
     (d / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")

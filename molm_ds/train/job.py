@@ -479,11 +479,26 @@ def _section_class(loc: tuple) -> type[BaseModel] | None:
     return cls
 
 
-def format_validation_error(exc: ValidationError, source: str) -> str:
-    """One line: every problem, each with where it is and what to change (nearest key for a typo)."""
+def job_keys(cls: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
+    """Every settable dotted field of a job (``training.steps``, ``monitor.expert_load.interval``, ...)."""
+    out = []
+    for name, field in (cls or JobConfig).model_fields.items():
+        ann = field.annotation
+        nested = [a for a in (ann, *(getattr(ann, "__args__", ()) or ())) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if nested and not (getattr(ann, "__origin__", None) in (list, dict)):
+            out += job_keys(nested[0], f"{prefix}{name}.")
+        else:
+            out.append(prefix + name)
+    return out
+
+
+def format_validation_error(exc: ValidationError, source: str, overrides: Optional[list[str]] = None) -> str:
+    """One line: every problem, each with where it is and what to change (nearest key for a typo). A field
+    that an override set is named by its ``--set`` item, not by the job file."""
     import difflib
 
-    items = []
+    set_by = {".".join(path): item for item, (path, _) in zip(overrides or [], parse_overrides(overrides or []))}
+    items, from_file = [], False
     for err in exc.errors():
         loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":
@@ -491,19 +506,23 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
             valid = list(owner.model_fields) if owner is not None else []
             near = difflib.get_close_matches(str(err["loc"][-1]), valid, n=1)
             hint = f"did you mean {near[0]!r}? " if near else ""
-            items.append(f"{loc}: unknown key; {hint}valid keys here: {', '.join(valid) or '?'}")
+            msg = f"unknown key; {hint}valid keys here: {', '.join(valid) or '?'}"
         else:
-            items.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
-    return f"invalid job config {source}: " + "; ".join(items)
+            msg = err["msg"].removeprefix("Value error, ")
+        key = next((k for k in set_by if loc == k or loc.startswith(k + ".")), None)
+        from_file = from_file or key is None
+        items.append(f"{loc}: {msg}" if key is None else f"--set {set_by[key]}: " + (f"{loc}: " if loc != key else "") + msg)
+    return (f"invalid job config {source}: " if from_file else "invalid override: ") + "; ".join(items)
 
 
-def job_from_dict(raw: dict, source: str = "<dict>") -> JobConfig:
+def job_from_dict(raw: dict, source: str = "<dict>", overrides: Optional[list[str]] = None) -> JobConfig:
+    """Validate ``raw``; ``overrides`` (already applied to it) are named in errors about the fields they set."""
     if not isinstance(raw, dict):
         raise JobConfigError(f"{source}: a job file must be a YAML mapping of sections, got {type(raw).__name__}")
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as exc:
-        raise JobConfigError(format_validation_error(exc, source)) from None
+        raise JobConfigError(format_validation_error(exc, source, overrides)) from None
 
 
 def load_job(path: str | os.PathLike, overrides: Optional[list[str]] = None) -> JobConfig:
@@ -515,4 +534,4 @@ def load_job(path: str | os.PathLike, overrides: Optional[list[str]] = None) -> 
         shipped = sorted(p.name for p in (REPO_ROOT / "configs").glob("*.yaml"))
         raise JobConfigError(f"job file {path} not found; shipped jobs: {', '.join('configs/' + s for s in shipped)}")
     raw = parse_yaml(read_utf8(path, what="job file", error=JobConfigError), path) or {}
-    return job_from_dict(apply_overrides(raw, overrides or []), path)
+    return job_from_dict(apply_overrides(raw, overrides or []), path, overrides)

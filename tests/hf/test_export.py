@@ -6,6 +6,7 @@ counts); the config carries the real expert counts and the right model_type."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -134,6 +135,11 @@ def test_special_ids_generation_config_and_tokenizer(tmp_path, run_tokenizer):
     out = hf.generate(ids, max_new_tokens=5)
     assert out.shape[1] <= ids.shape[1] + 5 and isinstance(tok.decode(out[0]), str)
     assert (tmp_path / "hf" / "README.md").read_text().startswith("---")
+    # one mode for every file (safetensors alone would write its weights 0600): 0666 less the umask
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "hf").iterdir()}
+    assert set(modes.values()) == {0o666 & ~mask}, modes
 
 
 def test_bf16_and_sharded_weights(tmp_path):
@@ -143,6 +149,7 @@ def test_bf16_and_sharded_weights(tmp_path):
     export_hf(model, str(tmp_path / "hf"), tokenizer=None, context_length=64, dtype="bfloat16", max_shard_bytes=200_000)
     index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
+    assert len({f.stat().st_mode & 0o777 for f in (tmp_path / "hf").iterdir()}) == 1  # the shards too
     from molm_ds.interop import load_moduleformer
 
     again = load_moduleformer(str(tmp_path / "hf"))

@@ -1,6 +1,7 @@
 """Job config: strict validation, overrides, cross-field errors that say what to change."""
 
 import pytest
+import yaml
 
 from molm_ds.train import JobConfigError, load_job
 from molm_ds.train.job import apply_overrides, parse_overrides
@@ -29,11 +30,23 @@ def test_overrides_are_parsed_as_yaml_and_applied():
 def test_unknown_keys_list_the_valid_ones():
     with pytest.raises(JobConfigError) as e:
         load_job(TINY_JOB, ["training.stepz=3"])
-    assert "training.stepz: unknown key" in str(e.value) and "steps, micro_batch_size" in str(e.value)
+    assert "--set training.stepz=3: unknown key; did you mean 'steps'?" in str(e.value)
+    assert "steps, micro_batch_size" in str(e.value)
     with pytest.raises(JobConfigError, match="valid keys here: .*model.*data.*training"):
         load_job(TINY_JOB, ["trainig.steps=3"])
     with pytest.raises(JobConfigError, match=r"unknown keys \['foo'\]; valid keys: vocab_size"):
         load_job(TINY_JOB, ["model.overrides={foo: 1}"])
+
+
+def test_a_bad_set_value_names_the_set_not_the_job_file(tmp_path):
+    with pytest.raises(JobConfigError) as e:
+        load_job(TINY_JOB, ["training.steps=twenty"])
+    assert str(e.value).startswith("invalid override: --set training.steps=twenty: ") and "tiny_test" not in str(e.value)
+    bad = write_yaml(tmp_path / "bad.yaml", {**yaml.safe_load(TINY_JOB.read_text()), "name": [1]})
+    with pytest.raises(JobConfigError) as e:
+        load_job(bad, ["training.steps=0"])
+    assert f"invalid job config {bad}: " in str(e.value) and "name: " in str(e.value)
+    assert "--set training.steps=0: Input should be greater than or equal to 1" in str(e.value)
 
 
 @pytest.mark.parametrize("overrides, needle", [
