@@ -42,7 +42,7 @@ from molm_ds.errors import debug_enabled
 from molm_ds.ops.grouped_gemm import GroupCounts
 
 __all__ = ["DispatchPlan", "LocalDispatcher", "LocalPlan", "check_dispatch_args", "combine_reference",
-           "gather_token_rows", "permute_by_expert", "weighted_combine"]
+           "expert_counts", "gather_token_rows", "permute_by_expert", "weighted_combine"]
 
 
 @dataclass
@@ -168,8 +168,17 @@ def permute_by_expert(idx_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor]
     valid = flat >= 0
     key = torch.where(valid, flat, torch.full_like(flat, num_experts))  # dropped slots sort last
     order = torch.argsort(key, stable=True)
-    counts_E = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+    counts_E = expert_counts(key, num_experts + 1)[:num_experts]
     return order, counts_E
+
+
+def expert_counts(idx: Tensor, num_experts: int) -> Tensor:
+    """How many entries of ``idx`` (any shape, values in 0..num_experts-1) name each expert: int64 [E].
+    A ``scatter_add_`` into a fixed-size tensor, not ``bincount`` (whose output size depends on the
+    values, so it waits for the GPU)."""
+    flat = idx.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.int64, device=idx.device).scatter_add_(
+        0, flat.long(), torch.ones_like(flat, dtype=torch.int64))
 
 
 class LocalDispatcher:
