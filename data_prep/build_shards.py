@@ -626,7 +626,7 @@ def main(argv=None) -> int:
         return 0
     print(f"{a.out}: {len(man['shards'])} shards, {man['documents']} documents, {man['tokens']} tokens "
           f"({time.perf_counter() - t0:.1f}s)")
-    for r in stats.get("per_rank", []) if ranks.size > 1 else []:
+    for r in stats.get("per_rank", []):
         print(f"  rank {r['rank']} of {ranks.size}: {r['tokens']} tokens in {r['seconds']:.2f}s "
               f"({r['tokens'] / max(r['seconds'], 1e-9):,.0f} tokens/s)")
     for line in summary_lines(man):

@@ -112,10 +112,10 @@ def test_ranks_write_the_one_process_output_byte_for_byte(work, out, tokenizer, 
     r = mpirun(n, build_args(tokenizer, inputs), work)
     assert r.returncode == 0, r.stderr[-3000:]
     assert tree(out) == reference
-    if n > 1:
-        per_rank = [line for line in r.stdout.splitlines() if line.strip().startswith("rank ")]
-        assert len(per_rank) == n and all("tokens/s" in line for line in per_rank)
-        assert r.stdout.count("shards,") == 1  # rank 0 alone prints the summary
+    per_rank = [line for line in r.stdout.splitlines() if line.strip().startswith("rank ")]
+    assert [line.split()[1] for line in per_rank] == [str(k) for k in range(n)], r.stdout
+    assert sum(int(line.split()[4]) for line in per_rank) == json.loads(reference["manifest.json"])["tokens"]
+    assert r.stdout.count("shards,") == 1  # rank 0 alone prints the summary
 
 
 def killed_run(n, die_rank, die_after, tokenizer, inputs, work, out, reference):
