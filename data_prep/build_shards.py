@@ -42,6 +42,7 @@ import json
 import multiprocessing as mp
 import os
 import shlex
+import socket
 import sys
 import time
 
@@ -290,7 +291,7 @@ def build_shards(specs: list[SourceSpec], tokenizer_path: str, out_dir: str, *, 
     ``command``: how to rerun this build (kept in progress.json for the loader's advice); by default it
     is written out from the arguments. ``ranks``: this process's rank (default: one process); every rank
     calls this with the same arguments and gets the same manifest. ``run_stats``, if given, receives this
-    run's tokens and seconds per rank (``per_rank``: a list of ``{"rank", "tokens", "seconds"}``)."""
+    run's tokens and seconds per rank (``per_rank``: a list of ``{"rank", "tokens", "seconds", "host"}``)."""
     ranks = ranks or ranks_mod.Ranks()
     # 1. every check a user's mistake can fail, before any tokenising (every rank runs them on the same inputs)
     _check_settings(specs, docs_per_shard, workers)
@@ -338,15 +339,16 @@ def build_shards(specs: list[SourceSpec], tokenizer_path: str, out_dir: str, *, 
         error = e
     secs = time.perf_counter() - t0
     outcome = ranks.allgather((one_line(error) if isinstance(error, UserError) else repr(error) if error else None,
-                               n_tokens, secs))
+                               n_tokens, secs, socket.gethostname()))
     if error is not None:
         raise error
-    failed = [(r, why) for r, (why, _, _) in enumerate(outcome) if why]
+    failed = [(r, why) for r, (why, *_) in enumerate(outcome) if why]
     if failed:
         raise _RankFailed(f"rank {failed[0][0]} of {ranks.size} stopped: {failed[0][1]}")
     if run_stats is not None:
         run_stats.update(rank=ranks.rank, ranks=ranks.size, tokens=n_tokens, seconds=secs,
-                         per_rank=[{"rank": r, "tokens": t, "seconds": s} for r, (_, t, s) in enumerate(outcome)])
+                         per_rank=[{"rank": r, "tokens": t, "seconds": s, "host": host}
+                                   for r, (_, t, s, host) in enumerate(outcome)])
 
     # 4. rank 0 writes the manifest, unless nothing came out
     result = None
@@ -628,7 +630,7 @@ def main(argv=None) -> int:
           f"({time.perf_counter() - t0:.1f}s)")
     for r in stats.get("per_rank", []):
         print(f"  rank {r['rank']} of {ranks.size}: {r['tokens']} tokens in {r['seconds']:.2f}s "
-              f"({r['tokens'] / max(r['seconds'], 1e-9):,.0f} tokens/s)")
+              f"({r['tokens'] / max(r['seconds'], 1e-9):,.0f} tokens/s) on {r['host']}")
     for line in summary_lines(man):
         print(line)
     return 0
