@@ -1,10 +1,9 @@
 """build_shards across 2 hosts (network namespaces sharing the filesystem, tests/multihost/conftest.py):
-mpirun on host 0 starts 2 ranks on each host through the namespace rsh agent; the directory equals a
-one-process build byte for byte, and a run that loses a rank on host 1 is finished by host 0 alone."""
+the hostfile line of docs/data.md "Across machines", run as printed on host 0 (mpirun reaches host 1
+through the namespace rsh agent), puts 2 ranks on each host and writes what one process writes; a run
+that loses a rank on host 1 is finished by host 0 alone."""
 
 import json
-import lzma
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,20 +12,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "data_prep"))
-from test_build_shards import docs_for, write_pile  # noqa: E402
+import doc_across as doc  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 pytest.importorskip("mpi4py", reason="mpi4py is not installed")
-BIN = Path(sys.executable).parent
 DIE = REPO / "tests" / "data_prep" / "_die_after.py"
-
-
-def env(**extra) -> dict:
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PRTE_", "SLURM_"))}
-    e.update(PATH=f"{BIN}{os.pathsep}{e.get('PATH', '')}", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1",
-             OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-             PRTE_MCA_plm_ssh_agent=f"{sys.executable} {REPO / 'scripts' / 'hosts.py'} rsh", **extra)
-    return e
 
 
 @pytest.fixture(scope="module")
@@ -43,51 +33,45 @@ def tokenizer(tmp_path_factory):
     return train_tokenizer([SourceSpec("jsonl", str(d / "train.jsonl"))], str(d / "tok"), vocab_size=512, threads=1)
 
 
-def tree(d: Path) -> dict:
-    return {n: (d / n).read_bytes() for n in sorted(os.listdir(d))}
+def on_host(h, i, cmd, cwd, **extra) -> subprocess.CompletedProcess:
+    env = doc.env(PRTE_MCA_plm_ssh_agent=f"{sys.executable} {REPO / 'scripts' / 'hosts.py'} rsh", **extra)
+    del env["PRTE_MCA_rmaps_default_mapping_policy"]  # the hostfile's slots place the ranks
+    return h.run(i, ["sh", "-c", cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture
-def work(tmp_path, tokenizer):
-    """Inputs (one split over the ranks, small ones whole), and a one-process build moved to ref/."""
-    (tmp_path / "in").mkdir()
-    write_pile(tmp_path / "in/00.jsonl.zst", [t for i in range(4) for t in docs_for(i)])
-    for i in (1, 2, 3):
-        write_pile(tmp_path / f"in/{i:02d}.jsonl.zst", docs_for(10 + i)[: 3 * i])
-    (tmp_path / "in/sw.txt.xz").write_bytes(lzma.compress("\n\n".join(f"Hati {j}" for j in range(5)).encode()))
-    args = ["python", "-m", "data_prep.build_shards", "--tokenizer", tokenizer, "--out", "out",
-            "--input", "pile:in/*.jsonl.zst", "--input", "cc100:in/sw.txt.xz", "--docs-per-shard", "4",
-            "--workers", "1", "--no-progress"]
-    r = subprocess.run(args, cwd=tmp_path, env=env(), capture_output=True, text=True)
+def ws(tmp_path, tokenizer):
+    """The documented workspace, its one-process build in ref/, and the documented hostfile command."""
+    ws = doc.workspace(tmp_path / "ws", tokenizer)
+    cmd = doc.commands()["mpirun -np 4 --hostfile"]
+    r = subprocess.run(["sh", "-c", doc.one_process(cmd)], cwd=ws, env=doc.env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    os.rename(tmp_path / "out", tmp_path / "ref")
-    return tmp_path, args
+    (ws / doc.OUT).rename(ws / "ref")
+    return ws, cmd
 
 
-def mpirun(h, n: int, args, cwd, hosts=(0, 1), script=None, **extra) -> subprocess.CompletedProcess:
-    """``mpirun -np n`` on host 0 over ``hosts`` (2 slots each)."""
-    (cwd / "hostfile").write_text("".join(f"{h.hostname(i)} slots=2\n" for i in hosts))
-    argv = ["mpirun", "-np", str(n), "--hostfile", "hostfile", "-x", "PATH", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS"]
-    argv += [a for k in extra for a in ("-x", k)]
-    argv += ["python", str(script), *args[3:]] if script else args
-    return h.run(0, argv, cwd=cwd, env=env(**extra), capture_output=True, text=True, timeout=300)
-
-
-def test_two_hosts_write_the_one_process_output(hosts2, work):
-    d, args = work
-    r = mpirun(hosts2, 4, args, d)
+def test_documented_hostfile_line_on_two_hosts(hosts2, ws):
+    ws, cmd = ws
+    (ws / "hostfile").write_text("".join(f"{hosts2.hostname(i)} slots=2\n" for i in range(2)))
+    r = on_host(hosts2, 0, cmd, ws)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    assert tree(d / "out") == tree(d / "ref")
+    assert doc.tree(ws / doc.OUT) == doc.tree(ws / "ref")
     ranks_on = [line.rsplit(" on ", 1)[1] for line in r.stdout.splitlines() if line.strip().startswith("rank ")]
     assert sorted(ranks_on) == sorted([hosts2.hostname(0)] * 2 + [hosts2.hostname(1)] * 2), r.stdout
 
 
-def test_a_rank_lost_on_host_1_then_host_0_finishes_alone(hosts2, work):
-    d, args = work
-    r = mpirun(hosts2, 4, args, d, script=DIE, DIE_RANK="3", DIE_AFTER="1")  # ranks 2, 3 are on host 1
-    assert r.returncode != 0
-    assert not (d / "out/manifest.json").exists()
-    assert json.loads((d / "out/progress.json").read_text())["fingerprint"]["docs_per_shard"] == 4
-    r = mpirun(hosts2, 2, args, d, hosts=(0,))
+def test_a_rank_lost_on_host_1_then_host_0_finishes_alone(hosts2, ws):
+    ws, cmd = ws
+    cmd += " --docs-per-shard 4"  # 14 shards, so that the ranks on host 1 have some to write
+    r = subprocess.run(["sh", "-c", doc.one_process(cmd)], cwd=ws, env=doc.env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    (ws / doc.OUT).rename(ws / "ref4")
+    (ws / "hostfile").write_text("".join(f"{hosts2.hostname(i)} slots=2\n" for i in range(2)))
+    dying = cmd.replace(" python -m data_prep.build_shards ", f" -x DIE_RANK -x DIE_AFTER python {DIE} ")
+    r = on_host(hosts2, 0, dying, ws, DIE_RANK="3", DIE_AFTER="1")  # ranks 2 and 3 run on host 1
+    assert r.returncode != 0, r.stdout
+    assert not (ws / doc.OUT / "manifest.json").exists() and (ws / doc.OUT / "progress.json").exists()
+    (ws / "hostfile").write_text(f"{hosts2.hostname(0)} slots=2\n")
+    r = on_host(hosts2, 0, cmd.replace("-np 4", "-np 2"), ws)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    assert tree(d / "out") == tree(d / "ref")
+    assert doc.tree(ws / doc.OUT) == doc.tree(ws / "ref4")
