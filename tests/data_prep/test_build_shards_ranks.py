@@ -173,3 +173,22 @@ def test_tokenizer_trainer_samples_the_same_documents_whatever_n(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("tokenizer:") == 1 and r.stdout.count("sample:") == 1
     assert (tmp_path / "tok.model").read_bytes() == (tmp_path / "one.model").read_bytes()
+
+
+@needs_mpi
+@pytest.mark.parametrize("bad_rank", [0, 1])
+def test_corrupt_input_on_any_rank_ends_every_rank_with_one_error_line(tmp_path, tokenizer, bad_rank):
+    """Three inputs of one shard each on 2 ranks: the largest goes to rank 0, the smallest to rank 1."""
+    docs = {0: docs_for(0), 1: docs_for(1)[:3] if bad_rank else docs_for(1) * 2, 2: docs_for(2)}
+    for i, d in docs.items():
+        write_pile(tmp_path / f"{i:02d}.jsonl.zst", d, extra=b'{"text": broken\n' if i == 1 else b"")
+    sizes = [os.path.getsize(tmp_path / f"{i:02d}.jsonl.zst") for i in range(3)]
+    assert bs.plan_owners(sizes, [0, 1, 2], 2)[1] == bad_rank
+    args = build_args(tokenizer, ["--input", f"pile:{tmp_path}/*.jsonl.zst"], extra=("--docs-per-shard", "100"))
+    r = mpirun(2, args, tmp_path, timeout=120)
+    assert r.returncode == 2, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    line = len(docs[1]) + 1
+    assert len(errors) == 1 and f"01.jsonl.zst:{line}: bad JSON" in errors[0], r.stderr[-3000:]
+    assert ("rank 1 of 2 stopped" in errors[0]) == (bad_rank == 1)
+    assert not (tmp_path / "out" / "manifest.json").exists()
