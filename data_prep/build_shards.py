@@ -371,7 +371,9 @@ def build_shards(specs: list[SourceSpec], tokenizer_path: str, out_dir: str, *, 
 def _plan(out_dir, fingerprint, overwrite, command, docs_per_shard, nranks) -> tuple:
     """Rank 0: ("finished", manifest) or ("todo", progress so far, owners of the inputs still to do)."""
     finished = _prepare_dir(out_dir, fingerprint, overwrite)
-    if finished is not None:
+    if finished is not None:  # progress files are left only by a run killed just after its manifest
+        for p in _rank_progress_files(out_dir) + glob.glob(os.path.join(out_dir, PROGRESS)):
+            os.remove(p)
         return "finished", finished
     for p in glob.glob(os.path.join(out_dir, "*.tmp")):
         os.remove(p)

