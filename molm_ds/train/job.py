@@ -110,6 +110,13 @@ class TrainingSection(_Section):
         "them (torch.utils.checkpoint, non-reentrant): activation memory per block drops to its input, for one more "
         "forward of every block. Losses and gradients are unchanged (dropout and sampled routing replay their RNG).")
 
+    compile: bool = Field(
+        False, description="Compile the model for training with torch.compile (through DeepSpeed's engine.compile; "
+        "fullgraph at ep_size 1). Same losses as eager up to float rounding; the first steps pay the compilation.")
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = Field(
+        "inductor", description="torch.compile backend when compile is on (aot_eager: no code generation, for "
+        "checking that the model traces).")
+
     @model_validator(mode="after")
     def _check(self) -> "TrainingSection":
         if self.warmup_steps > self.steps:

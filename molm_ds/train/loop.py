@@ -28,7 +28,7 @@ from molm_ds.errors import UserError
 from molm_ds.log import get_logger, info0
 from molm_ds.train import checkpoint as ckpt
 from molm_ds.train.distributed import init_distributed
-from molm_ds.train.engine import build_engine, set_lr
+from molm_ds.train.engine import build_engine, compile_model, set_lr
 from molm_ds.train.evaluate import evaluate
 from molm_ds.train.job import JobConfig
 from molm_ds.train.metrics import MetricsHook, StepLog
@@ -137,6 +137,8 @@ def _train(job: JobConfig, recipe: Recipe, rank: int, world: int, pre, stops: St
     ep_info = parallel.parallelize(model, job.parallel.ep_size,
                                    replicate_attention_experts=job.parallel.replicate_attention_experts)
     engine = build_engine(job, recipe, model, pre.ds_config)
+    if t.compile:
+        compile_model(engine, job)
     seed_everything(t.seed + 1 + rank)  # per-rank streams for training-time randomness (sample_topk, dropout)
     run = Run(job, engine, _device(), pre.data, rank, world)
 
