@@ -79,7 +79,9 @@ class ExpertLoadTracker:
 
     def _make_hook(self, key: SubLayer):
         def hook(module, args, output):
-            if module.training and not _in_backward():
+            # compiled (training.compile): the hook is traced into the forward graph, which a
+            # checkpoint recomputation does not rerun
+            if module.training and (torch.compiler.is_compiling() or not _in_backward()):
                 self.observe(key)
 
         return hook

@@ -154,6 +154,13 @@ class TrainingSection(_Section):
         "and the MoE combine/gather as sorted, atomic-free reductions (molm_ds.train.determinism; costs in "
         "docs/training.md).")
 
+    compile: bool = Field(
+        False, description="Compile the model for training with torch.compile (through DeepSpeed's engine.compile; "
+        "fullgraph at ep_size 1). Same losses as eager up to float rounding; the first steps pay the compilation.")
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = Field(
+        "inductor", description="torch.compile backend when compile is on (aot_eager: no code generation, for "
+        "checking that the model traces).")
+
     @model_validator(mode="after")
     def _check(self) -> "TrainingSection":
         if self.warmup_steps > self.steps:

@@ -31,7 +31,7 @@ from molm_ds import checkpoint as ckpt, rundir
 from molm_ds.parallel.peers import PeerWatch
 from molm_ds.train.determinism import deterministic_mode
 from molm_ds.train.distributed import DEFAULT_COLLECTIVE_TIMEOUT_S, init_distributed
-from molm_ds.train.engine import build_engine, set_lr
+from molm_ds.train.engine import build_engine, compile_model, set_lr
 from molm_ds.train.evaluate import evaluate
 from molm_ds.train.job import JobConfig
 from molm_ds.train.metrics import MetricsHook, StepLog
@@ -169,6 +169,8 @@ def _train(job: JobConfig, recipe: Recipe, rank: int, world: int, pre, stops: St
     ep_info = parallel.parallelize(model, job.parallel.ep_size,
                                    replicate_attention_experts=job.parallel.replicate_attention_experts)
     engine = build_engine(job, recipe, model, pre.ds_config)
+    if t.compile:
+        compile_model(engine, job)
     seed_everything(t.seed + 1 + rank)  # per-rank streams for training-time randomness (sample_topk, dropout)
     run = Run(job, engine, _device(), pre.data, rank, world)
 
