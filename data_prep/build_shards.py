@@ -287,7 +287,9 @@ def build_shards(specs: list[SourceSpec], tokenizer_path: str, out_dir: str, *, 
         ndocs, ntok = writer.finish()
         p = os.path.join(out_dir, cur["name"])
         prog["shards"][cur["name"]] = {"docs": ndocs, "tokens": ntok, "empty": cur["empty"],
-                                       "bin_bytes": os.path.getsize(p + ".bin"), "idx_bytes": os.path.getsize(p + ".idx")}
+                                       "bin_bytes": os.path.getsize(p + ".bin"), "idx_bytes": os.path.getsize(p + ".idx"),
+                                       "bin_sample_sha256": identity(p + ".bin")["sample_sha256"],
+                                       "idx_sample_sha256": identity(p + ".idx")["sample_sha256"]}
         _atomic_json(prog_path, prog)
 
     pool = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(
@@ -374,7 +376,8 @@ def _manifest(specs, prog, fingerprint, tok, dtype, command, subsets) -> dict:
         r = prog["shards"][name]
         if r["docs"]:
             shards.append({"prefix": name, "docs": r["docs"], "tokens": r["tokens"], "input": int(name[5:10]),
-                           "bin_bytes": r["bin_bytes"], "idx_bytes": r["idx_bytes"]})
+                           "bin_bytes": r["bin_bytes"], "idx_bytes": r["idx_bytes"],
+                           **{k: r[k] for k in ("bin_sample_sha256", "idx_sample_sha256") if k in r}})
     seen: dict = {}
     for fi, spec in enumerate(specs):
         f = prog["files"][str(fi)]
@@ -460,9 +463,14 @@ def main(argv=None) -> int:
     # as typed (globs and all), run from here: what the loader tells a user to rerun to finish the directory
     command = f"cd {shlex.quote(os.getcwd())} && " + shlex.join(
         ["python", "-m", "data_prep.build_shards", *(sys.argv[1:] if argv is None else argv)])
-    man = build_shards(specs, a.tokenizer, a.out, workers=a.workers, docs_per_shard=a.docs_per_shard,
-                       subsets=set(a.pile_subset) if a.pile_subset else None, text_key=a.text_key,
-                       skip_corrupt=a.skip_corrupt, overwrite=a.overwrite, progress=not a.no_progress, command=command)
+    from molm_ds.storage import guarded_write
+
+    # a full disk: one line; finished shards stay, *.tmp files are ignored and the same command resumes
+    with guarded_write("shards to", a.out, after="rerun the same command after freeing space: it resumes"):
+        man = build_shards(specs, a.tokenizer, a.out, workers=a.workers, docs_per_shard=a.docs_per_shard,
+                           subsets=set(a.pile_subset) if a.pile_subset else None, text_key=a.text_key,
+                           skip_corrupt=a.skip_corrupt, overwrite=a.overwrite, progress=not a.no_progress,
+                           command=command)
     print(f"{a.out}: {len(man['shards'])} shards, {man['documents']} documents, {man['tokens']} tokens "
           f"({time.perf_counter() - t0:.1f}s)")
     for line in summary_lines(man):

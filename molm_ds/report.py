@@ -2,7 +2,8 @@
 
 Panels: training loss curves (loss, lm_loss, val_loss), aux terms, validation perplexity, throughput
 (tokens/s, MFU when logged) and, per sub-layer kind (attention / MLP), the expert-load heatmap over
-time (rows = layer x expert, columns = steps, colour = share x E, so 1 = uniform load).
+time (rows = layer x expert, columns = steps, colour = share x E, so 1 = uniform load) and, for runs with
+aux-loss-free balancing (``router_balance: bias``), the bias spread and the load max/mean of every sub-layer.
 
 Sources, first found wins per series: <RUN_DIR>/metrics.jsonl (the trainer's rows), the TensorBoard
 event files under RUN_DIR (or --tensorboard DIR; tags written by molm_ds.monitor), and
@@ -29,6 +30,7 @@ Series = tuple[list[int], list[float]]  # (steps, values), sorted by step
 
 _SHARE_TAG = re.compile(r"^expert_share/L(\d+)/(\w+)/e(\d+)$")
 _SUB_KEY = re.compile(r"^L(\d+)/(\w+)$")
+_BALANCE = re.compile(r"^balance/(L\d+/\w+)/bias_spread$")
 
 
 @dataclass
@@ -186,7 +188,8 @@ def render_report(data: RunData, png_path: str, *, title: str = "") -> None:
     from matplotlib.figure import Figure
 
     kinds = list(data.load) or ["attn", "mlp"]
-    n_rows = 2 + (len(kinds) + 1) // 2
+    balance = sorted(n for n in data.series if _BALANCE.match(n))
+    n_rows = 2 + (len(kinds) + 1) // 2 + (1 if balance else 0)
     fig = Figure(figsize=(14, 4 * n_rows), dpi=90)
     FigureCanvasAgg(fig)
     axes = fig.subplots(n_rows, 2, squeeze=False)
@@ -229,6 +232,12 @@ def render_report(data: RunData, png_path: str, *, title: str = "") -> None:
         ax.set_title(f"{kind} expert load over time")
     for j in range(len(kinds), 2 * ((len(kinds) + 1) // 2)):
         axes[2 + j // 2][j % 2].axis("off")
+    if balance:
+        subs = [_BALANCE.match(n).group(1) for n in balance]
+        _plot_lines(axes[-1][0], data, [f"balance/{s}/bias_spread" for s in subs],
+                    "balancing bias: max - min per sub-layer", "bias spread")
+        _plot_lines(axes[-1][1], data, [f"balance/{s}/load_max_mean" for s in subs],
+                    "load the bias produced: max / mean per sub-layer", "max / mean (1 = balanced)")
     if title:
         fig.suptitle(title)
     fig.tight_layout()

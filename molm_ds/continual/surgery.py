@@ -42,6 +42,14 @@ def _new_expert_rows(w_EIO: torch.Tensor, n: int, gen: torch.Generator) -> torch
         -1.0 / fan_in, 1.0 / fan_in, generator=gen).to(w_EIO.dtype)
 
 
+def router_row_std(config, router) -> float:
+    """Std of a new router row (module embedding), as `Router.reset_parameters` initialises the old ones
+    under `config.router_init`: fan_in N(0, 1/fan_in of A) or released N(0, init_std)."""
+    if config.router_init == "fan_in":
+        return float(router.w_gate.shape[1]) ** -0.5
+    return float(config.init_std)
+
+
 @torch.no_grad()
 def grow_experts(model: MoLM, *, attention: int, mlp: int, seed: int) -> MoLM:
     """Insert ``attention`` new experts into every MoA sub-layer and ``mlp`` into every MoE MLP sub-layer
@@ -64,9 +72,13 @@ def grow_experts(model: MoLM, *, attention: int, mlp: int, seed: int) -> MoLM:
             new = _new_expert_rows(p, n, gen)
             setattr(experts, name, nn.Parameter(torch.cat([p.detach(), new.to(p.device)], 0),
                                                 requires_grad=p.requires_grad))
-        rows = (torch.randn((n, router.w_gate.shape[1]), generator=gen) * std).to(router.w_gate)
+        rows = (torch.randn((n, router.w_gate.shape[1]), generator=gen) * router_row_std(model.config, router)
+                ).to(router.w_gate)
         router.w_gate = nn.Parameter(torch.cat([router.w_gate.detach(), rows], 0),
                                      requires_grad=router.w_gate.requires_grad)
+        if router.expert_bias_E is not None:  # new experts start at the mean bias: no head start, no handicap
+            bias = router.expert_bias_E
+            router.expert_bias_E = torch.cat([bias, bias.mean().expand(n)])
         router.num_experts = layer.num_experts = E + n
         layer.dispatcher = LocalDispatcher(E + n)
     model.config = model.config.grown(attention=attention, mlp=mlp)

@@ -143,7 +143,9 @@ def export_hf(model, out_dir: str, *, tokenizer: Optional[str], context_length: 
     extra = sorted(set(sd) - set(inverse))
     if extra:
         raise ConfigError(f"export: parameters with no Hugging Face name: {extra[:8]}")
-    files = write_safetensors({inverse[k]: v.to(DTYPES[dtype]) for k, v in sd.items()}, out_dir,
+    # the balancing bias stays fp32 in every dtype: its steps are finer than bf16 resolves
+    files = write_safetensors({inverse[k]: v.float() if k.endswith("expert_bias_E") else v.to(DTYPES[dtype])
+                               for k, v in sd.items()}, out_dir,
                               max_shard_bytes=max_shard_bytes)
     for f in MODELING_FILES:
         shutil.copyfile(os.path.join(HERE, f), os.path.join(out_dir, f))

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from molm_ds.model.dispatch import (
-    DispatchPlan, check_dispatch_args, check_rows, permute_by_expert, weighted_combine,
+    DispatchPlan, check_dispatch_args, check_rows, gather_token_rows, permute_by_expert, weighted_combine,
 )
 from molm_ds.ops.grouped_gemm import GroupCounts
 from molm_ds.parallel.all_to_all import all_to_all_variable, exchange_counts
@@ -100,7 +100,7 @@ class AllToAllDispatcher:
     def dispatch(self, x: Tensor, plan: AllToAllPlan) -> Tensor:
         check_rows(x, plan)
         if x.dim() == 2:
-            x_send = x.index_select(0, plan.token_Ns)
+            x_send = gather_token_rows(x, plan.order_Ns, plan.token_Ns, plan.K)
         else:
             x_send = x.reshape(plan.T * plan.K, x.shape[-1]).index_select(0, plan.order_Ns)
         x_recv = all_to_all_variable(x_send, out_splits=plan.recv_splits, in_splits=plan.send_splits, group=self.group)

@@ -11,7 +11,8 @@ learns it from ``engine.was_step_applied()``, a host bool DeepSpeed already has.
 Host syncs of a non-logging step in molm-ds code: the split sizes of each all-to-all dispatch plan (one
 per MoE sub-layer and micro-batch under expert parallelism), the per-expert row counts of the CPU
 loop path (one per sub-layer and micro-batch; the Triton path reads them on the device); inside
-``engine.step()`` DeepSpeed's own gradient-norm / overflow checks. ``tests/train/test_host_syncs.py``
+``engine.step()`` DeepSpeed's own gradient-norm / overflow checks. With ``router_balance: bias`` the step
+ends with one more all-reduce, of the routers' expert counts (``molm_ds.train.balance``). ``tests/train/test_host_syncs.py``
 counts them.
 """
 
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor
 
 from molm_ds.parallel import comm
+from molm_ds.train.balance import update_router_biases
 from molm_ds.train.evaluate import lm_loss
 
 __all__ = ["StepSums", "train_step", "total_loss"]
@@ -77,4 +79,5 @@ def train_step(engine, next_batch: Callable[[], dict], recipe, device: torch.dev
             sums = StepSums(list(terms), lm.device)
         sums.add(loss, lm, terms)
         engine.step()  # DeepSpeed steps the optimizer on the last micro-batch only
+    update_router_biases(engine.module, applied=engine.was_step_applied())  # once per step, after all micro-batches
     return sums, sums.reduce()

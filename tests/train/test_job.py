@@ -92,3 +92,49 @@ def test_job_round_trips_through_yaml(tmp_path):
     job = load_job(TINY_JOB, ["training.steps=11"])
     again = load_job(write_yaml(tmp_path / "j.yaml", yaml.safe_load(job.to_yaml())))
     assert again == job
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["training.steps=true"], "training.steps: Input should be a valid integer"),
+    (["training.steps='2'"], "training.steps: Input should be a valid integer"),
+    (["training.steps=2.0"], "training.steps: Input should be a valid integer"),
+    (["training.activation_checkpointing=1"], "valid boolean"),
+    (["training.grad_clip=.inf"], "training.grad_clip: Input should be a finite number"),
+    (["training.lr=.inf"], "training.lr: Input should be a finite number"),
+    (["training.loss_weights.mi=.nan"], "loss_weights.mi: Input should be a finite number"),
+    (["model.overrides={d_model: '64'}"], "valid integer"),
+    (["training.seed=-5"], "training.seed: Input should be greater than or equal to 0"),
+    (["training.seed=100000000000000000000000"], "training.seed"),
+    (["checkpoint.preempt_signals=[SIGCHLD]"], "SIGCHLD.*signals that ask a job to end"),
+    (["checkpoint.preempt_signals=[SIGTERM, SIGTERM]"], "twice"),
+    (["name=../../../x"], "plain name"),
+    (["name=a/b"], "plain name"),
+])
+def test_values_are_strict_finite_and_in_range(overrides, needle):
+    with pytest.raises(JobConfigError, match=needle):
+        load_job(TINY_JOB, overrides)
+
+
+def test_same_source_twice_is_refused(tmp_path):
+    d = tmp_path / "shard"
+    d.mkdir()
+    with pytest.raises(JobConfigError, match=r"sources\[1\].*same data as sources\[0\]"):
+        load_job(TINY_JOB, [f"data.sources=[{{path: '{d}'}}, {{path: '{d}/'}}]"])
+
+
+def test_yaml_floats_without_a_dot_are_floats_and_betas_take_a_list(tmp_path):
+    f = tmp_path / "j.yaml"
+    f.write_text(TINY_JOB.read_text() + "\n")
+    job = load_job(f, ["training.betas=[0.8, 0.9]"])
+    assert job.training.betas == (0.8, 0.9)
+    from molm_ds.train.job import parse_yaml
+
+    assert parse_yaml("lr: 1e-3\nx: 2E5\ny: 1.0e3", "t") == {"lr": 1e-3, "x": 2e5, "y": 1e3}
+
+
+@pytest.mark.parametrize("content", [b"name: caf\xe9\n", b"\x00\x01\xff\xfe binary"])
+def test_a_job_file_that_is_not_utf8_is_one_line(tmp_path, content):
+    f = tmp_path / "latin1.yaml"
+    f.write_bytes(content)
+    with pytest.raises(JobConfigError, match=f"job file {f} is not UTF-8 text.*save it as UTF-8"):
+        load_job(f)
