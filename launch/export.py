@@ -163,24 +163,15 @@ def main(argv=None) -> int:
     if args.consolidated:
         meta = {"molm_ds_config": json.dumps(model.config.model_dump(mode="json")), "source": src.where,
                 "fp32_masters": str(src.masters)}
-<<<<<<< HEAD
-        os.makedirs(os.path.dirname(os.path.abspath(args.consolidated)), exist_ok=True)
         from molm_ds.paths import save_safetensors
-
-        save_safetensors({k: v.detach().float().contiguous() for k, v in model.state_dict().items()},
-                         args.consolidated, metadata={"format": "pt", **meta})
-=======
-        from safetensors.torch import save_file
-
         from molm_ds.storage import guarded_write
 
         tmp = f"{args.consolidated}.tmp-{os.getpid()}"
         with guarded_write("--consolidated", args.consolidated, cleanup=[tmp]):
             os.makedirs(os.path.dirname(os.path.abspath(args.consolidated)), exist_ok=True)
-            save_file({k: v.detach().float().contiguous() for k, v in model.state_dict().items()}, tmp,
-                      metadata={"format": "pt", **meta})
+            save_safetensors({k: v.detach().float().contiguous() for k, v in model.state_dict().items()}, tmp,
+                             metadata={"format": "pt", **meta})
             os.replace(tmp, args.consolidated)  # an existing file (--overwrite) goes only now
->>>>>>> main
         print(f"wrote {args.consolidated} ({model.config.total_params:,} fp32 parameters"
               f"{', from the fp32 masters' if src.masters else ''})")
     if args.out:
@@ -188,10 +179,11 @@ def main(argv=None) -> int:
         if tokenizer is None and not args.no_tokenizer:
             raise ConfigError(f"{args.checkpoint}: its tokenizer is not known (the data manifests name none, or it "
                               "moved); pass --tokenizer M.model (or --no-tokenizer)")
-<<<<<<< HEAD
-        info = export_hf(model, args.out, tokenizer=tokenizer,
-                         context_length=args.context_length or src.context_length or DEFAULT_CONTEXT,
-                         dtype=args.dtype, source=src.where, max_shard_bytes=args.max_shard_bytes)
+        infos = []
+        _staged_dir(args.out, lambda d: infos.append(export_hf(
+            model, d, tokenizer=tokenizer, context_length=args.context_length or src.context_length or DEFAULT_CONTEXT,
+            dtype=args.dtype, source=src.where, max_shard_bytes=args.max_shard_bytes)))
+        info = infos[0]
         print(f"wrote {args.out}: a Hugging Face directory (model_type {info['model_type']}, {args.dtype}"
               f"{', from the fp32 masters' if src.masters else ''}; {', '.join(info['weights'])}, config.json, "
               f"modeling code{', tokenizer' if info['tokenizer'] else ''}, README.md)")
@@ -199,17 +191,6 @@ def main(argv=None) -> int:
               "--model hf; " + ("also in IBM's ModuleFormer code (model_type moduleformer)" if info["ibm_compatible"]
                                 else "not in IBM's ModuleFormer code, which would need "
                                 + "; ".join(info["ibm_incompatibilities"])))
-=======
-        infos = []
-        _staged_dir(args.out, lambda d: infos.append(export_hf(
-            model, d, tokenizer=tokenizer, context_length=args.context_length or src.context_length or DEFAULT_CONTEXT,
-            dtype=args.dtype, source=src.where, max_shard_bytes=args.max_shard_bytes)))
-        info = infos[0]
-        ibm = ("also loads in IBM's ModuleFormer code" if info["ibm_compatible"]
-               else "IBM's ModuleFormer code cannot build it: " + "; ".join(info["ibm_incompatibilities"]))
-        print(f"wrote {args.out} (model_type {info['model_type']}, {args.dtype}"
-              f"{', fp32 masters' if src.masters else ''}); {ibm}")
->>>>>>> main
     return 0
 
 

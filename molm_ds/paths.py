@@ -8,11 +8,7 @@ import os
 
 from molm_ds.errors import UserError
 
-<<<<<<< HEAD
-__all__ = ["ensure_writable_dir", "save_safetensors"]
-=======
-__all__ = ["ensure_writable_dir", "check_output_file", "check_output_dir", "read_utf8"]
->>>>>>> main
+__all__ = ["ensure_writable_dir", "check_output_file", "check_output_dir", "read_utf8", "save_safetensors"]
 
 
 def ensure_writable_dir(path: str, *, what: str, error: type[UserError]) -> None:
@@ -28,18 +24,6 @@ def ensure_writable_dir(path: str, *, what: str, error: type[UserError]) -> None
         raise error(f"{what} {path} is not writable: choose a writable {what}")
 
 
-<<<<<<< HEAD
-def save_safetensors(tensors: dict, path: str, *, metadata: dict | None = None) -> None:
-    """``safetensors.torch.save_file``, then the mode ``open()`` gives every other file we write (0666 less
-    the umask): safetensors creates its file 0600, which other users (a shared model directory, a
-    serving process) cannot read."""
-    from safetensors.torch import save_file
-
-    save_file(tensors, path, metadata=metadata)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-=======
 def _writable(directory: str) -> bool:
     """os.access, and for root (who passes os.access everywhere) whether the filesystem is read-only."""
     if not os.access(directory, os.W_OK):
@@ -101,4 +85,15 @@ def read_utf8(path: str, *, what: str, error: type[UserError]) -> str:
     except UnicodeDecodeError as exc:
         line = data[:exc.start].count(b"\n") + 1
         raise error(f"{what} {path} is not UTF-8 text (byte {exc.start}, line {line}): save it as UTF-8") from None
->>>>>>> main
+
+
+def save_safetensors(tensors: dict, path: str, *, metadata: dict | None = None) -> None:
+    """``safetensors.torch.save_file``, then the mode ``open()`` gives every other file we write (0666 less
+    the umask): safetensors creates its file 0600, which other users (a shared model directory, a
+    serving process) cannot read."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, path, metadata=metadata)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
