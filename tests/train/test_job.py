@@ -1,5 +1,7 @@
 """Job config: strict validation, overrides, cross-field errors that say what to change."""
 
+import re
+
 import pytest
 import yaml
 
@@ -95,15 +97,15 @@ def test_job_round_trips_through_yaml(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, needle", [
-    (["training.steps=true"], r"training\.steps[:=].*Input should be a valid integer"),
-    (["training.steps='2'"], r"training\.steps[:=].*Input should be a valid integer"),
-    (["training.steps=2.0"], r"training\.steps[:=].*Input should be a valid integer"),
+    (["training.steps=true"], "--set training.steps=true: Input should be a valid integer"),
+    (["training.steps='2'"], "--set training.steps='2': Input should be a valid integer"),
+    (["training.steps=2.0"], "--set training.steps=2.0: Input should be a valid integer"),
     (["training.activation_checkpointing=1"], "valid boolean"),
-    (["training.grad_clip=.inf"], r"training\.grad_clip[:=].*Input should be a finite number"),
-    (["training.lr=.inf"], r"training\.lr[:=].*Input should be a finite number"),
-    (["training.loss_weights.mi=.nan"], r"loss_weights\.mi[:=].*Input should be a finite number"),
+    (["training.grad_clip=.inf"], "--set training.grad_clip=.inf: Input should be a finite number"),
+    (["training.lr=.inf"], "--set training.lr=.inf: Input should be a finite number"),
+    (["training.loss_weights.mi=.nan"], "--set training.loss_weights.mi=.nan: Input should be a finite number"),
     (["model.overrides={d_model: '64'}"], "valid integer"),
-    (["training.seed=-5"], r"training\.seed[:=].*Input should be greater than or equal to 0"),
+    (["training.seed=-5"], "--set training.seed=-5: Input should be greater than or equal to 0"),
     (["training.seed=100000000000000000000000"], "training.seed"),
     (["checkpoint.preempt_signals=[SIGCHLD]"], "SIGCHLD.*signals that ask a job to end"),
     (["checkpoint.preempt_signals=[SIGTERM, SIGTERM]"], "twice"),
@@ -111,7 +113,7 @@ def test_job_round_trips_through_yaml(tmp_path):
     (["name=a/b"], "plain name"),
 ])
 def test_values_are_strict_finite_and_in_range(overrides, needle):
-    with pytest.raises(JobConfigError, match=needle):
+    with pytest.raises(JobConfigError, match=re.escape(needle) if needle.startswith("--set") else needle):
         load_job(TINY_JOB, overrides)
 
 
