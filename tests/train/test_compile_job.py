@@ -35,3 +35,22 @@ def test_compiled_training_has_the_eager_losses(tmp_path, monkeypatch):
     compiled = _losses(shard, tmp_path / "compiled", True)
     assert calls == [{"backend": "aot_eager", "fullgraph": True}]
     assert len(eager) == 3 and compiled == eager
+
+
+@pytest.mark.distributed
+def test_compiled_training_under_expert_parallelism(tmp_path, monkeypatch):
+    """ep_size 2 on 2 gloo ranks: the compiled model (graph broken at each all-to-all's split sizes) gives
+    the eager losses."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parallel"))
+    from _ep_dist import run_ranks
+
+    from tests.train._compile_workers import losses_worker
+
+    monkeypatch.setenv("MOLM_DS_KERNELS", "torch")
+    shard = write_shard(tmp_path / "data")
+    eager = run_ranks(losses_worker, world_size=2, args=(shard, str(tmp_path / "eager"), False))
+    compiled = run_ranks(losses_worker, world_size=2, args=(shard, str(tmp_path / "compiled"), True))
+    assert len(eager[0]) == 3 and compiled == eager
