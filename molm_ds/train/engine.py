@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from molm_ds.train.balance import keep_bias_fp32
 from molm_ds.train.ds_config import offloads_optimizer
 from molm_ds.train.job import JobConfig
 from molm_ds.train.schedule import lr_factor
@@ -38,6 +39,7 @@ def build_engine(job: JobConfig, recipe, model: torch.nn.Module, ds_cfg: dict):
     optimizer = build_optimizer(job, groups, ds_cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg, dist_init_required=False)
     guard_plain_optimizer(engine)
+    keep_bias_fp32(engine.module)
     return engine
 
 

@@ -13,8 +13,10 @@ Batches reach the device by ``micro_batches``: read one micro-batch ahead, pinne
 
 Host syncs of a non-logging step: the split sizes of each all-to-all dispatch plan (one per MoE
 sub-layer and micro-batch, under expert parallelism only) and the optimizer's skip decision (one host
-bool per optimizer step: DeepSpeed's under ZeRO-1/2, ``guard_plain_optimizer``'s under ZeRO-0).
-``tests/train/test_host_syncs.py`` counts them with ``tests/sync_mode.py`` (docs/training.md).
+bool per optimizer step: DeepSpeed's under ZeRO-1/2, ``guard_plain_optimizer``'s under ZeRO-0). With
+``router_balance: bias`` the step ends with one more all-reduce, of the routers' expert counts
+(``molm_ds.train.balance``), on the device. ``tests/train/test_host_syncs.py`` counts them with
+``tests/sync_mode.py`` (docs/training.md).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from torch import Tensor
 
 from molm_ds.parallel import comm
+from molm_ds.train.balance import update_router_biases
 from molm_ds.train.evaluate import lm_loss
 
 __all__ = ["StepSums", "micro_batches", "train_step", "total_loss"]
@@ -103,4 +106,5 @@ def train_step(engine, next_batch: Callable[[], dict], recipe, device: torch.dev
             sums = StepSums(list(terms), lm.device)
         sums.add(loss, lm, terms)
         engine.step()  # DeepSpeed steps the optimizer on the last micro-batch only
+    update_router_biases(engine.module, applied=engine.was_step_applied())  # once per step, after all micro-batches
     return sums, sums.reduce()
