@@ -27,8 +27,9 @@ import torch
 from molm_ds.errors import UserError
 from molm_ds.log import get_logger, info0
 from molm_ds.train import checkpoint as ckpt
+from molm_ds.parallel import comm
 from molm_ds.parallel.peers import PeerWatch
-from molm_ds.train.distributed import DEFAULT_COLLECTIVE_TIMEOUT_S, init_distributed
+from molm_ds.train.distributed import DEFAULT_COLLECTIVE_TIMEOUT_S, apply_collective_timeout, init_distributed
 from molm_ds.train.engine import build_engine, set_lr
 from molm_ds.train.evaluate import evaluate
 from molm_ds.train.job import JobConfig
@@ -121,6 +122,8 @@ def train(job: JobConfig, *, recipe: Optional[Recipe] = None, hooks: Iterable[Me
     pre = preflight(job, recipe, rank, world)
     stops = StopRequests(c.preempt_signals)
     peers = PeerWatch(timeout_s).start()
+    comm.init_control_group()  # the last group: now every collective can get the short timeout
+    apply_collective_timeout(timeout_s)
     try:
         return _train(job, recipe, rank, world, pre, stops, hooks, peers)
     except Exception as exc:  # a lost peer: one line on every survivor instead of a backend traceback
