@@ -16,13 +16,19 @@ The tokenizer (SentencePiece BPE with byte fallback, vocab --vocab-size, 512 = t
 trained on both domains with data_prep.train_tokenizer, the shards are written by
 data_prep.build_shards (the project's format), so molm_ds.data reads DIR/shards/{prose,code}.
 
-The held-out split is the trainer's own (molm_ds.data.mixture.split_windows: blocks of 16 windows drawn
-with a fixed seed, independent of the training seed) at the val_fraction stored in the manifest (0.1 by
-default); the manifest records how many validation tokens each domain holds at seq_len 64.
+The manifest records how many tokens the trainer's default position split (molm_ds.data.mixture) holds
+out per domain at val_fraction 0.1 and seq_len 64; the experiments harness splits this corpus by document
+instead (train / validation / test, docs/science.md) and reports its window counts with every result.
 
     DIR/pile/train/00.jsonl.zst   both domains, meta.pile_set_name man_pages | python_stdlib_tree
     DIR/tokenizer.model, DIR/shards/prose, DIR/shards/code, DIR/manifest.json
 Idempotent: a rerun with the same options prints "up to date".
+
+The corpus depends on the machine (its man pages and the running Python's standard library), so the
+manifest records two content hashes and the build prints them: ``documents_sha256`` (the documents' text,
+before tokenising) and ``corpus_sha256`` (what a run reads: tokenizer.model and every shard file, see
+``corpus_sha256``). The experiments harness records the latter with every result and refuses a corpus
+whose hash differs from the committed results' unless told.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from __future__ import annotations
 import glob
 import gzip
 import hashlib
+import json
 import os
 import re
 import sys
@@ -180,6 +187,32 @@ def code_documents(max_chars: int) -> list[str]:
     return _take(_hashed(paths, lib), _read_py, max_chars)[0]
 
 
+def corpus_sha256(out: str) -> str:
+    """sha256 over tokenizer.model and every shards/<domain>/ file (.bin, .idx, manifest.json), in name order,
+    each preceded by its path relative to ``out``: equal hashes mean runs read the same tokens."""
+    h = hashlib.sha256()
+    files = [os.path.join(out, "tokenizer.model")]
+    for d in sorted(glob.glob(os.path.join(out, "shards", "*"))):
+        files += sorted(p for p in glob.glob(os.path.join(d, "*")) if p.endswith((".bin", ".idx", "manifest.json")))
+    for p in files:
+        if not os.path.isfile(p):
+            raise DataError(f"{out}: no {os.path.relpath(p, out)}; build the corpus with python -m data_prep.science "
+                            f"--out {out}")
+        h.update(os.path.relpath(p, out).encode() + b"\0")
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def documents_sha256(out: str) -> str:
+    """sha256 of the documents' text as sampled (the uncompressed samples file)."""
+    import zstandard
+
+    with open(domains.pile_path(out), "rb") as f:
+        return hashlib.sha256(zstandard.ZstdDecompressor().decompress(f.read(), max_output_size=1 << 31)).hexdigest()
+
+
 def val_tokens(shard_dir: str, val_fraction: float, seq_len: int) -> int:
     """Tokens in the trainer's validation windows of one domain (predicted tokens: seq_len per window)."""
     from molm_ds.data import DataSource, MixtureLoader
@@ -211,9 +244,16 @@ def build_science(out: str, *, prose_chars: int, code_chars: int, vocab_size: in
         vt = val_tokens(shard_dir, VAL_FRACTION, SEQ_LEN)
         return {f"val_tokens_seq{SEQ_LEN}": vt}, f", {vt:,} held out at val_fraction {VAL_FRACTION}"
 
-    return domains.tokenize_domains(
+    man = domains.tokenize_domains(
         out, options=options, subsets={"prose": PROSE, "code": CODE}, vocab_size=vocab_size, workers=workers,
         samples={"pile": [os.path.relpath(pile, out)]}, say=say, sample_sentences=400_000, describe=held_out)
+    man["content"] = {"documents_sha256": documents_sha256(out), "corpus_sha256": corpus_sha256(out)}
+    from data_prep.indexed_writer import atomic_write_bytes
+
+    atomic_write_bytes(os.path.join(out, "manifest.json"), (json.dumps(man, indent=1) + "\n").encode())
+    say(f"content: documents sha256 {man['content']['documents_sha256']}, corpus sha256 "
+        f"{man['content']['corpus_sha256']}")
+    return man
 
 
 def main(argv=None) -> int:

@@ -15,6 +15,9 @@ data_prep reads them and tokenised with the run's tokenizer (--tokenizer to over
 is scored (--stride < --seq-len for overlapping context). --context document scores each document
 alone after an EOS (= lm-evaluation-harness loglikelihood_rolling with prefix EOS and
 max_length = --seq-len); --context stream scores the documents back to back, as the trainer reads them.
+--split val|test scores only the documents of that held-out split of each shard source, as the trainer's
+loader holds them out (data.split_by document or auto; the fractions default to the checkpoint job's
+data.val_fraction / data.test_fraction); a job that splits by position has no whole held-out documents.
 """
 
 from __future__ import annotations
@@ -46,7 +49,12 @@ def parse_args(argv=None):
     p.add_argument("--text-key", default="text", help="field of jsonl / hf records holding the text")
     p.add_argument("--device", default="auto", help="auto (the rank's GPU if there is one), cpu or cuda")
     p.add_argument("--no-masters", action="store_true", help="bf16 checkpoints: the saved bf16 weights, not the fp32 masters")
-    p.add_argument("--out", default="eval.json", help="JSON results (rank 0 writes)")
+    p.add_argument("--split", choices=("all", "train", "val", "test"), default="all",
+                   help="score every document (all) or one split's documents (shard sources split by document)")
+    p.add_argument("--val-fraction", type=float, default=None, help="default: the checkpoint job's data.val_fraction")
+    p.add_argument("--test-fraction", type=float, default=None, help="default: the checkpoint job's data.test_fraction")
+    p.add_argument("--out", default="eval.json", help="JSON results (rank 0 writes; a file)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--local_rank", type=int, default=None, help=cli.SUPPRESS)
     args = p.parse_args(argv)
     for name in ("seq_len", "stride", "batch_size", "max_docs"):
@@ -73,21 +81,44 @@ def _check_sources(specs: list[str]) -> None:
             source_shards(s)
 
 
-def device_for(choice: str):
-    import torch
+def resolve_split(args, job: dict):
+    """None (every document) or (split, val_fraction, test_fraction) with the job's data section as default;
+    ConfigError for a job split by position (its held-out windows cut documents) or a text source."""
+    from molm_ds.errors import ConfigError
+    from molm_ds.perplexity import is_text_source
 
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if choice == "auto":
-        return torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    if choice == "cuda":
-        return torch.device("cuda", local)
-    return torch.device(choice)
+    if args.split == "all":
+        return None
+    data = job.get("data") or {}
+    val = args.val_fraction if args.val_fraction is not None else data.get("val_fraction", 0.01)
+    test = args.test_fraction if args.test_fraction is not None else data.get("test_fraction", 0.0)
+    if data and data.get("split_by", "position") == "position":
+        raise ConfigError(f"--split {args.split}: the checkpoint's job splits its data by position (data.split_by), so "
+                          "its held-out windows cut documents; train with data.split_by document (or auto) to score "
+                          "a held-out split by document, or use --split all")
+    if args.split == "test" and test <= 0:
+        raise ConfigError("--split test: the test fraction is 0 (the job has no data.test_fraction); pass "
+                          "--test-fraction F")
+    for s in args.data:
+        if is_text_source(s):
+            raise ConfigError(f"--split {args.split}: {s} is raw text, which has no split; give shard directories")
+        if data.get("split_by") == "auto":  # the loader may have fallen back to position for this source
+            from molm_ds.data.mixture import split_source
+            from molm_ds.data.packing import TokenStream
+
+            if split_source(TokenStream(s), data["seq_len"], val, test, "auto")[1] != "document":
+                raise ConfigError(f"--split {args.split}: the trainer split {s} by position (its documents do not "
+                                  "allow a split by document), so no whole document is held out; use --split all")
+    return (args.split, val, test)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from molm_ds.devices import resolve_device
     from molm_ds.errors import ConfigError
     from molm_ds.loading import load_source
+    from molm_ds.paths import check_output_file
+    from molm_ds.storage import atomic_write_text
     from molm_ds.log import setup_logging
     from molm_ds.parallel import comm
     from molm_ds.perplexity import bits_per_byte, read_documents, rolling_windows, sequences, window_batches
@@ -97,6 +128,8 @@ def main(argv=None) -> int:
 
     setup_logging()
     _check_sources(args.data)
+    check_output_file(args.out, what="--out", error=ConfigError, overwrite=args.overwrite)
+    device = resolve_device(args.device)
     rank, world = init_distributed() if launcher_kind() != "single" else (0, 1)
     src = load_source(args.checkpoint, tokenizer=args.tokenizer, masters=not args.no_masters)
     if src.tokenizer_path is None:
@@ -109,11 +142,12 @@ def main(argv=None) -> int:
     stride = args.stride or seq_len
     if stride > seq_len:
         raise ConfigError(f"--stride {stride} is larger than the window length {seq_len}; lower --stride")
-    model = src.model.to(device_for(args.device))
+    split = resolve_split(args, src.job or {})
+    model = src.model.to(device)
 
     rows = []
     for spec in args.data:
-        docs = read_documents(spec, tok, max_docs=args.max_docs, text_key=args.text_key)
+        docs = read_documents(spec, tok, max_docs=args.max_docs, text_key=args.text_key, split=split)
         windows = [w for seq in sequences(docs, eos_id=tok.eos_id, context=args.context, score_eos=args.score_eos)
                    for w in rolling_windows(seq, prefix=tok.eos_id, seq_len=seq_len, stride=stride)]
         res = evaluate(model, window_batches(windows[rank::world], batch_size=args.batch_size, pad_id=tok.pad_id))
@@ -134,10 +168,11 @@ def main(argv=None) -> int:
             print(f"{r['source']:<{width}} {r['documents']:>7} {r['tokens']:>10} {r['loss']:>8.4f} {r['ppl']:>10.3f} {bpb:>9}")
         out = {"checkpoint": os.path.abspath(args.checkpoint), "kind": src.kind, "fp32_masters": src.masters,
                "tokenizer": tok.name, "seq_len": seq_len, "stride": stride, "context": args.context,
-               "score_eos": args.score_eos, "world_size": world, "sources": rows, "all": total}
+               "score_eos": args.score_eos, "split": args.split,
+               "fractions": None if split is None else {"val": split[1], "test": split[2]},
+               "world_size": world, "sources": rows, "all": total}
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
+        atomic_write_text(args.out, json.dumps(out, indent=1), what="--out")
         print(f"wrote {args.out}")
     comm.barrier()
     return 0

@@ -54,7 +54,8 @@ def is_text_source(spec: str) -> bool:
     return bool(sep) and kind in KINDS
 
 
-def read_documents(spec: str, tokenizer, *, max_docs: Optional[int] = None, text_key: str = "text") -> Documents:
+def read_documents(spec: str, tokenizer, *, max_docs: Optional[int] = None, text_key: str = "text",
+                   split: Optional[tuple] = None) -> Documents:
     """A source given on the command line: ``KIND:PATH`` (raw text read by ``data_prep.readers``: pile,
     cc100, jsonl, text, lines, hf; PATH may be a glob), tokenised with ``tokenizer``; or a shard directory /
     Megatron prefix (documents from the index, trailing EOS dropped; text decoded for the byte count)."""
@@ -73,10 +74,25 @@ def read_documents(spec: str, tokenizer, *, max_docs: Optional[int] = None, text
         if not ids:
             raise DataError(f"{spec}: no non-empty document to evaluate")
         return Documents(spec, ids, n_bytes)
-    return _shard_documents(spec, tokenizer, max_docs)
+    return _shard_documents(spec, tokenizer, max_docs, split)
 
 
-def _shard_documents(path: str, tokenizer, max_docs: Optional[int]) -> Documents:
+def _split_keep(path: str, split: tuple) -> "np.ndarray":
+    """Per sequence of the source (all shards in order): True when its document is in split[0]."""
+    from molm_ds.data.mixture import SPLITS, document_labels
+    from molm_ds.data.packing import TokenStream
+
+    name, val_fraction, test_fraction = split
+    st = TokenStream(path)
+    starts = st.document_starts()
+    label = document_labels(starts, st.num_tokens, val_fraction, test_fraction)
+    seq_starts = np.concatenate([np.concatenate([[0], np.cumsum(s.sequence_lengths, dtype=np.int64)[:-1]]) + int(off)
+                                 for off, s in zip(st.offsets[:-1], st.shards) if len(s)] or [np.zeros(0, np.int64)])
+    doc_of = np.searchsorted(starts, seq_starts, side="right") - 1
+    return label[doc_of] == SPLITS.index(name)
+
+
+def _shard_documents(path: str, tokenizer, max_docs: Optional[int], split: Optional[tuple] = None) -> Documents:
     from molm_ds.data.indexed import IndexedShard
     from molm_ds.data.manifest import check_shard_files, source_shards, tokenizer_info
 
@@ -100,9 +116,14 @@ def _shard_documents(path: str, tokenizer, max_docs: Optional[int]) -> Documents
     if eos is None:
         raise DataError(f"{path}: no manifest names its EOS id and no tokenizer was given; pass --tokenizer M.model")
     ids: list[list[int]] = []
+    keep = _split_keep(path, split) if split is not None else None
+    seq = -1
     for e in entries:
         shard = IndexedShard(e.prefix)
         for i in range(len(shard)):
+            seq += 1
+            if keep is not None and not keep[seq]:
+                continue
             if max_docs is not None and len(ids) >= max_docs:
                 break
             doc = np.asarray(shard[i]).astype(np.int64).tolist()
@@ -111,7 +132,7 @@ def _shard_documents(path: str, tokenizer, max_docs: Optional[int]) -> Documents
             if doc:
                 ids.append(doc)
     if not ids:
-        raise DataError(f"{path}: no document to evaluate")
+        raise DataError(f"{path}: no document to evaluate" + (f" in its {split[0]} split" if split else ""))
     n_bytes = None
     if tokenizer is not None:
         n_bytes = sum(len(tokenizer.decode(d).encode("utf-8")) for d in ids)

@@ -14,6 +14,11 @@ frequency of expert m is f_m = counts_E[m] / tokens (routed slots over real toke
 the experts of a dropless sub-layer); a sub-layer keeps the experts with f_m / max_m' f_m' >= tau.
 tau = 0 keeps every expert (and the logits bit for bit); the most used expert always stays.
 
+A second criterion, router-weighted expert activation (REAP, arXiv 2510.13999): expert m's score is
+S_m = mean over the tokens routed to m of g_m(x) * ||f_m(x)||_2 (its gate times the norm of its output,
+before the gate), `reap_scores`. Either score keeps a given number of experts per sub-layer
+(`experts_to_keep_count`), so two models can be pruned to exactly the same per-layer expert counts.
+
 Removing expert j deletes its stacked weights (row j of every `experts` parameter) and its router row
 (row j of `router.w_gate`, the module embedding); B, b stay. The router's softmax then runs over the
 kept experts only, k stays (capped at the experts left). The pruned model records its counts in
@@ -32,16 +37,16 @@ from torch import Tensor, nn
 from molm_ds.config import ModelConfig
 from molm_ds.log import get_logger
 from molm_ds.model import MoLM
-from molm_ds.monitor import ExpertLoadTracker, LoadSums, SubLayer
+from molm_ds.model.sublayers import ATTN, MLP, SubLayer
+from molm_ds.monitor import ExpertLoadTracker, LoadSums
 
 __all__ = [
     "expert_load_sums", "activation_frequencies", "normalized_frequencies", "experts_to_keep", "pruned_config",
     "prune_model", "prune_model_reference_layer", "perplexity", "save_pruned_checkpoint", "param_count",
+    "reap_scores", "experts_to_keep_count", "keep_counts_of",
 ]
 
 log = get_logger("prune")
-
-_SUBLAYER_ATTR = {"attn": "attn", "mlp": "mlpf"}  # SubLayer.kind -> attribute of a Block
 
 
 # ---- statistics ----------------------------------------------------------------------------------
@@ -95,12 +100,101 @@ def experts_to_keep(sums: dict[SubLayer, LoadSums], *, tau: float) -> dict[SubLa
     return {k: [int(i) for i in torch.nonzero(nf >= tau).flatten()] for k, nf in normalized_frequencies(sums).items()}
 
 
+def _gates_TE(layer: nn.Module, probs_TE: Tensor, idx_TK: Tensor) -> Tensor:
+    """g_m(x) of every routed (token, expert), 0 elsewhere: the full-softmax probability, renormalised over
+    the top-k when the router does that (what the layer's output is weighted with)."""
+    E = probs_TE.shape[-1]
+    routed_TE = torch.zeros_like(probs_TE, dtype=torch.bool)
+    valid = idx_TK >= 0
+    routed_TE.scatter_(1, idx_TK.clamp(min=0), valid)
+    g_TE = torch.where(routed_TE, probs_TE, torch.zeros_like(probs_TE))
+    if getattr(layer.router, "renormalize_topk", False):
+        g_TE = g_TE / g_TE.sum(-1, keepdim=True).clamp(min=1e-20)
+    return g_TE[:, :E]
+
+
+def _expert_outputs_TED(layer: nn.Module, x_BTD: Tensor, kind: str) -> Tensor:
+    """f_m(x_t) for every token and every expert of one sub-layer, before the gate ([T, E, D]); slow and
+    plain: each expert applied to all tokens with its own weights (no dispatch)."""
+    B, T, D = x_BTD.shape
+    x_TD = x_BTD.reshape(B * T, D)
+    ex = layer.experts
+    outs = []
+    for e in range(layer.num_experts):
+        if kind == "mlp":
+            outs.append(ex.act(x_TD @ ex.w1[e]) @ ex.w2[e])
+            continue
+        from molm_ds.ops import stickbreaking_attention
+
+        k_BTX, v_BTX = layer.shared_kv(x_BTD)
+        h, d = layer.n_head, layer.head_dim
+        q = (x_TD @ ex.w_q[e]).view(B, T, h, d).transpose(1, 2)  # one query per token: K = 1
+        o = stickbreaking_attention(q, k_BTX.view(B, T, h, d).transpose(1, 2), v_BTX.view(B, T, h, d).transpose(1, 2),
+                                    include_current=layer.include_current, key_padding_mask=None)
+        outs.append(o.transpose(1, 2).reshape(B * T, h * d) @ ex.w_o[e])
+    return torch.stack(outs, dim=1)
+
+
+@torch.no_grad()
+def reap_scores(model: nn.Module, batches: Iterable) -> dict[SubLayer, Tensor]:
+    """REAP score per expert (float64 [E] per sub-layer): mean over the real tokens routed to expert m of
+    g_m(x) * ||f_m(x)||_2, routing `batches` in eval mode (one process; 0 for an expert nobody chose)."""
+    subs = {}
+    for i, blk in enumerate(model.blocks):
+        for kind, attr in _SUBLAYER_ATTR.items():
+            subs[SubLayer(i, kind)] = getattr(blk, attr)
+    inputs: dict[SubLayer, Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, key=key: inputs.__setitem__(key, args[0].detach()))
+             for key, m in subs.items()]
+    total = {k: torch.zeros(m.num_experts, dtype=torch.float64) for k, m in subs.items()}
+    n = {k: torch.zeros(m.num_experts, dtype=torch.float64) for k, m in subs.items()}
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for b in batches:
+            ids, mask = (b["input_ids"], b.get("attention_mask")) if isinstance(b, dict) else (b, None)
+            model(ids.to(device), attention_mask=None if mask is None else mask.to(device))
+            for key, m in subs.items():
+                rec = m.last_routing
+                g_TE = _gates_TE(m, rec.probs_TE.float(), rec.idx_TK)
+                if rec.mask_T is not None:
+                    g_TE = g_TE * rec.mask_T[:, None].to(g_TE.dtype)
+                norm_TE = _expert_outputs_TED(m, inputs[key], key.kind).float().norm(dim=-1)
+                routed = g_TE > 0
+                total[key] += (g_TE * norm_TE).sum(0).double().cpu()
+                n[key] += routed.sum(0).double().cpu()
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return {k: torch.where(n[k] > 0, total[k] / n[k].clamp(min=1), torch.zeros_like(total[k])) for k in subs}
+
+
+def experts_to_keep_count(scores: dict[SubLayer, Tensor], counts: dict[SubLayer, int]) -> dict[SubLayer, list[int]]:
+    """The `counts[key]` experts with the highest score per sub-layer (ties to the lower id), ids ascending."""
+    out = {}
+    for key, sc in scores.items():
+        c = counts.get(key, sc.numel())
+        if not 1 <= c <= sc.numel():
+            raise ValueError(f"{key.tag}: keep {c} experts of {sc.numel()}; give a count in [1, {sc.numel()}]")
+        order = sorted(range(sc.numel()), key=lambda e: (-float(sc[e]), e))
+        out[key] = sorted(order[:c])
+    return out
+
+
+def keep_counts_of(config: ModelConfig) -> dict[SubLayer, int]:
+    """Per-sub-layer expert counts of a (pruned) model's config, for `experts_to_keep_count`."""
+    return {**{SubLayer(i, "attn"): config.att_experts_at(i) for i in range(config.n_layer)},
+            **{SubLayer(i, "mlp"): config.mlp_experts_at(i) for i in range(config.n_layer)}}
+
+
 # ---- surgery -------------------------------------------------------------------------------------
 def pruned_config(config: ModelConfig, keep: dict[SubLayer, list[int]]) -> ModelConfig:
     """`config` with per-layer expert counts from `keep` (layers/kinds not in keep keep their count)."""
-    att = [len(keep[SubLayer(i, "attn")]) if SubLayer(i, "attn") in keep else config.att_experts_at(i)
+    att = [len(keep[SubLayer(i, ATTN)]) if SubLayer(i, ATTN) in keep else config.att_experts_at(i)
            for i in range(config.n_layer)]
-    mlp = [len(keep[SubLayer(i, "mlp")]) if SubLayer(i, "mlp") in keep else config.mlp_experts_at(i)
+    mlp = [len(keep[SubLayer(i, MLP)]) if SubLayer(i, MLP) in keep else config.mlp_experts_at(i)
            for i in range(config.n_layer)]
     return ModelConfig(**{**config.model_dump(), "att_experts_per_layer": tuple(att), "mlp_experts_per_layer": tuple(mlp)})
 
@@ -108,11 +202,12 @@ def pruned_config(config: ModelConfig, keep: dict[SubLayer, list[int]]) -> Model
 def _check_keep(model: MoLM, keep: dict[SubLayer, list[int]]) -> None:
     if getattr(model, "_molm_expert_parallel", None) is not None:
         raise ValueError("prune_model needs the plain (full) model, not an expert-parallel one: load the checkpoint "
-                         "with molm_ds.train.checkpoint.load_model (all experts on one process)")
+                         "with molm_ds.checkpoint.load_model (all experts on one process)")
+    subs = {s.key: s for s in model.moe_sublayers()}
     for key, ids in keep.items():
-        if key.kind not in _SUBLAYER_ATTR or not 0 <= key.layer < len(model.blocks):
+        if key not in subs:
             raise ValueError(f"keep: no MoE sub-layer {key} in a model of {len(model.blocks)} layers")
-        E = getattr(model.blocks[key.layer], _SUBLAYER_ATTR[key.kind]).num_experts
+        E = subs[key].module.num_experts
         if not ids:
             raise ValueError(f"{key.tag}: keep at least one expert (tau <= 1 always keeps the most used one)")
         if sorted(set(ids)) != list(ids) or ids[0] < 0 or ids[-1] >= E:
@@ -126,11 +221,12 @@ def prune_model(model: MoLM, keep: dict[SubLayer, list[int]]) -> MoLM:
     _check_keep(model, keep)
     cfg = pruned_config(model.config, keep)
     sd = {k: v.clone() for k, v in model.state_dict().items()}
+    names = {s.key: s.name for s in model.moe_sublayers()}
     for key, ids in keep.items():
-        prefix = f"blocks.{key.layer}.{_SUBLAYER_ATTR[key.kind]}."
+        prefix = names[key] + "."
         idx = torch.tensor(ids, dtype=torch.long)
         for name in list(sd):
-            if name.startswith(prefix + "experts.") or name == prefix + "router.w_gate":
+            if name.startswith(prefix + "experts.") or name in (prefix + "router.w_gate", prefix + "router.expert_bias_E"):
                 sd[name] = sd[name].index_select(0, idx.to(sd[name].device))
     with torch.device("meta"):
         pruned = MoLM(cfg)
@@ -179,7 +275,7 @@ def perplexity(model: nn.Module, batches: Iterable[dict], *, group=None) -> floa
 def save_pruned_checkpoint(model: MoLM, job: dict, out_dir: str, *, tag: str, info: Optional[dict] = None) -> str:
     """Write the pruned model as a weights-only checkpoint `out_dir/<tag>/` in the trainer's layout, with
     `prune.yaml` (`info`) beside; its job.yaml's model section holds the per-layer counts, so
-    `molm_ds.train.checkpoint.load_model` and `init_from` rebuild the pruned model. Returns the tag directory."""
-    from molm_ds.train import checkpoint as ckpt
+    `molm_ds.checkpoint.load_model` and `init_from` rebuild the pruned model. Returns the tag directory."""
+    from molm_ds import checkpoint as ckpt
 
     return ckpt.write_model(model, job, out_dir, tag=tag, kind="pruned", extra_files={"prune.yaml": info or {}})

@@ -92,3 +92,43 @@ def test_bits_per_byte():
 
     assert bits_per_byte(math.log(2), 10, 10) == pytest.approx(1.0)
     assert bits_per_byte(1.0, 10, None) is None
+
+
+def test_read_documents_split_keeps_the_loaders_held_out_documents(tmp_path):
+    """--split: the documents of a held-out split are exactly those the loader holds out by document."""
+    import numpy as np
+
+    from molm_ds.data.indexed import IndexedShard
+    from molm_ds.data.mixture import document_labels
+    from molm_ds.data.packing import TokenStream
+    from molm_ds.perplexity import read_documents
+    from tests.train.helpers import write_shard
+
+    shard = write_shard(tmp_path / "s", n_docs=30, doc_len=50, seed=4)
+    st = TokenStream(shard)
+    labels = document_labels(st.document_starts(), st.num_tokens, 0.2, 0.2)
+    docs = [np.asarray(IndexedShard(str(tmp_path / "s" / "part-00000"))[i])[:-1].tolist() for i in range(30)]
+    got = {name: read_documents(shard, None, split=(name, 0.2, 0.2)).ids for name in ("train", "val", "test")}
+    for lab, name in enumerate(("train", "val", "test")):
+        assert got[name] == [d for d, l in zip(docs, labels) if l == lab]
+    assert len(got["test"]) >= 1 and sum(map(len, got.values())) == 30
+
+
+def test_evaluate_split_refuses_a_position_split_and_a_missing_test_fraction():
+    import argparse
+
+    import pytest
+
+    from launch.evaluate import resolve_split
+    from molm_ds.errors import ConfigError
+
+    def args(split, **kw):
+        return argparse.Namespace(split=split, data=["shards/x"], val_fraction=None, test_fraction=None, **kw)
+
+    assert resolve_split(args("all"), {}) is None
+    with pytest.raises(ConfigError, match="splits its data by position"):
+        resolve_split(args("test"), {"data": {"seq_len": 8, "split_by": "position", "test_fraction": 0.1}})
+    with pytest.raises(ConfigError, match="test fraction is 0"):
+        resolve_split(args("test"), {"data": {"seq_len": 8, "split_by": "document"}})
+    assert resolve_split(args("val"), {"data": {"seq_len": 8, "split_by": "document", "val_fraction": 0.2}}) == \
+        ("val", 0.2, 0.0)

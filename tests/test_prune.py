@@ -161,7 +161,7 @@ def test_prune_rejects_bad_keep():
 def test_pruned_checkpoint_and_hf_round_trip(tmp_path):
     import yaml
 
-    from molm_ds.train.checkpoint import load_model as load_checkpoint_model
+    from molm_ds.checkpoint import load_model as load_checkpoint_model
     from molm_ds.interop import load_moduleformer, save_moduleformer
     from molm_ds.train.job import ModelSection
 
@@ -277,7 +277,98 @@ def test_prune_script_then_trainer_init_from(tmp_path):
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     subprocess.run([sys.executable, "launch/pretrain.py", "--config", str(tmp_path / "job.yaml")], cwd=repo, env=env,
                    check=True)
-    from molm_ds.train.checkpoint import load_model as load_checkpoint_model
+    from molm_ds.checkpoint import load_model as load_checkpoint_model
 
     trained = load_checkpoint_model(str(tmp_path / "run" / "checkpoints"))
     assert [trained.config.att_experts_per_layer, trained.config.mlp_experts_per_layer] == list(map(tuple, counts.values()))
+
+
+# ---- REAP criterion and matched counts ---------------------------------------------------------------
+@pytest.mark.parametrize("renorm", [False, True])
+def test_reap_scores_match_single_expert_layers(renorm):
+    """Reference: f_m(x) is the output of the sub-layer pruned to expert m alone (its softmax over one
+    expert is 1), on the inputs the full model gave that sub-layer; S_m = mean over routed tokens of g * |f|."""
+    from molm_ds.prune import reap_scores
+
+    model = _model(seed=3, renormalize_topk=renorm)
+    batches = _batches(n=2)
+    got = reap_scores(model, batches)
+    subs = {SubLayer(i, k): getattr(b, {"attn": "attn", "mlp": "mlpf"}[k])
+            for i, b in enumerate(model.blocks) for k in ("attn", "mlp")}
+    want = {k: torch.zeros(m.num_experts, dtype=torch.float64) for k, m in subs.items()}
+    cnt = {k: torch.zeros(m.num_experts, dtype=torch.float64) for k, m in subs.items()}
+    for ids in batches:
+        xs = {}
+        hooks = [m.register_forward_pre_hook(lambda mod, a, key=key: xs.__setitem__(key, a[0])) for key, m in subs.items()]
+        with torch.no_grad():
+            model(ids)
+        for h in hooks:
+            h.remove()
+        for key, m in subs.items():
+            rec = m.last_routing
+            for e in range(m.num_experts):
+                single = prune_model(model, {key: [e]})
+                layer = getattr(single.blocks[key.layer], {"attn": "attn", "mlp": "mlpf"}[key.kind])
+                with torch.no_grad():
+                    y = layer(xs[key])[0].reshape(-1, xs[key].shape[-1])
+                for t in range(rec.idx_TK.shape[0]):
+                    chosen = rec.idx_TK[t].tolist()
+                    if e not in chosen:
+                        continue
+                    p = rec.probs_TE[t]
+                    g = p[e] / p[chosen].sum() if renorm else p[e]
+                    want[key][e] += float(g) * float(y[t].norm())
+                    cnt[key][e] += 1
+    for key in subs:
+        ref = torch.where(cnt[key] > 0, want[key] / cnt[key].clamp(min=1), torch.zeros_like(want[key]))
+        assert torch.allclose(got[key], ref, rtol=1e-4, atol=1e-6), (key, got[key], ref)
+
+
+def test_keep_count_takes_the_top_scores_and_matches_a_pruned_config():
+    from molm_ds.prune import experts_to_keep_count, keep_counts_of
+
+    a, m = SubLayer(0, "attn"), SubLayer(1, "mlp")
+    keep = experts_to_keep_count({a: torch.tensor([0.1, 0.5, 0.5, 0.2]), m: torch.tensor([3.0, 1.0, 2.0, 0.0])},
+                                 {a: 2, m: 3})
+    assert keep == {a: [1, 2], m: [0, 1, 2]}
+    with pytest.raises(ValueError, match="keep 0 experts"):
+        experts_to_keep_count({a: torch.zeros(4)}, {a: 0})
+    small = prune_model(_model(), {a: [1, 2], m: [0, 1, 2]})
+    counts = keep_counts_of(small.config)
+    assert counts[a] == 2 and counts[m] == 3 and counts[SubLayer(0, "mlp")] == 4
+
+
+def test_prune_script_uses_the_job_split_and_matches_counts(tmp_path):
+    """The held-out windows follow the checkpoint job's fractions and split_by (not the loader default);
+    --match prunes another model to the same per-layer counts, by frequency or REAP."""
+    import json
+    import subprocess
+    import sys
+
+    from molm_ds.data import DataSource, MixtureLoader
+    from tests.train.helpers import write_shard
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shard = write_shard(tmp_path / "shard", n_docs=40, doc_len=200)
+    data = {"seq_len": 16, "val_fraction": 0.2, "test_fraction": 0.2, "split_by": "document"}
+    save_pruned_checkpoint(_model(seed=12), {"model": {"preset": "tiny", "overrides": {"n_head": 1}}, "data": data},
+                           str(tmp_path / "src"), tag="step_00000003")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    common = ["--checkpoint", str(tmp_path / "src"), "--data", shard, "--batches", "2", "--eval-batches", "2",
+              "--batch-size", "2", "--split", "test"]
+    subprocess.run([sys.executable, "launch/prune.py", *common, "--sweep", "0.6", "--out", str(tmp_path / "a")],
+                   cwd=repo, env=env, check=True)
+    sweep = json.loads((tmp_path / "a" / "sweep.json").read_text())
+    test = MixtureLoader([DataSource(shard)], seq_len=16, micro_batch_size=2, seed=0, split="test", val_fraction=0.2,
+                         test_fraction=0.2, split_by="document")
+    assert sweep["unpruned"]["scored"]["distinct_windows"] == len(test.windows[0])
+    assert sweep["unpruned"]["scored"]["split_by"] == "document"
+    for crit in ("frequency", "reap"):
+        out = tmp_path / crit
+        subprocess.run([sys.executable, "launch/prune.py", *common, "--match", str(tmp_path / "a" / "sweep.json"),
+                        "--criterion", crit, "--out", str(out)], cwd=repo, env=env, check=True)
+        m = json.loads((out / "match.json").read_text())
+        assert [(r["att_experts_per_layer"], r["mlp_experts_per_layer"]) for r in m["rows"]] == \
+            [(r["att_experts_per_layer"], r["mlp_experts_per_layer"]) for r in sweep["rows"]]
+        if crit == "frequency":  # the same model, the same score: the same experts, the same perplexity
+            assert m["rows"][0]["ppl"] == pytest.approx(sweep["rows"][0]["ppl"], rel=1e-6)

@@ -2,8 +2,16 @@
 
 A grid is a list of `Run`s in phases (a base model before the runs that start from it). A run is a
 directory with the job YAML it trains (`launch/pretrain.py`), then the commands that read its checkpoint
-(`experiments.science.measure`, `launch/prune.py`); `result.json` is written last, so a run that has it
-is done and a rerun skips it. Runs go `--jobs` at a time, each process with one thread (two threads per
+(`experiments.science.measure`, `launch/prune.py`); `result.json` is written last and records the job and
+those commands, so a run that has it with the same commands is done and a rerun skips it; a run whose
+measurement commands changed (new pruning thresholds, more windows) is measured again from its checkpoint
+without training again.
+
+Data splits: every run trains on the corpus's train split (whole documents held out: data.split_by
+document, val_fraction 0.1, test_fraction 0.1); every claim chooses its lr on the validation split and
+reports the test split. The corpus's content hash (data_prep.science.corpus_sha256) and the producing
+commit go into grid.json and results.json; a grid refuses a corpus whose hash differs from the grid's or
+from the committed results under docs/science/<claim>/ unless --allow-other-corpus. Runs go `--jobs` at a time, each process with one thread (two threads per
 process on a shared 2-core machine spin instead of working). Everything reported is read back from the
 files the tools wrote (metrics.jsonl, measure.json, continual_report.json, sweep.json).
 """
@@ -29,6 +37,10 @@ from molm_ds.errors import ConfigError
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GRID_FILE = "grid.json"
 RESULT = "result.json"
+PUBLISHED = os.path.join(REPO, "docs", "science")  # committed results, one directory per claim
+# Settings that change only what is measured on a finished checkpoint, not the training: a run records its
+# measurement commands, so these may change between invocations of one --out (the runs are re-measured).
+MEASURE_ONLY = ("windows", "taus", "prune_eval_batches", "match_weights")
 
 
 @dataclass
@@ -46,18 +58,25 @@ class Settings:
     windows: int
     seq_len: int = 64
     val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    split_by: str = "document"
+    corpus_sha256: str = ""
     extra: dict = field(default_factory=dict)  # the claim's own options (weights, base steps, ...)
 
     def fingerprint(self) -> dict:
         d = dict(vars(self))
         d.pop("jobs")  # how many run at once does not change any result
         d.pop("out")
+        d["extra"] = {k: v for k, v in self.extra.items() if k not in ("publish", "allow_other_corpus")}
         return d
 
     def must_match(self) -> dict:
         """The settings every run of one --out shares. Seeds and lrs may grow: runs are named by them, so a
-        rerun with a wider sweep adds runs and keeps the finished ones."""
-        return {k: v for k, v in self.fingerprint().items() if k not in ("seeds", "lrs")}
+        rerun with a wider sweep adds runs and keeps the finished ones; measurement-only settings may change
+        (each run records its measurement commands and is re-measured when they differ)."""
+        d = {k: v for k, v in self.fingerprint().items() if k not in ("seeds", "lrs") + MEASURE_ONLY}
+        d["extra"] = {k: v for k, v in d["extra"].items() if k not in MEASURE_ONLY}
+        return d
 
     def domain(self, name: str) -> str:
         return os.path.join(self.data, "shards", name)
@@ -68,7 +87,7 @@ class Run:
     """One training run and the measurements of its checkpoint."""
 
     name: str  # directory under out/runs
-    job: dict  # the job YAML (run_dir and name are filled in)
+    job: Optional[dict]  # the job YAML (run_dir and name are filled in); None: no training, only `after`
     after: list[list[str]] = field(default_factory=list)  # commands run after training ({run} = run dir)
     group: dict = field(default_factory=dict)  # method, lr, seed... (what the aggregation groups by)
     reuse: Optional[str] = None  # a finished run of another grid that trained this very job (copied, not rerun)
@@ -86,6 +105,12 @@ def parse(claim: str, doc: str, *, lrs: str, steps: int, argv=None, extra: Optio
     p.add_argument("--windows", type=int, default=1600, help="held-out windows of 64 tokens scored per domain")
     p.add_argument("--report-only", action="store_true",
                    help="start no run: write the tables from the runs finished so far")
+    p.add_argument("--publish", default=None, metavar="DIR",
+                   help=f"also copy results.json, results.md and the plots to DIR (the committed ones live in "
+                        f"docs/science/<claim>)")
+    p.add_argument("--allow-other-corpus", action="store_true",
+                   help="run although the corpus's content hash differs from the committed results' (their numbers "
+                        "then do not apply to this corpus)")
     if extra is not None:
         extra(p)
     a = p.parse_args(argv)
@@ -103,12 +128,32 @@ def parse(claim: str, doc: str, *, lrs: str, steps: int, argv=None, extra: Optio
     return s, a
 
 
+def published_dir(claim: str) -> str:
+    return os.path.join(PUBLISHED, claim)
+
+
+def check_corpus(s: Settings) -> None:
+    """Record the corpus's content hash; refuse one that differs from the committed results' hash."""
+    from data_prep.science import corpus_sha256
+
+    s.corpus_sha256 = corpus_sha256(s.data)
+    pub = read_json(os.path.join(published_dir(s.claim), "results.json"))
+    theirs = (pub or {}).get("corpus_sha256")
+    if theirs and theirs != s.corpus_sha256 and not s.extra.get("allow_other_corpus"):
+        raise ConfigError(f"--data {s.data}: corpus sha256 {s.corpus_sha256[:16]}... differs from the one the committed "
+                          f"results in {os.path.relpath(published_dir(s.claim), REPO)} were measured on "
+                          f"({theirs[:16]}...): this machine's man pages or Python stdlib differ, so its numbers will "
+                          "not be those; pass --allow-other-corpus to run anyway")
+
+
 def check_inputs(s: Settings, domains: Sequence[str]) -> None:
-    """Fail before any work: the corpus exists, --out is this grid's directory or new."""
+    """Fail before any work: the corpus exists (and is the committed results' unless allowed), --out is this
+    grid's directory or new."""
     for d in domains:
         if not os.path.isfile(os.path.join(s.domain(d), "manifest.json")):
             raise ConfigError(f"--data {s.data}: no finished shard directory {s.domain(d)}; build the corpus with "
                               f"python -m data_prep.science --out {s.data}")
+    check_corpus(s)
     grid = os.path.join(s.out, GRID_FILE)
     if os.path.isfile(s.out):
         raise ConfigError(f"--out {s.out} is a file; give a directory")
@@ -118,11 +163,13 @@ def check_inputs(s: Settings, domains: Sequence[str]) -> None:
                               "directory")
         with open(grid) as f:
             old = json.load(f)
-        old = {k: v for k, v in old.items() if k not in ("seeds", "lrs")}
+        old = {k: v for k, v in old.items() if k not in ("seeds", "lrs") + MEASURE_ONLY}
+        old["extra"] = {k: v for k, v in old.get("extra", {}).items() if k not in MEASURE_ONLY}
         if old != s.must_match():
             diff = ", ".join(f"{k}: {old.get(k)} -> {v}" for k, v in s.must_match().items() if old.get(k) != v)
             raise ConfigError(f"--out {s.out} holds a grid with other settings ({diff}); use another --out or "
-                              "the same settings (only --seeds and --lrs may change)")
+                              f"the same settings (only --seeds, --lrs and {', '.join('--' + m.replace('_', '-') for m in MEASURE_ONLY)} "
+                              "may change)")
     os.makedirs(s.out, exist_ok=True)
     with open(grid, "w") as f:
         json.dump(s.fingerprint(), f, indent=1)
@@ -134,13 +181,27 @@ def base_job(s: Settings, *, sources: list[dict], seed: int, lr: float, steps: O
     steps = steps or s.steps
     return {
         "model": {"preset": "tiny"},
-        "data": {"sources": sources, "seq_len": s.seq_len, "val_fraction": s.val_fraction, "eval_batches": 4},
+        "data": {"sources": sources, "seq_len": s.seq_len, "val_fraction": s.val_fraction,
+                 "test_fraction": s.test_fraction, "split_by": s.split_by, "eval_batches": 4},
         "training": {"steps": steps, "micro_batch_size": s.batch, "lr": lr, "warmup_steps": max(1, steps // 20),
                      "eval_interval": 0, "seed": seed},
         "deepspeed": {"config": "ds_configs/zero0_fp32.json"},
         "checkpoint": {"interval": 0, "save_final": True},
         "monitor": {"log_interval": max(1, steps // 5), "tensorboard": False},
     }
+
+
+def measure_cmds(s: Settings, domains: Sequence[str], old: Optional[str] = None) -> list[list[str]]:
+    """experiments.science.measure on the validation split (measure.json: choose lrs by it) and on the test
+    split (measure_test.json: report it), the runs' own fractions and split."""
+    out = []
+    for split, name in (("val", "measure.json"), ("test", "measure_test.json")):
+        cmd = ["-m", "experiments.science.measure", "--checkpoint", "{run}/checkpoints", "--out", "{run}/" + name,
+               "--windows", str(s.windows), "--seq-len", str(s.seq_len), "--val-fraction", str(s.val_fraction),
+               "--test-fraction", str(s.test_fraction), "--split-by", s.split_by, "--split", split,
+               "--data"] + [s.domain(d) for d in domains]
+        out.append(cmd + (["--old-experts", old] if old else []))
+    return out
 
 
 def run_dir(s: Settings, run: Run) -> str:
@@ -164,14 +225,17 @@ def _same_job(a: dict, b: dict) -> bool:
 
 
 def _copy_reused(run: Run, job: dict, d: str) -> bool:
-    """Copy the results of an identical finished run (same job file but its name and directory; the
-    trainer is deterministic on the CPU, so training it again would give the same numbers)."""
+    """Copy the results of an identical finished run: the same job file but its name and directory (the
+    trainer is deterministic on the CPU, so training it again would give the same numbers) and the same
+    measurement commands (every argument that changes what is measured: windows, split, fractions...)."""
     src = run.reuse
     if not (src and os.path.isfile(os.path.join(src, RESULT)) and os.path.isfile(os.path.join(src, "job.yaml"))):
         return False
     with open(os.path.join(src, "job.yaml")) as f:
         if not _same_job(yaml.safe_load(f), job):
             return False
+    if (read_json(os.path.join(src, RESULT)) or {}).get("after") != run.after:
+        return False
     for name in os.listdir(src):
         if name not in ("checkpoints", RESULT, "job.yaml") and os.path.isfile(os.path.join(src, name)):
             shutil.copy2(os.path.join(src, name), os.path.join(d, name))
@@ -182,21 +246,59 @@ def _copy_reused(run: Run, job: dict, d: str) -> bool:
     return True
 
 
+def is_done(s: Settings, run: Run) -> bool:
+    """Finished with these very measurement commands."""
+    res = read_json(os.path.join(run_dir(s, run), RESULT))
+    return res is not None and res.get("after") == run.after
+
+
+def _remeasure(s: Settings, run: Run, d: str) -> Optional[tuple[str, bool, float]]:
+    """A trained run whose measurement commands changed, or whose measurement was interrupted: run the
+    commands on its final checkpoint (None when the run must train again: another job, or no complete
+    final checkpoint)."""
+    res = read_json(os.path.join(d, RESULT))
+    if run.job is None or not os.path.isfile(os.path.join(d, "job.yaml")):
+        return None
+    steps = run.job["training"]["steps"]
+    if not os.path.isfile(os.path.join(d, "checkpoints", f"step_{steps:08d}", "COMPLETE")):
+        return None  # training did not finish (an interrupted grid): train again
+    res = res or {"seconds": None, "measured_after_interruption": True}
+    with open(os.path.join(d, "job.yaml")) as f:
+        if not _same_job(yaml.safe_load(f), dict(run.job, name=run.name, run_dir=d)):
+            return None
+    t0 = time.time()
+    with open(os.path.join(d, "log.txt"), "a") as log:
+        log.write("# measurement commands changed: measuring the checkpoint again\n")
+        for c in [[sys.executable] + [a.format(run=d) for a in c] for c in run.after]:
+            log.write("$ " + " ".join(c) + "\n")
+            log.flush()
+            if subprocess.call(c, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=REPO) != 0:
+                return run.name, False, time.time() - t0
+    with open(os.path.join(d, RESULT), "w") as f:
+        json.dump({**res, "group": run.group, "after": run.after, "remeasured": True}, f)
+    return run.name, True, time.time() - t0
+
+
 def _execute(s: Settings, run: Run) -> tuple[str, bool, float]:
     d = run_dir(s, run)
-    if os.path.isfile(os.path.join(d, RESULT)):
+    if is_done(s, run):
         return run.name, True, 0.0
+    again = _remeasure(s, run, d)
+    if again is not None:
+        return again
     if os.path.isdir(d):  # an unfinished earlier attempt: start it over
         shutil.rmtree(d)
     os.makedirs(d)
-    job = dict(run.job, name=run.name, run_dir=d)
-    with open(os.path.join(d, "job.yaml"), "w") as f:
-        yaml.safe_dump(job, f, sort_keys=False)
-    if _copy_reused(run, job, d):
-        return run.name, True, 0.0
-    with open(os.path.join(d, "job.yaml"), "w") as f:
-        yaml.safe_dump(job, f, sort_keys=False)
-    cmds = [[sys.executable, os.path.join(REPO, "launch", "pretrain.py"), "--config", os.path.join(d, "job.yaml")]]
+    cmds = []
+    if run.job is not None:
+        job = dict(run.job, name=run.name, run_dir=d)
+        with open(os.path.join(d, "job.yaml"), "w") as f:
+            yaml.safe_dump(job, f, sort_keys=False)
+        if _copy_reused(run, job, d):
+            return run.name, True, 0.0
+        with open(os.path.join(d, "job.yaml"), "w") as f:
+            yaml.safe_dump(job, f, sort_keys=False)
+        cmds = [[sys.executable, os.path.join(REPO, "launch", "pretrain.py"), "--config", os.path.join(d, "job.yaml")]]
     cmds += [[sys.executable] + [a.format(run=d) for a in c] for c in run.after]
     t0 = time.time()
     with open(os.path.join(d, "log.txt"), "w") as log:
@@ -208,7 +310,7 @@ def _execute(s: Settings, run: Run) -> tuple[str, bool, float]:
                 return run.name, False, time.time() - t0
     secs = time.time() - t0
     with open(os.path.join(d, RESULT), "w") as f:
-        json.dump({"seconds": secs, "group": run.group}, f)
+        json.dump({"seconds": secs, "group": run.group, "after": run.after}, f)
     return run.name, True, secs
 
 
@@ -216,14 +318,14 @@ def execute(s: Settings, phases: list[list[Run]], *, report_only: bool = False) 
     """Run every phase in order (a phase's runs `--jobs` at a time); returns {name: ok}. Prints one line
     per run as it ends. report_only: start nothing (the tables then cover the finished runs)."""
     if report_only:
-        n = sum(os.path.isfile(os.path.join(run_dir(s, r), RESULT)) for p in phases for r in p)
+        n = sum(is_done(s, r) for p in phases for r in p)
         print(f"--report-only: {n}/{sum(len(p) for p in phases)} runs finished, none started", flush=True)
         return {}
     total = sum(len(p) for p in phases)
     done, status = 0, {}
     t0 = time.time()
     for phase in phases:
-        todo = [r for r in phase if not os.path.isfile(os.path.join(run_dir(s, r), RESULT))]
+        todo = [r for r in phase if not is_done(s, r)]
         for r in phase:
             if r not in todo:
                 done += 1
@@ -362,14 +464,55 @@ def plot(agg: dict, key: str, ylabel: str, path: str, order: Sequence[str], titl
     return path
 
 
+def commit() -> dict:
+    """The checkout's commit and whether it had uncommitted changes (what produced a result)."""
+    def git(*a):
+        r = subprocess.run(["git", "-C", REPO, *a], capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else ""
+
+    return {"commit": git("rev-parse", "HEAD") or "unknown",
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", "molm_ds", "launch",
+                              "experiments", "data_prep"))}
+
+
+def split_sizes(s: Settings) -> dict:
+    """{domain: {"split_by": how, "train"/"val"/"test": windows}} of the corpus at the grid's settings."""
+    from molm_ds.data.mixture import SPLITS, split_source
+    from molm_ds.data.packing import TokenStream
+
+    out = {}
+    for d in sorted(os.listdir(os.path.join(s.data, "shards"))):
+        parts, how = split_source(TokenStream(s.domain(d)), s.seq_len, s.val_fraction, s.test_fraction, s.split_by)
+        out[d] = {"split_by": how, **{name: int(len(w)) for name, w in zip(SPLITS, parts)}}
+    return out
+
+
 def write_report(s: Settings, title: str, body: str, summary: dict, seconds: float) -> None:
-    text = f"# {title}\n\n{body}\n\nGrid wall time: {seconds:.0f} s ({s.jobs} runs at once), settings: " \
-           f"`{json.dumps(s.fingerprint())}`\n"
+    prov = commit()
+    splits = split_sizes(s)
+    body += "\n\nWindows of " + str(s.seq_len) + " tokens per split (train / validation / test): " + "; ".join(
+        f"{d} {v['train']:,} / {v['val']:,} / {v['test']:,} (by {v['split_by']})" for d, v in splits.items()) + "."
+    summary = {**summary, "splits": splits}
+    text = (f"# {title}\n\n{body}\n\nGrid wall time: {seconds:.0f} s ({s.jobs} runs at once). Corpus sha256 "
+            f"{s.corpus_sha256}; code commit {prov['commit']}{' (with uncommitted changes)' if prov['dirty'] else ''}; "
+            f"settings: `{json.dumps(s.fingerprint())}`\n")
     with open(os.path.join(s.out, "results.md"), "w") as f:
         f.write(text)
     with open(os.path.join(s.out, "results.json"), "w") as f:
-        json.dump({"settings": s.fingerprint(), "seconds": seconds, **summary}, f, indent=1, default=str)
+        json.dump({"settings": s.fingerprint(), "corpus_sha256": s.corpus_sha256, **prov, "seconds": seconds,
+                   **summary}, f, indent=1, default=str)
     print(text)
+    if s.extra.get("publish"):
+        publish(s, s.extra["publish"])
+
+
+def publish(s: Settings, dest: str) -> None:
+    """Copy the grid's small result files (results.json, results.md, *.png) to dest."""
+    os.makedirs(dest, exist_ok=True)
+    for name in sorted(os.listdir(s.out)):
+        if name in ("results.json", "results.md") or name.endswith(".png"):
+            shutil.copy2(os.path.join(s.out, name), os.path.join(dest, name))
+    print(f"published results.json, results.md and plots to {dest}", flush=True)
 
 
 def add_wall(s: Settings, seconds: float) -> float:

@@ -1,11 +1,11 @@
 """Measure a finished run's checkpoint on the held-out windows of each domain: loss and routing.
 
     python -m experiments.science.measure --checkpoint RUN/checkpoints --data data/science/shards/prose \
-        data/science/shards/code --out RUN/measure.json [--windows 1600] [--old-experts 4,4]
+        data/science/shards/code --out RUN/measure.json [--split val|test] [--windows 1600] [--old-experts 4,4]
 
-For each --data domain: the first --windows windows of its validation split (molm_ds.data's fixed
-block split at --val-fraction, in the order of loader seed 0, so every run is scored on the same
-tokens whatever its training seed), cross-entropy (molm_ds.train.evaluate.lm_loss per batch, token
+For each --data domain: the first --windows windows (at most: never one twice) of its --split split
+(molm_ds.data's fixed split at --val-fraction / --test-fraction, by --split-by, in the order of loader
+seed 0, so every run is scored on the same tokens whatever its training seed), cross-entropy (molm_ds.train.evaluate.lm_loss per batch, token
 weighted) and, per MoE sub-layer, the monitor's load statistics (molm_ds.monitor.load_stats: H(m|x),
 H(m), max/mean token count) from eval-mode routing. With --old-experts A,M (experts per attention /
 MLP sub-layer before a continual stage) it also reports the mean router probability mass on the
@@ -31,6 +31,9 @@ def parse_args(argv=None):
     p.add_argument("--windows", type=int, default=1600, help="validation windows per domain (at most)")
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--test-fraction", type=float, default=0.0)
+    p.add_argument("--split-by", choices=("position", "document", "auto"), default="position")
+    p.add_argument("--split", choices=("val", "test"), default="val", help="held-out split scored")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--old-experts", default=None, metavar="A,M", help="experts per sub-layer before a continual stage")
     return p.parse_args(argv)
@@ -41,7 +44,7 @@ def domain_name(path: str) -> str:
 
 
 def measure_domain(model, path: str, *, windows: int, seq_len: int, val_fraction: float, batch_size: int,
-                   old: dict | None) -> dict:
+                   old: dict | None, test_fraction: float = 0.0, split_by: str = "position", split: str = "val") -> dict:
     import torch
 
     from molm_ds.data import DataSource, MixtureLoader
@@ -50,7 +53,7 @@ def measure_domain(model, path: str, *, windows: int, seq_len: int, val_fraction
     from molm_ds.train.evaluate import lm_loss
 
     val = MixtureLoader([DataSource(path, 1.0)], seq_len=seq_len, micro_batch_size=batch_size, seed=0,
-                        split="val", val_fraction=val_fraction)
+                        split=split, val_fraction=val_fraction, test_fraction=test_fraction, split_by=split_by)
     n = min(windows, sum(len(w) for w in val.windows))
     tracker = ExpertLoadTracker(model, hooks=False)
     loss_sum, tokens = 0.0, 0
@@ -81,14 +84,15 @@ def measure_domain(model, path: str, *, windows: int, seq_len: int, val_fraction
             row["new_mass"] = float(s.probs_E[e_old:].sum() / s.tokens) if E > e_old else 0.0
             row["new_token_share"] = float(s.shares()[e_old:].sum()) if E > e_old else 0.0
         sub[key.tag] = row
-    return {"loss": loss_sum / tokens, "ppl": math.exp(loss_sum / tokens), "tokens": tokens, "sublayers": sub}
+    return {"loss": loss_sum / tokens, "ppl": math.exp(loss_sum / tokens), "tokens": tokens, "split": split,
+            "split_by": val.split_kinds[0], "distinct_windows": sum(len(w) for w in val.windows), "sublayers": sub}
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
     import torch
 
-    from molm_ds.train.checkpoint import load_model
+    from molm_ds.checkpoint import load_model
 
     old = None
     if a.old_experts is not None:
@@ -100,11 +104,14 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     model = load_model(a.checkpoint, what="--checkpoint")
     model.eval()
-    res = {"checkpoint": a.checkpoint, "windows": a.windows, "seq_len": a.seq_len, "domains": {}}
+    if a.split == "test" and a.test_fraction <= 0:
+        raise ConfigError("--split test needs --test-fraction > 0 (the fraction the runs were trained with)")
+    res = {"checkpoint": a.checkpoint, "windows": a.windows, "seq_len": a.seq_len, "split": a.split,
+           "val_fraction": a.val_fraction, "test_fraction": a.test_fraction, "split_by": a.split_by, "domains": {}}
     for path in a.data:
         res["domains"][domain_name(path)] = measure_domain(
             model, path, windows=a.windows, seq_len=a.seq_len, val_fraction=a.val_fraction,
-            batch_size=a.batch_size, old=old)
+            batch_size=a.batch_size, old=old, test_fraction=a.test_fraction, split_by=a.split_by, split=a.split)
     tmp = a.out + ".tmp"
     with open(tmp, "w") as f:
         json.dump(res, f, indent=1)

@@ -12,6 +12,7 @@ _WHERE = {
     "TokenizerInfo": "manifest", "read_manifest": "manifest", "shard_prefixes": "manifest", "tokenizer_info": "manifest",
     "check_sources": "checks", "source_shards": "manifest", "ShardEntry": "manifest",
     "DataSource": "mixture", "MixtureLoader": "mixture", "split_windows": "mixture",
+    "split_windows3": "mixture", "split_by_document": "mixture",
     "TokenStream": "packing", "pack_reference": "packing",
 }
 __all__ = list(_WHERE)

@@ -49,6 +49,17 @@ class TokenStream:
             i += 1
         return out
 
+    def document_starts(self) -> np.ndarray:
+        """The first token of every document of the stream (int64, ascending; shards' document indices)."""
+        out = []
+        for off, s in zip(self.offsets[:-1], self.shards):
+            seq_starts = np.concatenate([[0], np.cumsum(s.sequence_lengths, dtype=np.int64)])
+            docs = np.asarray(s.document_indices[:-1], dtype=np.int64)
+            out.append(seq_starts[docs] + int(off))
+        starts = np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+        starts = starts[starts < self.num_tokens]  # an empty shard's document index adds no document
+        return np.unique(starts)
+
     def num_windows(self, seq_len: int) -> int:
         return max(self.num_tokens - 1, 0) // seq_len
 

@@ -42,10 +42,12 @@ class MoLMConfig(PretrainedConfig):
         activation_function: str = "gelu_new",
         layer_norm_epsilon: float = 1e-5,
         initializer_range: float = 0.02,
+        router_init: str = "released",
         n_positions: int = 2048,
         kv_proj: Optional[bool] = None,
         stickbreaking_include_current: bool = True,
         renormalize_topk: bool = False,
+        router_balance: str = "none",
         n_att_experts_per_layer: Optional[Sequence[int]] = None,
         n_mlp_experts_per_layer: Optional[Sequence[int]] = None,
         use_cache: bool = True,
@@ -70,11 +72,17 @@ class MoLMConfig(PretrainedConfig):
         self.activation_function = activation_function  # "gelu_new" (tanh GELU) or "swiglu"
         self.layer_norm_epsilon = layer_norm_epsilon
         self.initializer_range = initializer_range
+        # Router init of a fresh model, as molm_ds.config.ModelConfig.router_init: "fan_in" (B ~ N(0, 1/D),
+        # A ~ N(0, 1/R)) or "released" (N(0, initializer_range), the released code's). Absent in released configs.
+        if router_init not in ("fan_in", "released"):
+            raise ValueError(f"router_init must be 'fan_in' or 'released', got {router_init!r}")
+        self.router_init = router_init
         self.n_positions = n_positions  # the context length the model was trained on (no position embedding)
         # The released rule: shared K/V projections exactly when att_hidden != n_embd or n_head > 1.
         self.kv_proj = (att_hidden != n_embd or n_head > 1) if kv_proj is None else bool(kv_proj)
         self.stickbreaking_include_current = stickbreaking_include_current
         self.renormalize_topk = renormalize_topk
+        self.router_balance = router_balance  # "bias": each gate has an expert_bias [E] added for top-k selection
         self.n_att_experts_per_layer = list(n_att_experts_per_layer) if n_att_experts_per_layer is not None else None
         self.n_mlp_experts_per_layer = list(n_mlp_experts_per_layer) if n_mlp_experts_per_layer is not None else None
         self.use_cache = use_cache

@@ -6,9 +6,10 @@ from molm_ds.model.experts import AttentionExperts, MLPExperts
 from molm_ds.model.generate import generate
 from molm_ds.model.moe import AUX_KEYS, MoEMLP, RoutingRecord
 from molm_ds.model.router import Router, RouterOutput
+from molm_ds.model.sublayers import KINDS, MoESubLayer, SubLayer, moe_sublayers
 from molm_ds.model.transformer import Block, MoLM, MoLMOutput
 
 __all__ = [
     "AUX_KEYS", "AttentionExperts", "Block", "DispatchPlan", "LocalDispatcher", "MLPExperts",
-    "MixtureOfAttention", "MoEMLP", "MoLM", "MoLMOutput", "Router", "RouterOutput", "RoutingRecord", "generate",
+    "KINDS", "MixtureOfAttention", "MoESubLayer", "MoEMLP", "MoLM", "MoLMOutput", "Router", "RouterOutput", "RoutingRecord", "SubLayer", "generate", "moe_sublayers",
 ]

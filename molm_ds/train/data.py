@@ -21,7 +21,8 @@ class TrainData:
         d = job.data
         self.loader_kw = dict(sources=[DataSource(s.path, s.weight) for s in d.sources], seq_len=d.seq_len,
                               micro_batch_size=job.training.micro_batch_size, seed=job.training.seed, dp_rank=rank,
-                              dp_world_size=world, val_fraction=d.val_fraction)
+                              dp_world_size=world, val_fraction=d.val_fraction,
+                              test_fraction=d.test_fraction, split_by=d.split_by)
         self.train = MixtureLoader(split="train", **self.loader_kw)
         self.eval_batches = d.eval_batches
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from molm_ds.model.moe import AUX_KEYS
-from molm_ds.train import checkpoint as ckpt
+from molm_ds import checkpoint as ckpt
 from molm_ds.train.job import JobConfig
 
 __all__ = ["Recipe", "Run", "decay_groups"]

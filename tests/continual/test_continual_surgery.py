@@ -31,8 +31,9 @@ def test_old_weights_kept_and_shapes_grow():
             grow = 1 if ".attn." in k else 3
             assert new.shape[0] == old.shape[0] + grow and new.shape[1:] == old.shape[1:], k
             fresh = new[old.shape[0]:]
-            if "w_gate" in k:  # N(0, init_std)
-                assert 0 < fresh.std() < 0.05
+            if "w_gate" in k:  # as the model's router_init (tiny: fan_in) draws A: N(0, 1/gating_size)
+                want = old.shape[1] ** -0.5
+                assert 0.5 * want < float(fresh.std()) < 2 * want
             else:  # U(-1/fan_in, 1/fan_in)
                 assert fresh.abs().max() <= 1.0 / old.shape[1] and fresh.abs().max() > 0.5 / old.shape[1]
     for layer in model.moe_layers():
@@ -73,3 +74,25 @@ def test_bad_counts_and_parallel_models_are_refused():
     m._molm_expert_parallel = object()
     with pytest.raises(ValueError, match="before parallelize"):
         grow_experts(m, attention=1, mlp=1, seed=0)
+
+
+@pytest.mark.parametrize("scheme", ["fan_in", "released"])
+def test_new_router_rows_get_the_models_router_init(scheme):
+    """New module embeddings A' are drawn as Router.reset_parameters draws A under config.router_init."""
+    cfg = ModelConfig.from_preset("tiny", gating_size=256, router_init=scheme)
+    torch.manual_seed(0)
+    model = MoLM(cfg)
+    grow_experts(model, attention=16, mlp=16, seed=3)
+    want = 256 ** -0.5 if scheme == "fan_in" else cfg.init_std
+    for layer in model.moe_layers():
+        new = layer.router.w_gate[layer.continual_old_experts:]
+        assert new.shape[0] == 16
+        assert abs(float(new.std()) / want - 1) < 0.1, (scheme, float(new.std()), want)
+
+
+def test_released_presets_keep_the_released_router_init():
+    from molm_ds.config import PRESETS
+
+    for name in PRESETS:
+        want = "released" if name.startswith("molm-") else "fan_in"
+        assert ModelConfig.from_preset(name).router_init == want, name

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from data_prep.indexed_writer import IndexedShardWriter
-from molm_ds.data import DataSource, MixtureLoader, TokenStream, pack_reference, split_windows
+from molm_ds.data import (
+    DataSource, MixtureLoader, TokenStream, pack_reference, split_by_document, split_windows, split_windows3,
+)
 from molm_ds.data.mixture import choose_source
 from molm_ds.errors import DataError
 
@@ -166,3 +168,68 @@ def test_bad_arguments(two_sources):
         MixtureLoader([DataSource(p)], seq_len=8, micro_batch_size=1, seed=0, dp_rank=2, dp_world_size=2)
     with pytest.raises(DataError, match="neither a shard directory nor a prefix"):
         MixtureLoader([DataSource(p + "/nope")], seq_len=8, micro_batch_size=1, seed=0)
+
+
+def test_three_way_position_split_keeps_val_and_is_disjoint():
+    for n in (21, 100, 1000):
+        tr2, va2 = split_windows(n, 0.1)
+        tr, va, te = split_windows3(n, 0.1, 0.1)
+        assert va.tolist() == va2.tolist()  # adding a test split does not move validation
+        assert set(te.tolist()) <= set(tr2.tolist()) and len(te) >= 1
+        assert sorted(np.concatenate([tr, va, te]).tolist()) == list(range(n))
+    with pytest.raises(ValueError, match="sum below 1"):
+        split_windows3(100, 0.6, 0.5)
+
+
+def document_split_reference(docs, seq_len, val_fraction, test_fraction):
+    """Slow path: label every token with its document's split, keep windows whose tokens share one label."""
+    from molm_ds.data.mixture import SPLIT_SEED
+
+    lengths = [len(d) + 1 for d in docs]
+    n_tok = sum(lengths)
+    label = [0] * len(docs)
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(docs)).tolist()
+    i = 0
+    for lab, frac in ((1, val_fraction), (2, test_fraction)):
+        got = 0
+        while frac > 0 and got < frac * n_tok and i < len(docs):
+            label[order[i]] = lab
+            got += lengths[order[i]]
+            i += 1
+    tok_label = [lab for d, lab in zip(lengths, label) for _ in range(d)]
+    out = {0: [], 1: [], 2: []}
+    for w in range((n_tok - 1) // seq_len):
+        labs = set(tok_label[w * seq_len: w * seq_len + seq_len + 1])
+        if len(labs) == 1:
+            out[labs.pop()].append(w)
+    return out
+
+
+@pytest.mark.parametrize("seq_len", [4, 16])
+def test_document_split_matches_reference_and_never_shares_a_document(two_sources, seq_len):
+    path, docs = two_sources[0]
+    st = TokenStream(path)
+    starts = st.document_starts()
+    assert len(starts) == len(docs) and starts[0] == 0
+    got = split_by_document(starts, st.num_tokens, seq_len, 0.15, 0.15)
+    ref = document_split_reference(docs, seq_len, 0.15, 0.15)
+    assert [g.tolist() for g in got] == [ref[0], ref[1], ref[2]]
+    assert all(len(g) for g in got)
+    loaders = {sp: MixtureLoader([DataSource(path)], seq_len=seq_len, micro_batch_size=2, seed=0, split=sp,
+                                 val_fraction=0.15, test_fraction=0.15, split_by="document")
+               for sp in ("train", "val", "test")}
+    assert [loaders[sp].windows[0].tolist() for sp in ("train", "val", "test")] == [ref[0], ref[1], ref[2]]
+    assert loaders["test"].split_kinds == ["document"]
+
+
+def test_auto_falls_back_to_position_when_documents_do_not_allow(tmp_path):
+    make_source(tmp_path / "one", [1], seed=3)  # one document: no held-out document leaves training data
+    path = str(tmp_path / "one")
+    with pytest.raises(DataError, match="cannot be split by document"):
+        MixtureLoader([DataSource(path)], seq_len=2, micro_batch_size=1, seed=0, split="test", val_fraction=0.1,
+                      test_fraction=0.1, split_by="document")
+    auto = MixtureLoader([DataSource(path)], seq_len=2, micro_batch_size=1, seed=0, split="test", val_fraction=0.1,
+                         test_fraction=0.1, split_by="auto")
+    assert auto.split_kinds == ["position"]
+    st = TokenStream(path)
+    assert auto.windows[0].tolist() == split_windows3(st.num_windows(2), 0.1, 0.1)[2].tolist()

@@ -94,3 +94,81 @@ def test_aggregate_picks_each_methods_best_lr():
     assert agg["a"]["best_lr"] == 1e-2  # mean 3.0 beats 3.1, however wide its spread
     assert agg["a"]["per_lr"][1e-2]["v"] == pytest.approx((3.0, 2 ** 0.5))
     assert agg["b"]["best_lr"] == 1e-2 and agg["b"]["per_lr"][1e-2]["v"] == (1.0, 0.0)
+
+
+def _fake_trained_run(s, name, after):
+    """A run directory as a finished run leaves it (job.yaml, a checkpoints dir, result.json), no trainer."""
+    import yaml
+
+    job = common.base_job(s, sources=[{"path": s.domain("code")}], seed=1, lr=1e-3)
+    run = common.Run(name, job, after=after, group={"method": "m", "lr": 1e-3, "seed": 1})
+    d = common.run_dir(s, run)
+    os.makedirs(os.path.join(d, "checkpoints", f"step_{job['training']['steps']:08d}"))
+    open(os.path.join(d, "checkpoints", f"step_{job['training']['steps']:08d}", "COMPLETE"), "w").close()
+    with open(os.path.join(d, "job.yaml"), "w") as f:
+        yaml.safe_dump(dict(job, name=name, run_dir=d), f)
+    return run, d
+
+
+def test_changed_measurement_remeasures_the_checkpoint_without_training(corpus, tmp_path):
+    s, _ = common.parse("s4_prune", "", lrs="1e-3", steps=3, argv=["--out", str(tmp_path / "g"), "--data", corpus])
+    mark = ["-c", "import sys; open(sys.argv[1], 'a').write(sys.argv[2])", "{run}/measured.txt"]
+    run, d = _fake_trained_run(s, "r", [mark + ["A"]])
+    with open(os.path.join(d, common.RESULT), "w") as f:
+        json.dump({"seconds": 1.0, "group": run.group, "after": run.after}, f)
+    assert common.is_done(s, run) and common._execute(s, run)[1]  # same commands: skipped
+    assert not os.path.exists(os.path.join(d, "measured.txt"))
+    run.after = [mark + ["B"]]  # e.g. new --taus: the prune command changed
+    assert not common.is_done(s, run)
+    name, ok, _ = common._execute(s, run)
+    assert ok and open(os.path.join(d, "measured.txt")).read() == "B"  # measured again ...
+    assert common.read_json(os.path.join(d, common.RESULT))["after"] == run.after and common.is_done(s, run)
+    assert "pretrain.py" not in open(os.path.join(d, "log.txt")).read()  # ... without training
+
+    os.remove(os.path.join(d, common.RESULT))  # interrupted after training, before its measurement finished
+    run.after = [mark + ["C"]]
+    assert common._execute(s, run)[1] and open(os.path.join(d, "measured.txt")).read() == "BC"
+    assert common.is_done(s, run)
+
+
+def test_reuse_needs_the_same_job_and_measurement(corpus, tmp_path):
+    s, _ = common.parse("s2_dense", "", lrs="1e-3", steps=3, argv=["--out", str(tmp_path / "g"), "--data", corpus])
+    src, sd = _fake_trained_run(s, "src", common.measure_cmds(s, ["prose", "code"]))
+    with open(os.path.join(sd, common.RESULT), "w") as f:
+        json.dump({"seconds": 1.0, "group": src.group, "after": src.after}, f)
+    for windows, expect in ((s.windows, True), (s.windows + 1, False)):
+        s2 = common.Settings(**{**vars(s), "windows": windows})
+        dst = common.Run(f"dst{windows}", src.job, after=common.measure_cmds(s2, ["prose", "code"]), group=src.group,
+                         reuse=sd)
+        d = common.run_dir(s, dst)
+        os.makedirs(d)
+        assert common._copy_reused(dst, dict(src.job, name=dst.name, run_dir=d), d) is expect
+
+
+def test_measurement_settings_may_change_training_settings_may_not(corpus, tmp_path):
+    argv = ["--out", str(tmp_path / "g"), "--data", corpus]
+    from experiments import s4_prune
+
+    def settings(*more):
+        return common.parse("s4_prune", "", lrs="1e-3", steps=3, argv=argv + list(more), extra=s4_prune.extra)[0]
+
+    common.check_inputs(settings("--taus", "0.1"), ("prose", "code"))
+    common.check_inputs(settings("--taus", "0.2,0.4", "--windows", "32"), ("prose", "code"))
+    with pytest.raises(common.ConfigError, match="base_steps"):
+        common.check_inputs(settings("--base-steps", "5"), ("prose", "code"))
+
+
+def test_other_corpus_is_refused_unless_allowed(corpus, tmp_path, monkeypatch):
+    from data_prep.science import corpus_sha256
+
+    monkeypatch.setattr(common, "PUBLISHED", str(tmp_path / "published"))
+    os.makedirs(tmp_path / "published" / "s1_balance")
+    (tmp_path / "published" / "s1_balance" / "results.json").write_text(json.dumps({"corpus_sha256": "0" * 64}))
+    s, _ = common.parse("s1_balance", "", lrs="1e-2", steps=3, argv=["--out", str(tmp_path / "g"), "--data", corpus])
+    with pytest.raises(common.ConfigError, match="--allow-other-corpus"):
+        common.check_inputs(s, ("prose", "code"))
+    s, _ = common.parse("s1_balance", "", lrs="1e-2", steps=3,
+                        argv=["--out", str(tmp_path / "g"), "--data", corpus, "--allow-other-corpus"])
+    common.check_inputs(s, ("prose", "code"))
+    assert s.corpus_sha256 == corpus_sha256(corpus)
+    assert json.load(open(tmp_path / "g" / "grid.json"))["corpus_sha256"] == s.corpus_sha256

@@ -6,6 +6,7 @@ counts); the config carries the real expert counts and the right model_type."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -134,6 +135,11 @@ def test_special_ids_generation_config_and_tokenizer(tmp_path, run_tokenizer):
     out = hf.generate(ids, max_new_tokens=5)
     assert out.shape[1] <= ids.shape[1] + 5 and isinstance(tok.decode(out[0]), str)
     assert (tmp_path / "hf" / "README.md").read_text().startswith("---")
+    # one mode for every file (safetensors alone would write its weights 0600): 0666 less the umask
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "hf").iterdir()}
+    assert set(modes.values()) == {0o666 & ~mask}, modes
 
 
 def test_bf16_and_sharded_weights(tmp_path):
@@ -143,6 +149,7 @@ def test_bf16_and_sharded_weights(tmp_path):
     export_hf(model, str(tmp_path / "hf"), tokenizer=None, context_length=64, dtype="bfloat16", max_shard_bytes=200_000)
     index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
+    assert len({f.stat().st_mode & 0o777 for f in (tmp_path / "hf").iterdir()}) == 1  # the shards too
     from molm_ds.interop import load_moduleformer
 
     again = load_moduleformer(str(tmp_path / "hf"))
@@ -161,3 +168,23 @@ def test_refuses_a_non_empty_directory_and_a_wrong_tokenizer(tmp_path, run_token
     small_vocab = _perturbed(ModelConfig.from_preset("tiny", vocab_size=100))
     with pytest.raises(ConfigError, match="512 pieces but the model only 100"):
         export_hf(small_vocab, str(tmp_path / "y"), tokenizer=run_tokenizer, context_length=64)
+
+
+@pytest.mark.parametrize("scheme", ["fan_in", "released"])
+def test_hf_fresh_init_follows_router_init(scheme):
+    """The Hugging Face model's own init (from_config) draws the routers as molm-ds does: fan_in B ~ N(0, 1/D),
+    A ~ N(0, 1/R); released N(0, initializer_range). The export carries the choice."""
+    from molm_ds.hf.configuration_molm import MoLMConfig
+    from molm_ds.hf.modeling_molm import MoLMForCausalLM
+    from molm_ds.interop import config_from_hf, hf_config
+
+    cfg = ModelConfig.from_preset("tiny", d_model=256, att_hidden=256, gating_size=256, router_init=scheme)
+    hf = hf_config(cfg)
+    assert hf["router_init"] == scheme and config_from_hf(hf).router_init == scheme
+    torch.manual_seed(0)
+    model = MoLMForCausalLM(MoLMConfig(**{k: v for k, v in hf.items() if not k.startswith("_")}))
+    gate = model.transformer.h[0].mlpf.gate.w_gate
+    b, a = gate[0].weight, gate[3].weight
+    want_b, want_a = (256 ** -0.5, 256 ** -0.5) if scheme == "fan_in" else (0.02, 0.02)
+    assert abs(float(b.std()) / want_b - 1) < 0.1 and abs(float(a.std()) / want_a - 1) < 0.2
+    assert float(gate[0].bias.abs().max()) == 0.0

@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 
-from molm_ds.train import checkpoint as ckpt
+from molm_ds import checkpoint as ckpt
 from tests.launch.test_launchers import BIN, TIMEOUT, deepspeed_cmd, env, job_args, run
 from tests.train.helpers import REPO, read_metrics, write_shard
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from molm_ds.train import checkpoint as ckpt
+from molm_ds import checkpoint as ckpt
 from tests.multihost import doc_commands as doc
 from tests.train.helpers import read_metrics, write_shard
 

@@ -1,5 +1,5 @@
 """DeepSpeed's fp32 master weights, read back from a bf16/fp16 run's optimizer shards into one plain
-(single-process) state dict. Called by ``molm_ds.train.checkpoint.read_fp32_state``, which owns the
+(single-process) state dict. Called by ``molm_ds.checkpoint.read_fp32_state``, which owns the
 checkpoint layout; this module only knows DeepSpeed 0.19's optimizer files.
 
 Legend: W world size, P ep_size, E_l = E / P local experts of an expert-parallel rank.

@@ -16,14 +16,15 @@ import threading
 import time
 from typing import Optional
 
+from molm_ds import rundir
 from molm_ds.errors import ConfigError
 from molm_ds.log import get_logger
 
-log = get_logger("train.lock")
+log = get_logger("checkpoint.lock")
 
 __all__ = ["RunLock", "LOCK_FILE", "STALE_AFTER_S"]
 
-LOCK_FILE = ".molm_ds.lock"
+LOCK_FILE = rundir.LOCK
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
 
