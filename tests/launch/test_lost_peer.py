@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from molm_ds.train import checkpoint as ckpt
+from molm_ds import checkpoint as ckpt
 from tests.launch.test_faults import ranks_of, shard, start, wait_for_steps, wait_gone  # noqa: F401 (fixture)
 from tests.launch.test_launchers import TIMEOUT, deepspeed_cmd, job_args
 
