@@ -82,7 +82,7 @@ class _WeightedCombine(torch.autograd.Function):
         if torch.are_deterministic_algorithms_enabled():  # distinct slot rows, then the K slots summed in order
             K = weights_TK.shape[1]
             out = y_ND.new_zeros(T * K, y_ND.shape[1]).index_copy_(0, order_N, y_ND * w_N[:, None])
-            out = out.view(T, K, -1).sum(1)
+            out = out.view(T, K, y_ND.shape[1]).sum(1)
         else:
             out = y_ND.new_zeros(T, y_ND.shape[1])
             out.index_add_(0, token_N, y_ND * w_N[:, None])
@@ -127,7 +127,7 @@ class _GatherTokens(torch.autograd.Function):
     def backward(ctx, dy_ND: Tensor):
         (order_N,) = ctx.saved_tensors
         T, K = ctx.shape
-        dx = dy_ND.new_zeros(T * K, dy_ND.shape[1]).index_copy_(0, order_N, dy_ND).view(T, K, -1).sum(1)
+        dx = dy_ND.new_zeros(T * K, dy_ND.shape[1]).index_copy_(0, order_N, dy_ND).view(T, K, dy_ND.shape[1]).sum(1)
         return dx, None, None, None
 
 
