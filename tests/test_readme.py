@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.train.helpers import REPO, read_metrics
+from molm_ds.testing import REPO, read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -38,6 +38,29 @@ def _env() -> dict:
     return e
 
 
+def _set(argv: list[str], key: str) -> str | None:
+    vals = [argv[i + 1].split("=", 1)[1] for i, a in enumerate(argv[:-1]) if a == "--set" and argv[i + 1].startswith(key + "=")]
+    return vals[-1] if vals else None
+
+
+def test_readme_runs_do_not_collide_with_the_demo_or_each_other():
+    """After `make demo`, runs/demo holds the demo's finished run: every training command of the README names
+    its own run_dir, and a --resume continues the command before it with more steps (the total)."""
+    cmds = [shlex.split(c, comments=True) for c in section_commands("Training") + section_commands("After training")]
+    cmds = [c for c in cmds if any(a.endswith("launch/pretrain.py") for a in c)]
+    assert len(cmds) >= 5
+    seen, prev = set(), None
+    for argv in cmds:
+        run_dir, steps = _set(argv, "run_dir"), _set(argv, "training.steps")
+        assert run_dir and run_dir != "runs/demo" and steps, " ".join(argv)
+        if "--resume" in argv:
+            assert prev and run_dir == prev[0] and int(steps) > int(prev[1]), " ".join(argv)
+        else:
+            assert run_dir not in seen, " ".join(argv)
+        seen.add(run_dir)
+        prev = (run_dir, steps)
+
+
 def test_readme_training_commands(tmp_path):
     cmds = section_commands("Training")
     assert len(cmds) >= 4 and any(c.split()[1:2] == ["python"] for c in cmds if c.startswith("DS_ACCELERATOR"))
@@ -45,10 +68,13 @@ def test_readme_training_commands(tmp_path):
                    check=True, capture_output=True, timeout=300)
     budget = ["--set", "training.eval_interval=0", "--set", "checkpoint.interval=0", "--set", "monitor.log_interval=1",
               "--set", "training.warmup_steps=1"]
-    steps, run_dir = 0, None
+    steps, run_dir, exported = 0, None, {}
     for i, cmd in enumerate(cmds):
-        argv = shlex.split(cmd)
-        env = _env()
+        argv = shlex.split(cmd, comments=True)
+        if argv[0] == "export":  # export VAR=value: for the commands after it
+            exported.update(a.split("=", 1) for a in argv[1:])
+            continue
+        env = {**_env(), **exported}
         while "=" in argv[0]:  # leading VAR=value assignments
             k, v = argv.pop(0).split("=", 1)
             env[k] = v

@@ -16,8 +16,10 @@ import psutil
 import pytest
 
 from molm_ds.train import checkpoint as ckpt
-from tests.launch.test_launchers import BIN, TIMEOUT, deepspeed_cmd, env, job_args, run
-from tests.train.helpers import REPO, read_metrics, write_shard
+from molm_ds.testing import TIMEOUT, deepspeed_cmd, job_args
+from molm_ds.testing import launch_env as env
+from molm_ds.testing import run_command as run
+from molm_ds.testing import REPO, read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -26,11 +28,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 CONST_LR = ["training.warmup_steps=0", "training.min_lr_ratio=1.0"]
 LONG = ["training.steps=400", "checkpoint.interval=0", "training.eval_interval=0", "monitor.tensorboard=false", *CONST_LR]
 EXIT_PREEMPTED = 75
-
-
-@pytest.fixture(scope="module")
-def shard(tmp_path_factory):
-    return write_shard(tmp_path_factory.mktemp("data"))
 
 
 def start(cmd) -> subprocess.Popen:
