@@ -16,9 +16,9 @@ The tokenizer (SentencePiece BPE with byte fallback, vocab --vocab-size, 512 = t
 trained on both domains with data_prep.train_tokenizer, the shards are written by
 data_prep.build_shards (the project's format), so molm_ds.data reads DIR/shards/{prose,code}.
 
-The held-out split is the trainer's own (molm_ds.data.mixture.split_windows: blocks of 16 windows drawn
-with a fixed seed, independent of the training seed) at the val_fraction stored in the manifest (0.1 by
-default); the manifest records how many validation tokens each domain holds at seq_len 64.
+The manifest records how many tokens the trainer's default position split (molm_ds.data.mixture) holds
+out per domain at val_fraction 0.1 and seq_len 64; the experiments harness splits this corpus by document
+instead (train / validation / test, docs/science.md) and reports its window counts with every result.
 
     DIR/pile/train/00.jsonl.zst   both domains, meta.pile_set_name man_pages | python_stdlib_tree
     DIR/tokenizer.model, DIR/shards/prose, DIR/shards/code, DIR/manifest.json

@@ -120,7 +120,7 @@ def from_hf(args) -> int:
     from molm_ds.errors import ConfigError
     from molm_ds.interop import load_moduleformer
     from molm_ds.loading import is_hf_dir
-    from molm_ds.train import checkpoint as ckpt
+    from molm_ds import checkpoint as ckpt
 
     if not is_hf_dir(args.from_hf):
         raise ConfigError(f"--from-hf {args.from_hf}: no config.json there; give a Hugging Face model directory")

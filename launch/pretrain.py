@@ -9,6 +9,9 @@ Several machines over ssh/pdsh (hostfile lines: `node1 slots=8`):
 Several machines without ssh: the same hostfile and command on every node, each with its own --node_rank:
     deepspeed --hostfile hostfile --no_ssh --num_nodes 2 --node_rank 0 --master_addr node1 --master_port 29500 \
         launch/pretrain.py --config job.yaml          # on node1; --node_rank 1 on node2
+torchrun (static; elastic: --nnodes 1:2 --rdzv_backend c10d ...) and Slurm (srun, one task per rank): docs/multinode.md
+    torchrun --nnodes 2 --nproc_per_node 8 --node_rank 0 --master_addr node1 --master_port 29500 launch/pretrain.py --config job.yaml
+    srun python launch/pretrain.py --config job.yaml --resume auto
 OpenMPI (ranks found through mpi4py):
     mpirun -np 2 python launch/pretrain.py --config configs/demo.yaml
     (as root in a container: mpirun --allow-run-as-root --oversubscribe -np 2 ...)

@@ -12,7 +12,18 @@ from typing import Annotated, Literal, Optional, Tuple
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-__all__ = ["ModelConfig", "PRESETS", "preset_names"]
+from molm_ds.errors import ConfigError
+
+__all__ = ["ModelConfig", "PRESETS", "check_expert_split", "preset_names"]
+
+
+def check_expert_split(num_experts: int, ep_size: int, *, what: str, hint: str = "") -> None:
+    """The rule of expert parallelism, stated once: the ep_size ranks of a group share each sub-layer's
+    experts evenly. ConfigError starting with ``what`` (which count, where) and naming the ep_sizes that work."""
+    if num_experts % ep_size:
+        ok = [d for d in range(1, num_experts + 1) if num_experts % d == 0]
+        raise ConfigError(f"{what}: {num_experts} experts cannot be split over ep_size={ep_size} ranks (must divide "
+                          f"evenly); choose an ep_size among {ok}{hint}")
 
 
 def _list_to_tuple(v):
@@ -144,6 +155,17 @@ class ModelConfig(BaseModel):
 
     def mlp_experts_at(self, layer: int) -> int:
         return self.n_mlp_experts if self.mlp_experts_per_layer is None else self.mlp_experts_per_layer[layer]
+
+    def expert_parallel_counts(self, *, replicate_attention_experts: bool) -> dict[str, int]:
+        """{field: experts} of what expert parallelism splits over ep_size ranks: the MLP experts always,
+        the attention experts unless replicated (per layer where pruning left the layers different)."""
+        kinds = [("n_mlp_experts", "mlp_experts_per_layer", self.n_mlp_experts, self.mlp_experts_per_layer)]
+        if not replicate_attention_experts:
+            kinds.append(("n_att_experts", "att_experts_per_layer", self.n_att_experts, self.att_experts_per_layer))
+        out: dict[str, int] = {}
+        for name, per_name, full, per in kinds:
+            out.update({name: full} if per is None else {f"{per_name}[{i}]": c for i, c in enumerate(per)})
+        return out
 
     def k_att_at(self, layer: int) -> int:
         return min(self.k_att, self.att_experts_at(layer))

@@ -5,7 +5,7 @@ checkpoint or a Hugging Face directory.
     src.model, src.tokenizer_path, src.context_length, src.job
 
 - trainer checkpoint (a checkpoint directory = its newest complete tag, or a step_NNNNNNNN tag):
-  ``molm_ds.train.checkpoint.load_fp32_model`` (bf16/fp16 runs: the fp32 master weights; ``masters=False``
+  ``molm_ds.checkpoint.load_fp32_model`` (bf16/fp16 runs: the fp32 master weights; ``masters=False``
   keeps the saved low-precision weights); tokenizer from its job's data manifests (a given or found
   tokenizer whose SHA-256 differs from the manifests' record is refused), context from ``data.seq_len``;
 - Hugging Face directory (``config.json``): ``molm_ds.interop.load_moduleformer``; tokenizer the
@@ -39,7 +39,7 @@ def is_hf_dir(path: str) -> bool:
 
 def load_source(path: str, *, tokenizer: Optional[str] = None, masters: bool = True, what: str = "--checkpoint") -> Source:
     """``tokenizer`` overrides the one found with the model."""
-    from molm_ds.train import checkpoint as ckpt
+    from molm_ds import checkpoint as ckpt
     from molm_ds.tokenizer import check_run_tokenizer, find_run_tokenizer
 
     if is_hf_dir(path):

@@ -37,7 +37,8 @@ from torch import Tensor, nn
 from molm_ds.config import ModelConfig
 from molm_ds.log import get_logger
 from molm_ds.model import MoLM
-from molm_ds.monitor import ExpertLoadTracker, LoadSums, SubLayer
+from molm_ds.model.sublayers import ATTN, MLP, SubLayer
+from molm_ds.monitor import ExpertLoadTracker, LoadSums
 
 __all__ = [
     "expert_load_sums", "activation_frequencies", "normalized_frequencies", "experts_to_keep", "pruned_config",
@@ -46,8 +47,6 @@ __all__ = [
 ]
 
 log = get_logger("prune")
-
-_SUBLAYER_ATTR = {"attn": "attn", "mlp": "mlpf"}  # SubLayer.kind -> attribute of a Block
 
 
 # ---- statistics ----------------------------------------------------------------------------------
@@ -193,9 +192,9 @@ def keep_counts_of(config: ModelConfig) -> dict[SubLayer, int]:
 # ---- surgery -------------------------------------------------------------------------------------
 def pruned_config(config: ModelConfig, keep: dict[SubLayer, list[int]]) -> ModelConfig:
     """`config` with per-layer expert counts from `keep` (layers/kinds not in keep keep their count)."""
-    att = [len(keep[SubLayer(i, "attn")]) if SubLayer(i, "attn") in keep else config.att_experts_at(i)
+    att = [len(keep[SubLayer(i, ATTN)]) if SubLayer(i, ATTN) in keep else config.att_experts_at(i)
            for i in range(config.n_layer)]
-    mlp = [len(keep[SubLayer(i, "mlp")]) if SubLayer(i, "mlp") in keep else config.mlp_experts_at(i)
+    mlp = [len(keep[SubLayer(i, MLP)]) if SubLayer(i, MLP) in keep else config.mlp_experts_at(i)
            for i in range(config.n_layer)]
     return ModelConfig(**{**config.model_dump(), "att_experts_per_layer": tuple(att), "mlp_experts_per_layer": tuple(mlp)})
 
@@ -203,11 +202,12 @@ def pruned_config(config: ModelConfig, keep: dict[SubLayer, list[int]]) -> Model
 def _check_keep(model: MoLM, keep: dict[SubLayer, list[int]]) -> None:
     if getattr(model, "_molm_expert_parallel", None) is not None:
         raise ValueError("prune_model needs the plain (full) model, not an expert-parallel one: load the checkpoint "
-                         "with molm_ds.train.checkpoint.load_model (all experts on one process)")
+                         "with molm_ds.checkpoint.load_model (all experts on one process)")
+    subs = {s.key: s for s in model.moe_sublayers()}
     for key, ids in keep.items():
-        if key.kind not in _SUBLAYER_ATTR or not 0 <= key.layer < len(model.blocks):
+        if key not in subs:
             raise ValueError(f"keep: no MoE sub-layer {key} in a model of {len(model.blocks)} layers")
-        E = getattr(model.blocks[key.layer], _SUBLAYER_ATTR[key.kind]).num_experts
+        E = subs[key].module.num_experts
         if not ids:
             raise ValueError(f"{key.tag}: keep at least one expert (tau <= 1 always keeps the most used one)")
         if sorted(set(ids)) != list(ids) or ids[0] < 0 or ids[-1] >= E:
@@ -221,8 +221,9 @@ def prune_model(model: MoLM, keep: dict[SubLayer, list[int]]) -> MoLM:
     _check_keep(model, keep)
     cfg = pruned_config(model.config, keep)
     sd = {k: v.clone() for k, v in model.state_dict().items()}
+    names = {s.key: s.name for s in model.moe_sublayers()}
     for key, ids in keep.items():
-        prefix = f"blocks.{key.layer}.{_SUBLAYER_ATTR[key.kind]}."
+        prefix = names[key] + "."
         idx = torch.tensor(ids, dtype=torch.long)
         for name in list(sd):
             if name.startswith(prefix + "experts.") or name in (prefix + "router.w_gate", prefix + "router.expert_bias_E"):
@@ -274,7 +275,7 @@ def perplexity(model: nn.Module, batches: Iterable[dict], *, group=None) -> floa
 def save_pruned_checkpoint(model: MoLM, job: dict, out_dir: str, *, tag: str, info: Optional[dict] = None) -> str:
     """Write the pruned model as a weights-only checkpoint `out_dir/<tag>/` in the trainer's layout, with
     `prune.yaml` (`info`) beside; its job.yaml's model section holds the per-layer counts, so
-    `molm_ds.train.checkpoint.load_model` and `init_from` rebuild the pruned model. Returns the tag directory."""
-    from molm_ds.train import checkpoint as ckpt
+    `molm_ds.checkpoint.load_model` and `init_from` rebuild the pruned model. Returns the tag directory."""
+    from molm_ds import checkpoint as ckpt
 
     return ckpt.write_model(model, job, out_dir, tag=tag, kind="pruned", extra_files={"prune.yaml": info or {}})

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from molm_ds import cli
+from molm_ds import cli, rundir
 from molm_ds.errors import DataError
 
 __all__ = ["RunData", "load_run", "render_report", "main"]
@@ -124,7 +124,7 @@ def load_run(run_dir: str, tensorboard_dir: str | None = None) -> RunData:
         raise DataError(f"run directory {run_dir!r} does not exist: give the job's run_dir (e.g. runs/demo)")
     data = RunData()
     points: dict[str, dict[int, float]] = {}
-    metrics = os.path.join(run_dir, "metrics.jsonl")
+    metrics = os.path.join(run_dir, rundir.METRICS)
     if os.path.exists(metrics):
         data.sources.append(metrics)
         for r in _read_jsonl(metrics):
@@ -145,7 +145,7 @@ def load_run(run_dir: str, tensorboard_dir: str | None = None) -> RunData:
 
     # Expert load: the full matrices of expert_load.jsonl (heatmap steps) or the per-expert share scalars
     # (every logged step, when the sub-layers are small enough to have them): whichever has more steps.
-    load_path = os.path.join(run_dir, "expert_load.jsonl")
+    load_path = os.path.join(run_dir, rundir.EXPERT_LOAD)
     from_rows = _load_from_rows(_read_jsonl(load_path)) if os.path.exists(load_path) else {}
     from_tags = _load_from_tags(scalars)
     n_steps = lambda d: sum(len(v) for v in d.values())  # noqa: E731
@@ -323,10 +323,10 @@ def main(argv=None) -> int:
     out = a.out or a.run_dir
     os.makedirs(out, exist_ok=True)
     title = f"molm-ds run {os.path.basename(os.path.abspath(a.run_dir))}"
-    png = os.path.join(out, "report.png")
+    png = os.path.join(out, rundir.REPORT_PNG)
     render_report(data, png, title=title)
-    write_html(data, os.path.join(out, "report.html"), "report.png", title=title)
-    print(f"wrote {png} and {os.path.join(out, 'report.html')}")
+    write_html(data, os.path.join(out, rundir.REPORT_HTML), rundir.REPORT_PNG, title=title)
+    print(f"wrote {png} and {os.path.join(out, rundir.REPORT_HTML)}")
     return 0
 
 

@@ -28,7 +28,7 @@ import numpy as np
 __all__ = [
     "REPO", "TINY_JOB", "BIN", "TIMEOUT", "synthetic_tokenizer_sha256", "write_shard", "tiny_job_overrides",
     "read_metrics", "write_ds_config", "write_yaml", "run_ranks", "free_port", "launch_env", "job_args",
-    "check", "run_command", "deepspeed_cmd", "assert_trained", "corpus_lines", "event_dirs", "load_events",
+    "check", "run_command", "deepspeed_cmd", "assert_trained", "start", "wait_for_steps", "ranks_of", "wait_gone", "corpus_lines", "event_dirs", "load_events",
     "scalars", "perturbed", "EXPORT_MODELS", "tmpfs", "read_only", "fill",
 ]
 
@@ -206,6 +206,51 @@ def assert_trained(run_dir, steps=4):
     files = list(Path(run_dir, "checkpoints", f"step_{steps:08d}").glob("layer_*_expert_*_mp_rank_00_model_states.pt"))
     assert len(files) == 16
     return rows
+
+
+def start(cmd) -> subprocess.Popen:
+    """``cmd`` started from the checkout in its own session (signals go to it alone), output merged."""
+    return subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def wait_for_steps(run_dir, n, proc, timeout=300):
+    """Until metrics.jsonl has a row for step n or later (the job ending first fails the test)."""
+    import time
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        try:
+            if max(read_metrics(run_dir), default=0) >= n:
+                return
+        except (FileNotFoundError, ValueError):
+            pass
+        if proc.poll() is not None:
+            raise AssertionError(f"the job ended early: {proc.stdout.read()[-3000:]}")
+        time.sleep(0.2)
+    raise AssertionError("the job did not train")
+
+
+def ranks_of(proc) -> list:
+    """The rank processes (psutil) under a launcher (not DeepSpeed's per-node launch.py)."""
+    import psutil
+
+    out = []
+    for p in psutil.Process(proc.pid).children(recursive=True):
+        cmd = " ".join(p.cmdline())
+        if "pretrain.py" in cmd and "deepspeed.launcher.launch" not in cmd:
+            out.append(p)
+    return out
+
+
+def wait_gone(procs, timeout=120):
+    """Every process in ``procs`` ends within ``timeout`` (the ones left are killed and fail the test)."""
+    import psutil
+
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        p.kill()
+    assert not alive, f"orphans left running: {[p.pid for p in alive]}"
 
 
 # ---- TensorBoard event files ---------------------------------------------------------------------------

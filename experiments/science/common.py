@@ -253,13 +253,16 @@ def is_done(s: Settings, run: Run) -> bool:
 
 
 def _remeasure(s: Settings, run: Run, d: str) -> Optional[tuple[str, bool, float]]:
-    """A trained run whose measurement commands changed: run the new ones on its checkpoint (None when the
-    run must train again: another job or no checkpoint)."""
+    """A trained run whose measurement commands changed, or whose measurement was interrupted: run the
+    commands on its final checkpoint (None when the run must train again: another job, or no complete
+    final checkpoint)."""
     res = read_json(os.path.join(d, RESULT))
-    if run.job is None:
+    if run.job is None or not os.path.isfile(os.path.join(d, "job.yaml")):
         return None
-    if res is None or not os.path.isfile(os.path.join(d, "job.yaml")) or not os.path.isdir(os.path.join(d, "checkpoints")):
-        return None
+    steps = run.job["training"]["steps"]
+    if not os.path.isfile(os.path.join(d, "checkpoints", f"step_{steps:08d}", "COMPLETE")):
+        return None  # training did not finish (an interrupted grid): train again
+    res = res or {"seconds": None, "measured_after_interruption": True}
     with open(os.path.join(d, "job.yaml")) as f:
         if not _same_job(yaml.safe_load(f), dict(run.job, name=run.name, run_dir=d)):
             return None

@@ -20,20 +20,21 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from molm_ds import rundir
 from molm_ds.continual.groups import continual_param_groups
 from molm_ds.continual.losses import distillation_kl, new_router_rows_penalty
 from molm_ds.continual.routing import KINDS, NewExpertShare
 from molm_ds.continual.surgery import grow_experts
 from molm_ds.errors import ConfigError
 from molm_ds.log import get_logger, info0, is_rank0
-from molm_ds.train import checkpoint as ckpt
+from molm_ds import checkpoint as ckpt
 from molm_ds.train.evaluate import evaluate
 from molm_ds.train.recipe import Recipe, Run
 
 __all__ = ["ContinualRecipe", "REPORT_JSON", "write_report"]
 
 log = get_logger("continual")
-REPORT_JSON = "continual_report.json"
+REPORT_JSON = rundir.CONTINUAL_REPORT_JSON
 
 
 class ContinualRecipe(Recipe):
@@ -164,5 +165,5 @@ def write_report(job, *, knobs: dict, before: dict, after: dict, step: int, sour
             b = lambda k: f"{before[k]:.4f}" if k in before else "-"
             lines.append(f"| {d} | {b(d + '_val_loss')} | {after[d + '_val_loss']:.4f} | {b(d + '_val_ppl')} | "
                          f"{after[d + '_val_ppl']:.2f} | {share(before, d)} | {share(after, d)} |")
-    with open(os.path.join(job.run_dir, "continual_report.md"), "w") as f:
+    with open(os.path.join(job.run_dir, rundir.CONTINUAL_REPORT_MD), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -42,7 +42,7 @@ from molm_ds.errors import debug_enabled
 from molm_ds.ops.grouped_gemm import GroupCounts
 
 __all__ = ["DispatchPlan", "LocalDispatcher", "LocalPlan", "check_dispatch_args", "combine_reference",
-           "gather_token_rows", "permute_by_expert", "weighted_combine"]
+           "expert_counts", "gather_token_rows", "permute_by_expert", "weighted_combine"]
 
 
 @dataclass
@@ -82,7 +82,7 @@ class _WeightedCombine(torch.autograd.Function):
         if torch.are_deterministic_algorithms_enabled():  # distinct slot rows, then the K slots summed in order
             K = weights_TK.shape[1]
             out = y_ND.new_zeros(T * K, y_ND.shape[1]).index_copy_(0, order_N, y_ND * w_N[:, None])
-            out = out.view(T, K, -1).sum(1)
+            out = out.view(T, K, y_ND.shape[1]).sum(1)
         else:
             out = y_ND.new_zeros(T, y_ND.shape[1])
             out.index_add_(0, token_N, y_ND * w_N[:, None])
@@ -127,7 +127,7 @@ class _GatherTokens(torch.autograd.Function):
     def backward(ctx, dy_ND: Tensor):
         (order_N,) = ctx.saved_tensors
         T, K = ctx.shape
-        dx = dy_ND.new_zeros(T * K, dy_ND.shape[1]).index_copy_(0, order_N, dy_ND).view(T, K, -1).sum(1)
+        dx = dy_ND.new_zeros(T * K, dy_ND.shape[1]).index_copy_(0, order_N, dy_ND).view(T, K, dy_ND.shape[1]).sum(1)
         return dx, None, None, None
 
 
@@ -168,8 +168,17 @@ def permute_by_expert(idx_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor]
     valid = flat >= 0
     key = torch.where(valid, flat, torch.full_like(flat, num_experts))  # dropped slots sort last
     order = torch.argsort(key, stable=True)
-    counts_E = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+    counts_E = expert_counts(key, num_experts + 1)[:num_experts]
     return order, counts_E
+
+
+def expert_counts(idx: Tensor, num_experts: int) -> Tensor:
+    """How many entries of ``idx`` (any shape, values in 0..num_experts-1) name each expert: int64 [E].
+    A ``scatter_add_`` into a fixed-size tensor, not ``bincount`` (whose output size depends on the
+    values, so it waits for the GPU)."""
+    flat = idx.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.int64, device=idx.device).scatter_add_(
+        0, flat.long(), torch.ones_like(flat, dtype=torch.int64))
 
 
 class LocalDispatcher:

@@ -185,7 +185,6 @@ class Router(nn.Module):
             weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-9)
         return RouterOutput(weights_TK, idx_TK, probs_TE, logits_TE)
 
-
     def selection_scores(self, probs_TE: Tensor) -> Tensor:
         """What the top-k ranks: the probabilities, plus the balancing bias when there is one (detached: the
         bias steers the choice only)."""

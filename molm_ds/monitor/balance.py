@@ -18,14 +18,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from molm_ds.monitor.expert_load import find_moe_sublayers
+from molm_ds.model.sublayers import moe_sublayers
 
 __all__ = ["balance_metrics"]
 
 
 def balance_metrics(model: nn.Module, *, per_expert_max: int = 32) -> dict[str, float]:
-    subs = [(sub, m.router) for sub, m in find_moe_sublayers(model)
-            if getattr(getattr(m, "router", None), "expert_bias_E", None) is not None]
+    subs = [(s.key, s.module.router) for s in moe_sublayers(model)
+            if getattr(s.module.router, "expert_bias_E", None) is not None]
     if not subs:
         return {}
     parts = []

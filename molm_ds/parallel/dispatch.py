@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from molm_ds.config import check_expert_split
 from molm_ds.model.dispatch import (
     DispatchPlan, check_dispatch_args, check_rows, gather_token_rows, permute_by_expert, weighted_combine,
 )
@@ -66,11 +67,7 @@ class AllToAllDispatcher:
         self.group = group
         self.ep_size = dist.get_world_size(group)
         self.ep_rank = dist.get_rank(group)
-        if num_experts % self.ep_size:
-            raise ValueError(
-                f"AllToAllDispatcher: num_experts={num_experts} is not divisible by ep_size={self.ep_size}; "
-                "choose an ep_size that divides the expert count"
-            )
+        check_expert_split(num_experts, self.ep_size, what="AllToAllDispatcher")
         self.num_local_experts = num_experts // self.ep_size
 
     def __repr__(self) -> str:

@@ -16,8 +16,8 @@ import struct
 
 from molm_ds.errors import UserError
 
-__all__ = ["NetworkError", "IFNAME_VARS", "interfaces", "interface_for", "set_socket_ifname", "outward_address", "outward_interface",
-           "multi_host"]
+__all__ = ["NetworkError", "IFNAME_VARS", "interfaces", "interface_for", "set_socket_ifname", "outward_address",
+           "outward_interface", "multi_host"]
 
 IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 

@@ -10,8 +10,9 @@ every surviving rank::
 
 Which ranks are gone is measured, not guessed from the backend's message: at start-up every rank opens a
 small TCP listener (a thread that accepts and closes) and all ranks exchange (rank, host, address,
-port); after a failed collective each survivor knocks on every peer's listener (in parallel, 2 s each)
-and names the ranks that do not answer. It then keeps its own listener open a few seconds more, so a
+port); after a failed collective each survivor knocks on every peer's listener (in parallel, 2 s each,
+twice, 1 s apart: the processes of a lost host do not all die at the same instant) and names the ranks
+that do not answer. It then keeps its own listener open a few seconds more, so a
 survivor that fails a little later still sees it alive.
 
 A rank that makes no progress at all (stuck outside a collective, or in a backend that never times out)
@@ -42,7 +43,7 @@ __all__ = ["PeerLostError", "PeerWatch", "Peer", "EXIT_PEER_LOST", "is_collectiv
 
 EXIT_PEER_LOST = 69  # EX_UNAVAILABLE: not the user's mistake; resume once the hosts are back (or fewer)
 KNOCK_S = 2.0  # how long a survivor waits for a peer's listener
-LINGER_S = 3.0  # how long a survivor keeps answering after it found the loss
+LINGER_S = 4.0  # how long a survivor keeps answering after it found the loss (longer than its own knocking)
 
 
 class PeerLostError(UserError, RuntimeError):
@@ -159,7 +160,10 @@ class PeerWatch:
             return None
         faulthandler.cancel_dump_traceback_later()
         t0 = time.monotonic()
-        lost = self.unreachable()
+        lost = {p.rank: p for p in self.unreachable()}
+        time.sleep(KNOCK_S / 2)  # peers of a lost host die one by one: knock again before naming them
+        lost.update({p.rank: p for p in self.unreachable()})
+        lost = [lost[r] for r in sorted(lost)]
         if lost:
             by_host: dict[tuple[str, str], list[int]] = {}
             for p in lost:

@@ -23,8 +23,9 @@ transport); a value already in the environment wins. Where MASTER_ADDR is this h
 hosts, the one interface with a non-loopback address is taken (or the default route's); when that is
 ambiguous the rank stops with one line naming the variable to set.
 
-**Timeouts.** Start-up (rendezvous, the first connections) may wait ``max(collective_timeout_s,
-300)`` seconds for late ranks; afterwards every collective of every group gives up after
+**Timeouts.** Start-up (rendezvous, and connecting every group made while the model is built) may
+wait ``max(collective_timeout_s, 300)`` seconds for late ranks; once training starts
+(:func:`apply_collective_timeout`) every collective of every group gives up after
 ``collective_timeout_s`` (``parallel.collective_timeout_s`` in the job), so a lost peer ends the job
 instead of hanging it (``molm_ds.parallel.peers`` turns the failure into one line).
 
@@ -48,7 +49,8 @@ from molm_ds.parallel.network import NetworkError, interface_for, interfaces, ou
 log = get_logger("train.distributed")
 
 __all__ = ["init_distributed", "launcher_kind", "rank_env", "free_port", "skip_cpu_shm_comm", "NetworkError",
-           "interfaces", "interface_for", "first_host", "DEFAULT_COLLECTIVE_TIMEOUT_S", "STARTUP_TIMEOUT_S"]
+           "interfaces", "interface_for", "first_host", "apply_collective_timeout", "DEFAULT_COLLECTIVE_TIMEOUT_S",
+           "STARTUP_TIMEOUT_S"]
 
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0  # a large model's step plus a checkpoint save's skew between ranks, on GPUs
@@ -134,21 +136,34 @@ def rank_env() -> str:
     return kind
 
 
-def _apply_timeout(timeout: timedelta) -> None:
-    """Every collective of the default group and of every group made later gives up after ``timeout``."""
+def _default_timeout(timeout: timedelta) -> None:
+    """Groups made from now on (DeepSpeed's expert-parallel groups, the control group) take ``timeout``."""
     import torch.distributed.distributed_c10d as c10d
 
-    c10d._set_pg_timeout(timeout)
-    # groups made later (expert-parallel groups by DeepSpeed, the control group) take the module default
     c10d.default_pg_timeout = timeout
     if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), timedelta):
         c10d.default_pg_nccl_timeout = timeout
 
 
+def apply_collective_timeout(timeout_s: float) -> None:
+    """From now on every collective of every group of this rank gives up after ``timeout_s``. Called once
+    every group exists: until then connecting a new group may wait for late ranks as long as start-up."""
+    import torch.distributed.distributed_c10d as c10d
+
+    timeout = timedelta(seconds=timeout_s)
+    for pg in list(c10d._world.pg_map):
+        try:
+            c10d._set_pg_timeout(timeout, pg)
+        except ValueError:  # a group this rank is not in
+            pass
+    _default_timeout(timeout)
+
+
 def init_distributed(collective_timeout_s: Optional[float] = None) -> tuple[int, int]:
     """Start the default process group for whichever launcher started us; returns (rank, world_size).
 
-    ``collective_timeout_s`` (default ``DEFAULT_COLLECTIVE_TIMEOUT_S``) bounds every collective."""
+    Start-up and the groups made afterwards wait up to ``max(collective_timeout_s, STARTUP_TIMEOUT_S)``;
+    :func:`apply_collective_timeout` then bounds every collective by ``collective_timeout_s``."""
     import deepspeed
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
@@ -163,9 +178,10 @@ def init_distributed(collective_timeout_s: Optional[float] = None) -> tuple[int,
             acc.set_device(int(os.environ["LOCAL_RANK"]))
         else:
             skip_cpu_shm_comm()
+        startup = timedelta(seconds=max(timeout_s, STARTUP_TIMEOUT_S))
         deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), auto_mpi_discovery=False,
-                                   verbose=False, timeout=timedelta(seconds=max(timeout_s, STARTUP_TIMEOUT_S)))
-        _apply_timeout(timedelta(seconds=timeout_s))
+                                   verbose=False, timeout=startup)
+        _default_timeout(startup)  # the groups made while building; apply_collective_timeout shortens them all
         if ifname:
             log.info("network: %s (GLOO_SOCKET_IFNAME=%s NCCL_SOCKET_IFNAME=%s), master %s:%s", ifname,
                      os.environ["GLOO_SOCKET_IFNAME"], os.environ["NCCL_SOCKET_IFNAME"], os.environ["MASTER_ADDR"],

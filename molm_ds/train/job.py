@@ -23,7 +23,8 @@ from typing import Annotated, Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from molm_ds.config import ModelConfig, preset_names
+from molm_ds import rundir
+from molm_ds.config import ModelConfig, check_expert_split, preset_names
 from molm_ds.errors import ConfigError
 from molm_ds.monitor.config import MonitorConfig
 from molm_ds.paths import read_utf8
@@ -153,6 +154,13 @@ class TrainingSection(_Section):
         "and the MoE combine/gather as sorted, atomic-free reductions (molm_ds.train.determinism; costs in "
         "docs/training.md).")
 
+    compile: bool = Field(
+        False, description="Compile the model for training with torch.compile (through DeepSpeed's engine.compile; "
+        "fullgraph at ep_size 1). Same losses as eager up to float rounding; the first steps pay the compilation.")
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = Field(
+        "inductor", description="torch.compile backend when compile is on (aot_eager: no code generation, for "
+        "checking that the model traces).")
+
     @model_validator(mode="after")
     def _check(self) -> "TrainingSection":
         if self.warmup_steps > self.steps:
@@ -276,17 +284,14 @@ class ContinualSection(_Section):
         return self
 
     def check_ep_size(self, start: ModelConfig, *, ep_size: int, replicate_attention_experts: bool) -> None:
-        """ValueError unless ep_size divides every expert-parallel expert count after insertion."""
-        kinds = [("mlp", start.n_mlp_experts, self.mlp)]
-        if not replicate_attention_experts:
-            kinds.append(("attention", start.n_att_experts, self.attention))
-        for kind, old, new in kinds:
-            if (old + new) % ep_size:
-                ok = [n for n in range(0, 4 * ep_size + 1) if (old + n) % ep_size == 0][:3]
-                raise ValueError(
-                    f"continual.{kind}={new}: {old} + {new} = {old + new} {kind} experts per layer cannot be split over "
-                    f"parallel.ep_size={ep_size}; insert a number of experts among {ok} or change ep_size"
-                    + (" (or set parallel.replicate_attention_experts: true)" if kind == "attention" else ""))
+        """ConfigError unless ep_size divides every expert-parallel expert count after insertion."""
+        grown = start.grown(attention=self.attention, mlp=self.mlp)
+        for name, n in grown.expert_parallel_counts(replicate_attention_experts=replicate_attention_experts).items():
+            kind, added = ("attention", self.attention) if "att" in name else ("mlp", self.mlp)
+            ok = [k for k in range(0, 4 * ep_size + 1) if (n - added + k) % ep_size == 0][:3]
+            check_expert_split(n, ep_size, what=f"continual.{kind}={added}: {n - added} + {added} = {n} {kind} experts "
+                               "per layer", hint=f", or insert a number of experts among {ok}"
+                               + (" (or set parallel.replicate_attention_experts: true)" if kind == "attention" else ""))
 
 
 class FinetuneSection(_Section):
@@ -351,16 +356,11 @@ class JobConfig(_Section):
         if self.continual is not None:
             self.continual.check_ep_size(self.model.build(), ep_size=self.parallel.ep_size,
                                          replicate_attention_experts=self.parallel.replicate_attention_experts)
-        cfg = self.build_model_config()
-        ep = self.parallel.ep_size
-        counts = {"n_mlp_experts": cfg.n_mlp_experts}
-        if not self.parallel.replicate_attention_experts:
-            counts["n_att_experts"] = cfg.n_att_experts
-        for field, n in counts.items():
-            if n % ep:
-                raise ValueError(f"parallel.ep_size={ep} does not divide model {field}={n}: choose an ep_size that "
-                                 f"divides {n}" + (" (or set parallel.replicate_attention_experts: true)"
-                                                   if field == "n_att_experts" else ""))
+        rep = self.parallel.replicate_attention_experts
+        for field, n in self.build_model_config().expert_parallel_counts(replicate_attention_experts=rep).items():
+            check_expert_split(n, self.parallel.ep_size, what=f"parallel.ep_size={self.parallel.ep_size} does not "
+                               f"divide model {field}={n}", hint=(
+                " (or set parallel.replicate_attention_experts: true)" if field.startswith("n_att") else ""))
         return self
 
     # ---- derived ---------------------------------------------------------------------------------
@@ -385,11 +385,11 @@ class JobConfig(_Section):
 
     @property
     def checkpoint_dir(self) -> str:
-        return self.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
+        return self.checkpoint.dir or rundir.checkpoint_dir(self.run_dir)
 
     @property
     def tensorboard_dir(self) -> str:
-        return self.monitor.tensorboard_dir or os.path.join(self.run_dir, "tensorboard")
+        return self.monitor.tensorboard_dir or rundir.tensorboard_dir(self.run_dir)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)

@@ -27,11 +27,12 @@ import torch
 from molm_ds.errors import UserError
 from molm_ds.storage import StorageError, as_storage_error, atomic_write_text
 from molm_ds.log import get_logger, info0
-from molm_ds.train import checkpoint as ckpt
+from molm_ds import checkpoint as ckpt, rundir
+from molm_ds.parallel import comm
 from molm_ds.parallel.peers import PeerWatch
 from molm_ds.train.determinism import deterministic_mode
-from molm_ds.train.distributed import DEFAULT_COLLECTIVE_TIMEOUT_S, init_distributed
-from molm_ds.train.engine import build_engine, set_lr
+from molm_ds.train.distributed import DEFAULT_COLLECTIVE_TIMEOUT_S, apply_collective_timeout, init_distributed
+from molm_ds.train.engine import build_engine, compile_model, set_lr
 from molm_ds.train.evaluate import evaluate
 from molm_ds.train.job import JobConfig
 from molm_ds.train.metrics import MetricsHook, StepLog
@@ -169,6 +170,8 @@ def _train(job: JobConfig, recipe: Recipe, rank: int, world: int, pre, stops: St
     ep_info = parallel.parallelize(model, job.parallel.ep_size,
                                    replicate_attention_experts=job.parallel.replicate_attention_experts)
     engine = build_engine(job, recipe, model, pre.ds_config)
+    if t.compile:
+        compile_model(engine, job)
     seed_everything(t.seed + 1 + rank)  # per-rank streams for training-time randomness (sample_topk, dropout)
     run = Run(job, engine, _device(), pre.data, rank, world)
 
@@ -179,8 +182,13 @@ def _train(job: JobConfig, recipe: Recipe, rank: int, world: int, pre, stops: St
     steplog = StepLog(job, engine, hooks, resume_step=state.step, world=world)
     steplog.write(0, recipe.start(run, resumed=pre.resume_from is not None))
     if rank == 0:
-        atomic_write_text(os.path.join(job.run_dir, "job.yaml"), job.to_yaml(), what="job.yaml")
+        atomic_write_text(os.path.join(job.run_dir, rundir.JOB), job.to_yaml(), what=rundir.JOB)
     info0(steplog.banner(state.step))
+
+    # every group exists now (expert-parallel ones made while building, then the control group): from here
+    # on every collective gives up after the collective timeout
+    comm.init_control_group()
+    apply_collective_timeout(peers.timeout_s)
 
     # 4. steps
     last_saved, t_start, first, stopped = None, time.time(), state.step, None

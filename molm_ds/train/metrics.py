@@ -15,6 +15,7 @@ import os
 import time
 from typing import Callable, Optional
 
+from molm_ds import rundir
 from molm_ds.log import is_rank0
 from molm_ds.monitor.balance import balance_metrics
 from molm_ds.storage import atomic_write_text, guarded_write
@@ -103,7 +104,7 @@ class StepLog:
         from molm_ds.monitor import TrainingMonitor
 
         self.job, self.engine, self.world = job, engine, world
-        self.metrics_path = os.path.join(job.run_dir, "metrics.jsonl")
+        self.metrics_path = os.path.join(job.run_dir, rundir.METRICS)
         self.monitor = TrainingMonitor.for_engine(
             engine, config=job.monitor.expert_load, run_dir=job.run_dir, tensorboard_dir=job.tensorboard_dir,
             flops_per_token=job.build_model_config().flops_per_token(job.data.seq_len)) if job.monitor.tensorboard else None

@@ -18,11 +18,11 @@ from typing import Optional
 
 from molm_ds.errors import CheckpointError, ConfigError, UserError
 from molm_ds.paths import ensure_writable_dir
+from molm_ds import checkpoint as ckpt, rundir
 from molm_ds.storage import StorageError, as_storage_error
-from molm_ds.train import checkpoint as ckpt
 from molm_ds.train.data import TrainData, check_vocab
 from molm_ds.train.ds_config import build_ds_config, zero_stage
-from molm_ds.train.runlock import RunLock
+from molm_ds.checkpoint import RunLock
 from molm_ds.train.job import JobConfig
 
 __all__ = ["Preflight", "preflight"]
@@ -39,11 +39,10 @@ class Preflight:
 def _check_expert_parallel(job: JobConfig, world: int) -> None:
     from molm_ds.parallel.groups import check_expert_parallel
 
-    cfg = job.build_model_config()
-    counts = {"mlp experts": cfg.n_mlp_experts}
-    if not job.parallel.replicate_attention_experts:
-        counts["attention experts"] = cfg.n_att_experts
-    check_expert_parallel(ep_size=job.parallel.ep_size, world_size=world, expert_counts=counts)
+    counts = job.build_model_config().expert_parallel_counts(
+        replicate_attention_experts=job.parallel.replicate_attention_experts)
+    check_expert_parallel(ep_size=job.parallel.ep_size, world_size=world,
+                          expert_counts={f"model {k}": n for k, n in counts.items()})
 
 
 def current_topology(job: JobConfig, ds_cfg: dict, world: int) -> dict:
@@ -94,16 +93,13 @@ def _check_resume_target(job: JobConfig, target: tuple[str, str], now: dict) -> 
         ckpt.check_same_model(have, job.build_model_config(), where=where, what="resume")
     was = marker.get("topology")
     _check_same_data(job, ckpt.read_job(d, tag), (was or {}).get("world_size"), now["world_size"], where)
-    if was is not None and was != now and not marker.get("elastic"):
-        raise CheckpointError(f"resume: {where} was saved at {was} without its topology-free optimizer state "
-                              f"(checkpoint.elastic: false), so it cannot resume at {now}: resume at the saved topology, "
-                              f"or start from its weights with init_from: {where}")
+    ckpt.check_resumable(d, tag, now, marker=marker)
 
 
 def _earlier_run(job: JobConfig) -> list[str]:
     """What an earlier run left in run_dir that a fresh start would overwrite."""
     found = []
-    metrics = os.path.join(job.run_dir, "metrics.jsonl")
+    metrics = os.path.join(job.run_dir, rundir.METRICS)
     if os.path.isfile(metrics) and os.path.getsize(metrics) > 0:
         found.append(metrics)
     tags = ckpt.list_tags(job.checkpoint_dir)
@@ -115,7 +111,7 @@ def _earlier_run(job: JobConfig) -> list[str]:
 def _clear_earlier_run(job: JobConfig) -> None:
     import shutil
 
-    for name in ("metrics.jsonl", "expert_load.jsonl", "continual_report.json", "continual_report.md"):
+    for name in rundir.RUN_OUTPUTS:
         if os.path.isfile(os.path.join(job.run_dir, name)):
             os.remove(os.path.join(job.run_dir, name))
     if os.path.isdir(job.tensorboard_dir):

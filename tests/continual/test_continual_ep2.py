@@ -13,7 +13,7 @@ import yaml
 
 from molm_ds.continual import grow_experts
 from molm_ds.jobs import run as run_job
-from molm_ds.train.checkpoint import list_expert_files, load_model
+from molm_ds.checkpoint import list_expert_files, load_model
 from molm_ds.train import load_job
 from molm_ds.train import loop
 from molm_ds.testing import REPO, TINY_JOB, tiny_job_overrides, write_shard

@@ -11,7 +11,7 @@ import torch
 from molm_ds.continual import grow_checkpoint, grow_experts
 from molm_ds.errors import CheckpointError
 from molm_ds.jobs import run as run_job
-from molm_ds.train.checkpoint import list_expert_files, load_model
+from molm_ds.checkpoint import list_expert_files, load_model
 from molm_ds.train import load_job
 from molm_ds.testing import TINY_JOB, read_metrics, tiny_job_overrides, write_shard
 

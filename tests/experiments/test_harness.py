@@ -103,7 +103,8 @@ def _fake_trained_run(s, name, after):
     job = common.base_job(s, sources=[{"path": s.domain("code")}], seed=1, lr=1e-3)
     run = common.Run(name, job, after=after, group={"method": "m", "lr": 1e-3, "seed": 1})
     d = common.run_dir(s, run)
-    os.makedirs(os.path.join(d, "checkpoints"))
+    os.makedirs(os.path.join(d, "checkpoints", f"step_{job['training']['steps']:08d}"))
+    open(os.path.join(d, "checkpoints", f"step_{job['training']['steps']:08d}", "COMPLETE"), "w").close()
     with open(os.path.join(d, "job.yaml"), "w") as f:
         yaml.safe_dump(dict(job, name=name, run_dir=d), f)
     return run, d
@@ -121,9 +122,13 @@ def test_changed_measurement_remeasures_the_checkpoint_without_training(corpus, 
     assert not common.is_done(s, run)
     name, ok, _ = common._execute(s, run)
     assert ok and open(os.path.join(d, "measured.txt")).read() == "B"  # measured again ...
-    assert os.path.isfile(os.path.join(d, "job.yaml")) and not os.path.exists(os.path.join(d, "log.txt.train"))
     assert common.read_json(os.path.join(d, common.RESULT))["after"] == run.after and common.is_done(s, run)
     assert "pretrain.py" not in open(os.path.join(d, "log.txt")).read()  # ... without training
+
+    os.remove(os.path.join(d, common.RESULT))  # interrupted after training, before its measurement finished
+    run.after = [mark + ["C"]]
+    assert common._execute(s, run)[1] and open(os.path.join(d, "measured.txt")).read() == "BC"
+    assert common.is_done(s, run)
 
 
 def test_reuse_needs_the_same_job_and_measurement(corpus, tmp_path):

@@ -1,6 +1,6 @@
 """docs/science.md quotes committed results only: every number on the page outside code (a decimal such as
 22.41 or 0.003, or a grouped integer such as 2,479,722) appears verbatim (digit grouping aside) in one of the committed files the
-section names with ``<!-- numbers from: PATH [PATH ...] -->`` (files under docs/science/, written by the
+section names with ``<!-- numbers from: PATH [PATH ...] -->`` (``none``: the section may quote no number) (files under docs/science/, written by the
 harness: results.md, results.json, corpus.json), and each of those results carries its corpus hash and
 producing commit. Commands and identifiers (inside backticks) are not results and are not checked."""
 
@@ -25,7 +25,7 @@ def sections(text: str) -> list[tuple[list[str], str]]:
     out, files, pos = [], [], 0
     for m in MARK.finditer(text):
         out.append((files, text[pos:m.start()]))
-        files, pos = m.group(1).split(), m.end()
+        files, pos = [f for f in m.group(1).split() if f != "none"], m.end()  # none: no numbers allowed
     out.append((files, text[pos:]))
     return out
 

@@ -35,7 +35,7 @@ def ckpt_dir(tmp_path_factory):
     """A weights-only checkpoint of the tiny model, trained on synthetic shards (no tokenizer named)."""
     from molm_ds.config import ModelConfig
     from molm_ds.model import MoLM
-    from molm_ds.train import checkpoint as ckpt
+    from molm_ds import checkpoint as ckpt
     from molm_ds.testing import write_shard
 
     d = tmp_path_factory.mktemp("ckpt")

@@ -45,7 +45,7 @@ def test_hostfile_without_ssh_server(shard, tmp_path):
 def test_evaluate_two_ranks_equals_one(tmp_path):
     from molm_ds.config import ModelConfig
     from molm_ds.model import MoLM
-    from molm_ds.train import checkpoint as ckpt
+    from molm_ds import checkpoint as ckpt
 
     shard = write_shard(tmp_path / "shard")  # its own: the manifest is rewritten below
     ckpt.write_model(MoLM(ModelConfig.from_preset("tiny")), {"data": {"sources": [{"path": shard}], "seq_len": 32}},

@@ -151,7 +151,7 @@ def test_consolidated_file_and_from_hf_give_the_same_logits(lifecycle):
 
     from molm_ds.config import ModelConfig
     from molm_ds.model import MoLM
-    from molm_ds.train import checkpoint as ckpt
+    from molm_ds import checkpoint as ckpt
     from molm_ds.train.job import job_from_dict
     from molm_ds.train.recipe import Recipe
 

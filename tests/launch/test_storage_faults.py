@@ -93,3 +93,24 @@ def test_data_prep_on_a_full_disk_is_one_line_and_a_rerun_finishes(tmp_path):
         from molm_ds.data import check_sources
 
         check_sources([out])
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_resumes(shard, tmp_path):
+    from molm_ds import checkpoint as ckpt
+
+    with tmpfs(tmp_path / "fs", "12m") as fs:  # one tiny checkpoint (about 7.5 MB) fits, the second does not
+        run = os.path.join(fs, "run")
+        ck = os.path.join(run, "checkpoints")
+        line = one_error(pretrain(shard, run, "training.steps=6", "checkpoint.interval=1", "monitor.tensorboard=false",
+                                  "training.warmup_steps=0"))
+        assert "cannot write checkpoint" in line and "no space left on the device" in line, line
+        assert f"newest complete checkpoint is {os.path.join(ck, ckpt.tag_for(1))}" in line, line
+        assert ckpt.list_tags(ck) == [ckpt.tag_for(1)], "the partial tag is cleaned up"
+        assert ckpt.resolve_resume("auto", ck) == (ck, ckpt.tag_for(1))
+        subprocess.run(["mount", "-o", "remount,size=64m", fs], check=True)  # space again
+        proc = subprocess.run([sys.executable, *pretrain(shard, run, "training.steps=3", "checkpoint.interval=1",
+                                                         "monitor.tensorboard=false", "training.warmup_steps=0"),
+                               "--resume", "auto"], cwd=REPO, env=env(), capture_output=True, text=True,
+                              timeout=TIMEOUT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "resumed from" in proc.stdout + proc.stderr and ckpt.newest_complete(ck) == ckpt.tag_for(3)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from molm_ds.train import checkpoint as ckpt
+from molm_ds import checkpoint as ckpt
 from tests.multihost import doc_commands as doc
 from molm_ds.testing import read_metrics
 
@@ -71,6 +71,8 @@ def test_lost_host_ends_every_survivor_with_one_line_then_resumes_on_the_other(f
     outs = doc.wait(procs, check=False)
     took = time.monotonic() - t0
     print(f"\nTIMING {fault}: every launcher ended {took:.1f} s after the fault (collective timeout {TIMEOUT_S} s)")
+    for i, o in enumerate(outs):  # what each host said, for the record (-s)
+        print("\n".join(f"  node{i + 1}: {ln[:160]}" for ln in o.splitlines() if "error: rank" in ln or "sigkill" in ln))
     assert h.pids() == []  # no rank left on any host
     last = assert_checkpoints_intact(ws / "run")
     for i in (0,) if fault == "kill" else (0, 1):
@@ -80,7 +82,7 @@ def test_lost_host_ends_every_survivor_with_one_line_then_resumes_on_the_other(f
         for rank, host, r1, r2, lost_host, addr, step, named in lines:
             assert host == h.hostname(i) and (lost_host, addr) == (h.hostname(other), h.addr(other))
             assert {int(r1), int(r2)} == {2 * other, 2 * other + 1}
-            assert int(step) > FAULT_AFTER and named == last
+            assert int(step) >= FAULT_AFTER and named == last  # the step in progress (or its save)
         assert "Traceback" not in outs[i]
     # the docs' command on the host that is left: 2 ranks, ep_size 2, the same global batch
     h.mend(1)
@@ -102,7 +104,7 @@ def test_torchrun_elastic_continues_by_itself_on_the_host_that_is_left(nodes, sh
     again = time.monotonic() - t0
     out = doc.wait(procs[:1])[0]
     print(f"\nTIMING torchrun elastic: training again {again:.1f} s after the kill, done {time.monotonic() - t0:.1f} s after")
-    assert LINE.findall(out)  # the first world ended with the line; then the agent restarted it at 2 ranks
+    assert "lost peer: rank 2, 3 on host node2" in out, out[-6000:]  # the first world's end; then the restart at 2 ranks
     assert "rank 1 of 2" in out and "resumed from" in out
     assert max(read_metrics(ws / "run")) == STEPS
     assert_checkpoints_intact(ws / "run")

@@ -41,7 +41,7 @@ def test_every_expert_file_holds_its_global_expert(saved):
     files = r0["files"]
     assert set(files) == {(L, e) for (_, _, E, L) in layers for e in range(E)}
     for name, kind, E, L in layers:
-        wnames = ("w_q", "w_o") if kind == "attention" else ("w1", "w2")
+        wnames = ("w_q", "w_o") if kind == "attn" else ("w1", "w2")
         for e in range(E):
             sd = files[(L, e)]
             want_keys = {f"{name}.experts.deepspeed_moe.experts.deepspeed_experts.{e}.{w}" for w in wnames}

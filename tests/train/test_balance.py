@@ -8,7 +8,7 @@ import torch
 
 from molm_ds.config import ModelConfig
 from molm_ds.model import MoLM
-from molm_ds.train import checkpoint as ckpt
+from molm_ds import checkpoint as ckpt
 from molm_ds.train import load_job, loop
 from molm_ds.train.balance import bias_routers, update_router_biases
 from molm_ds.testing import run_ranks

@@ -1,5 +1,5 @@
 """fp32 master weights of bf16 runs (checkpoint.read_fp32_state): read back from the topology-free
-optimizer state, or from DeepSpeed's optimizer shards (molm_ds.train.ds_masters) when a checkpoint has
+optimizer state, or from DeepSpeed's optimizer shards (molm_ds.checkpoint.ds_masters) when a checkpoint has
 none, they equal the engine's own fp32 params exactly, for ZeRO 0, 1 and 2,
 expert-parallel (ep 2: experts stacked back by global id) and expert-data-parallel (ep 1 on 2 ranks:
 every expert group partitioned over both ranks)."""
@@ -42,7 +42,7 @@ def _engine_masters(ranks: list[dict]) -> dict[str, torch.Tensor]:
                                                        ("zero2_bf16", 2, True), ("zero2_bf16", 2, False),
                                                        ("zero1_bf16", 1, False)])
 def test_fp32_masters_equal_the_engines(shard, tmp_path, ds_config, ep_size, elastic):
-    from molm_ds.train import checkpoint as ckpt
+    from molm_ds import checkpoint as ckpt
 
     want = _engine_masters(_run(shard, tmp_path, ds_config, ep_size, elastic))
     d, tag = ckpt.resolve(str(tmp_path / "checkpoints"))

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from molm_ds.train import checkpoint as ckpt
+from molm_ds import checkpoint as ckpt
 from molm_ds.train import load_job
 from molm_ds.train import loop, step
 from molm_ds.train.recipe import Recipe
