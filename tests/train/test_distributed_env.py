@@ -15,9 +15,10 @@ LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for k in list(os.environ):
-        if k in LAUNCH_VARS or k.startswith("SLURM_"):
-            monkeypatch.delenv(k)
+    # every variable the code under test may set is recorded here, so the test leaves none behind
+    for k in set(LAUNCH_VARS) | {k for k in os.environ if k.startswith("SLURM_")}:
+        monkeypatch.setenv(k, "")  # recorded (delenv of an absent name is not), so undo removes what the code sets
+        monkeypatch.delenv(k)
     return monkeypatch
 
 
