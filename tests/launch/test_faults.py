@@ -8,16 +8,13 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 
 from molm_ds import checkpoint as ckpt
-from molm_ds.testing import REPO, TIMEOUT, deepspeed_cmd, job_args, ranks_of, read_metrics, start, wait_for_steps, wait_gone
-from molm_ds.testing import launch_env as env
+from molm_ds.testing import TIMEOUT, deepspeed_cmd, job_args, ranks_of, read_metrics, start, wait_for_steps, wait_gone
 from molm_ds.testing import run_command as run
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]

@@ -92,6 +92,13 @@ def test_every_step_ran(lifecycle):
               "tokenizer_config.json", "generation_config.json", "tokenizer.model", "README.md"):
         assert (cwd / "runs/life/hf" / f).is_file(), f
     assert "molm_embedded_code" in outs["lm_eval"]
+    # export says what it wrote, then who loads it as a note (not as an error); one file mode throughout
+    out = outs["launch/export.py"]
+    assert "wrote runs/life/hf: a Hugging Face directory" in out and "\nnote: loads in transformers" in out, out
+    modes = {f.stat().st_mode & 0o777 for f in (cwd / "runs/life/hf").iterdir()}
+    assert len(modes) == 1 and (cwd / "runs/life/model_fp32.safetensors").stat().st_mode & 0o777 in modes
+    # lm-eval on the export: no task-file guesses, no "indexing errors" from the tokenizer
+    assert "is defined, but" not in outs["lm_eval"] and "indexing errors" not in outs["lm_eval"], outs["lm_eval"]
 
 
 def test_lm_eval_equals_evaluate_on_the_readme_task(lifecycle):
