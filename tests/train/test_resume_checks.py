@@ -62,3 +62,11 @@ def test_resume_auto_without_a_checkpoint_over_an_earlier_run_is_refused(shard, 
     with pytest.raises(ConfigError, match="holds an earlier run.*--resume auto found no complete checkpoint.*--overwrite"):
         train(job(shard, run_copy, "training.steps=2", "resume=auto"))
     assert read_metrics(run_copy), "the earlier run's metrics are kept"
+
+
+def test_other_training_changes_resume_with_a_word(shard, run_copy, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        assert train(job(shard, run_copy, "training.steps=3", "resume=auto", "training.lr=1.0e-3"))["step"] == 3
+    assert "training.lr 0.003 -> 0.001" in caplog.text
