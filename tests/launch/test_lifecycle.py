@@ -143,9 +143,10 @@ def test_lm_eval_rolling_loglikelihood_equals_evaluate(lifecycle, tmp_path):
                for line in f.read_text().splitlines()]
     total_ll = sum(float(s["filtered_resps"][0] if not isinstance(s["filtered_resps"][0], list)
                          else s["filtered_resps"][0][0]) for s in samples)
-    for ckpt in (hf, cwd / "runs/life/checkpoints"):
-        sh(f"python launch/evaluate.py --checkpoint {ckpt} --data jsonl:{data} --seq-len 16 --out {tmp_path / 'ours.json'}", cwd)
-        ours = json.loads((tmp_path / "ours.json").read_text())["all"]
+    for i, ckpt in enumerate((hf, cwd / "runs/life/checkpoints")):  # evaluate replaces no --out file
+        out = tmp_path / f"ours{i}.json"
+        sh(f"python launch/evaluate.py --checkpoint {ckpt} --data jsonl:{data} --seq-len 16 --out {out}", cwd)
+        ours = json.loads(out.read_text())["all"]
         assert ours["tokens"] > 3 * 16  # several windows
         assert -ours["loss"] * ours["tokens"] == pytest.approx(total_ll, rel=1e-5)
         assert theirs["bits_per_byte,none"] == pytest.approx(ours["bits_per_byte"], rel=1e-5)
