@@ -17,6 +17,16 @@ content changed (size, modification time or sampled blocks, see ``data_prep.iden
 refused unless ``--overwrite``. ``--skip-corrupt`` is not a setting in that sense: after a stop on
 corrupt input, the same command with ``--skip-corrupt`` continues from the finished shards.
 
+Across machines: ``mpirun -np N python -m data_prep.build_shards ...`` (or ``srun -n N``; ranks come
+from the launcher's environment, see ``data_prep.ranks``) writes the same directory, byte for byte,
+as one process. Shard names and boundaries depend only on the inputs and ``--docs-per-shard``; the
+ranks split the work by shard: small inputs go whole to one rank, the chunks of an input larger than
+a rank's share are dealt round-robin to every rank (each reads that input and tokenises only its own
+chunks). Rank 0 checks the directory and plans, every rank writes its own shards and progress file
+(``progress.json`` on rank 0, ``progress.rank-RRRRR.json`` on the others), and rank 0 writes the
+manifest once every rank has finished. A rerun resumes with any N: the number of ranks and
+``--workers`` change nothing in the output, so they are not settings in the sense above.
+
 Corrupt input stops with ``FILE:LINE: why``; with ``--skip-corrupt`` it is dropped and counted
 (records or documents, their bytes, undecodable compressed bytes; decoding resumes at the next
 member that decodes) in the manifest and on the console. A run that yields no document is an error
@@ -32,11 +42,13 @@ import json
 import multiprocessing as mp
 import os
 import shlex
+import socket
 import sys
 import time
 
 import numpy as np
 
+from data_prep import ranks as ranks_mod
 from data_prep import subsets as subset_names
 from data_prep.identity import describe_change, identity
 from data_prep.indexed_writer import IndexedShardWriter, atomic_write_bytes
@@ -44,7 +56,7 @@ from data_prep.readers import ReadStats, SourceSpec, check_inputs, expand_inputs
 from data_prep.spm_model import tokenizer_record
 from molm_ds.data.indexed import best_dtype
 from molm_ds.data.manifest import MANIFEST, PROGRESS
-from molm_ds.errors import ConfigError, DataError, UserError
+from molm_ds.errors import ConfigError, DataError, UserError, one_line
 from molm_ds.log import get_logger
 from molm_ds.paths import ensure_writable_dir
 
@@ -158,18 +170,27 @@ def _check_settings(specs, docs_per_shard, workers) -> None:
         raise ConfigError(f"--workers must be a whole number >= 1, got {workers!r}")
 
 
+def _rank_progress_files(out_dir: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(out_dir, "progress.rank-*.json")))
+
+
+def _progress_path(out_dir: str, rank: int) -> str:
+    return os.path.join(out_dir, PROGRESS if rank == 0 else f"progress.rank-{rank:05d}.json")
+
+
 def _prepare_dir(out_dir: str, fingerprint: dict, overwrite: bool) -> dict | None:
     """Check what ``out_dir`` already holds against this build. Returns the finished manifest when there is
-    nothing to do, else None (the caller starts or resumes from progress.json)."""
+    nothing to do, else None (the caller starts or resumes from the progress files)."""
     ensure_writable_dir(out_dir, what="--out", error=DataError)
     man_path, prog_path = os.path.join(out_dir, MANIFEST), os.path.join(out_dir, PROGRESS)
     state = man_path if os.path.exists(man_path) else prog_path if os.path.exists(prog_path) else None
     old = _read_json(state) if state else None
     stray = _shard_files(out_dir)
+    rank_files = _rank_progress_files(out_dir)
 
     def discard(reason: str) -> None:
         log.warning("%s: %s; discarding %d shard files (--overwrite)", out_dir, reason, len(stray))
-        for p in stray + [man_path, prog_path]:
+        for p in stray + rank_files + [man_path, prog_path]:
             if os.path.exists(p):
                 os.remove(p)
 
@@ -179,15 +200,17 @@ def _prepare_dir(out_dir: str, fingerprint: dict, overwrite: bool) -> dict | Non
                 raise DataError(f"{out_dir} holds {len(stray)} shard files but no {MANIFEST} or {PROGRESS}, so they "
                                 "cannot be resumed or checked; use a new --out or pass --overwrite to replace them")
             discard("shard files without progress")
+        for p in rank_files:
+            os.remove(p)
         return None
     diff = fingerprint_diff(old.get("fingerprint") or {}, fingerprint)
     if not diff:
         return old if state == man_path else None
     finished = state == man_path
-    done = len(old.get("shards") or []) if finished else sum(1 for r in old.get("shards", {}).values() if r.get("docs"))
+    done = len(old.get("shards") or []) if finished else len(_finished_shards(out_dir, _merged_progress(out_dir)))
     if not done and not overwrite:
         log.info("%s: the earlier run wrote no shard; starting over (%s)", out_dir, "; ".join(diff))
-        for p in stray + [prog_path]:
+        for p in stray + rank_files + [prog_path]:
             if os.path.exists(p):
                 os.remove(p)
         return None
@@ -199,14 +222,78 @@ def _prepare_dir(out_dir: str, fingerprint: dict, overwrite: bool) -> dict | Non
     return None
 
 
+def _merged_progress(out_dir: str, fingerprint: dict | None = None) -> dict:
+    """The union of every rank's progress file (``fingerprint``: only files written with it), keeping the
+    shard records whose files are on disk."""
+    merged: dict = {"shards": {}, "files": {}}
+    for p in [os.path.join(out_dir, PROGRESS)] + _rank_progress_files(out_dir):
+        if not os.path.exists(p):
+            continue
+        old = _read_json(p)
+        if fingerprint is not None and fingerprint_diff(old.get("fingerprint") or {}, fingerprint):
+            log.warning("%s was written with other settings; ignoring it", p)
+            continue
+        merged["shards"].update(old.get("shards") or {})
+        merged["files"].update(old.get("files") or {})
+    merged["shards"] = {n: r for n, r in sorted(merged["shards"].items())
+                        if os.path.exists(os.path.join(out_dir, n + ".idx"))
+                        and os.path.exists(os.path.join(out_dir, n + ".bin"))}
+    return merged
+
+
+def _finished_shards(out_dir: str, prog: dict) -> list[str]:
+    return [n for n, r in prog["shards"].items() if r.get("docs")]
+
+
+def _chunks_of(file_record: dict, docs_per_shard: int) -> int:
+    return -(-file_record["docs"] // docs_per_shard)
+
+
+def _file_done(fi: int, prog: dict, docs_per_shard: int) -> bool:
+    """Input ``fi`` was read to its end and every one of its chunks is written."""
+    f = prog["files"].get(str(fi))
+    return f is not None and all(_shard_name(fi, c) in prog["shards"] for c in range(_chunks_of(f, docs_per_shard)))
+
+
+def plan_owners(sizes: list[int], todo: list[int], nranks: int) -> dict[int, int | None]:
+    """Which rank reads each input still to do: a rank number, or None for an input larger than one rank's
+    share, whose chunks are dealt to every rank (``owns``). The rest go whole to the least loaded rank,
+    largest first. Only who does the work depends on ``nranks``, never what is written."""
+    share = sum(sizes[i] for i in todo) / nranks
+    owners: dict[int, int | None] = {}
+    load = [0.0] * nranks
+    for fi in todo:
+        if nranks > 1 and sizes[fi] > share:
+            owners[fi] = None
+            load = [x + sizes[fi] / nranks for x in load]
+    for fi in sorted((i for i in todo if i not in owners), key=lambda i: (-sizes[i], i)):
+        r = min(range(nranks), key=lambda k: (load[k], k))
+        owners[fi] = r
+        load[r] += sizes[fi]
+    return owners
+
+
+def owns(owner: int | None, fi: int, chunk: int, rank: int, nranks: int) -> bool:
+    """Whether ``rank`` writes chunk ``chunk`` of input ``fi``."""
+    return owner == rank if owner is not None else (fi + chunk) % nranks == rank
+
+
+class _RankFailed(DataError):
+    """Another rank stopped; it printed (or logged) why."""
+
+
 def build_shards(specs: list[SourceSpec], tokenizer_path: str, out_dir: str, *, workers: int = 1,
                  docs_per_shard: int = 100_000, subsets: set[str] | None = None, text_key: str = "text",
                  skip_corrupt: bool = False, overwrite: bool = False, progress: bool = True,
-                 command: str | None = None) -> dict:
+                 command: str | None = None, ranks: ranks_mod.Ranks | None = None,
+                 run_stats: dict | None = None) -> dict:
     """Tokenise ``specs`` into ``out_dir``; returns the manifest. See the module docstring.
     ``command``: how to rerun this build (kept in progress.json for the loader's advice); by default it
-    is written out from the arguments."""
-    # 1. every check a user's mistake can fail, before any tokenising
+    is written out from the arguments. ``ranks``: this process's rank (default: one process); every rank
+    calls this with the same arguments and gets the same manifest. ``run_stats``, if given, receives this
+    run's tokens and seconds per rank (``per_rank``: a list of ``{"rank", "tokens", "seconds", "host"}``)."""
+    ranks = ranks or ranks_mod.Ranks()
+    # 1. every check a user's mistake can fail, before any tokenising (every rank runs them on the same inputs)
     _check_settings(specs, docs_per_shard, workers)
     tok = tokenizer_record(tokenizer_path)
     idents = [identity(s.path) for s in specs]
@@ -220,49 +307,132 @@ def build_shards(specs: list[SourceSpec], tokenizer_path: str, out_dir: str, *, 
     }
     command = command or build_command(specs, tokenizer_path, out_dir, subsets=subsets, text_key=text_key,
                                        docs_per_shard=docs_per_shard, skip_corrupt=skip_corrupt)
-    finished = _prepare_dir(out_dir, fingerprint, overwrite)
-    if finished is not None:
+
+    # 2. rank 0 checks the directory, gathers what earlier runs finished and plans who does what
+    plan = None
+    if ranks.rank == 0:
+        try:
+            plan = _plan(out_dir, fingerprint, overwrite, command, docs_per_shard, ranks.size)
+        except Exception as e:
+            ranks.bcast(("error", one_line(e) if isinstance(e, UserError) else repr(e)))
+            raise
+    plan = ranks.bcast(plan)
+    if plan[0] == "error":
+        raise _RankFailed(f"rank 0 stopped: {plan[1]}")
+    if plan[0] == "finished":
         log.info("%s is complete; nothing to do", out_dir)
-        return finished
-    man_path, prog_path = os.path.join(out_dir, MANIFEST), os.path.join(out_dir, PROGRESS)
+        return plan[1]
+    _, done, owners = plan
+    prog = {"fingerprint": fingerprint, "command": command, "shards": dict(done["shards"]),
+            "files": dict(done["files"])}
+    prog_path = _progress_path(out_dir, ranks.rank)
+    if ranks.rank != 0:
+        _atomic_json(prog_path, prog)
+
+    # 3. every rank tokenises its part
+    error, n_tokens, t0 = None, 0, time.perf_counter()
+    try:
+        n_tokens = _tokenise(specs, tokenizer_path, out_dir, prog, prog_path, owners, ranks, dtype=dtype,
+                             workers=workers, docs_per_shard=docs_per_shard, subsets=subsets, text_key=text_key,
+                             skip_corrupt=skip_corrupt, progress=progress)
+    except Exception as e:  # every rank takes part in the exchange below, or the others wait for ever
+        error = e
+    secs = time.perf_counter() - t0
+    outcome = ranks.allgather((one_line(error) if isinstance(error, UserError) else repr(error) if error else None,
+                               n_tokens, secs, socket.gethostname()))
+    if error is not None:
+        raise error
+    failed = [(r, why) for r, (why, *_) in enumerate(outcome) if why]
+    if failed:
+        raise _RankFailed(f"rank {failed[0][0]} of {ranks.size} stopped: {failed[0][1]}")
+    if run_stats is not None:
+        run_stats.update(rank=ranks.rank, ranks=ranks.size, tokens=n_tokens, seconds=secs,
+                         per_rank=[{"rank": r, "tokens": t, "seconds": s, "host": host}
+                                   for r, (_, t, s, host) in enumerate(outcome)])
+
+    # 4. rank 0 writes the manifest, unless nothing came out
+    result = None
+    if ranks.rank == 0:
+        try:
+            result = ("ok", _finish(specs, out_dir, fingerprint, tok, dtype, command, subsets, docs_per_shard))
+        except Exception as e:
+            result = ("error", one_line(e) if isinstance(e, UserError) else repr(e))
+            ranks.bcast(result)
+            raise
+    result = ranks.bcast(result)
+    if result[0] == "error":
+        raise _RankFailed(f"rank 0 stopped: {result[1]}")
+    manifest = result[1]
+    log.info("%s: %d documents, %d tokens (%d this run on rank %d of %d in %.1fs)", out_dir, manifest["documents"],
+             manifest["tokens"], n_tokens, ranks.rank, ranks.size, secs)
+    return manifest
+
+
+def _plan(out_dir, fingerprint, overwrite, command, docs_per_shard, nranks) -> tuple:
+    """Rank 0: ("finished", manifest) or ("todo", progress so far, owners of the inputs still to do)."""
+    finished = _prepare_dir(out_dir, fingerprint, overwrite)
+    if finished is not None:  # progress files are left only by a run killed just after its manifest
+        for p in _rank_progress_files(out_dir) + glob.glob(os.path.join(out_dir, PROGRESS)):
+            os.remove(p)
+        return "finished", finished
     for p in glob.glob(os.path.join(out_dir, "*.tmp")):
         os.remove(p)
-    prog = {"fingerprint": fingerprint, "command": command, "shards": {}, "files": {}}
-    if os.path.exists(prog_path):
-        old = _read_json(prog_path)
-        prog["shards"] = {n: r for n, r in old.get("shards", {}).items()
-                          if os.path.exists(os.path.join(out_dir, n + ".idx"))
-                          and os.path.exists(os.path.join(out_dir, n + ".bin"))}
-        prog["files"] = old.get("files", {})
-        if prog["shards"] or prog["files"]:
-            log.info("resuming %s: %d shards and %d inputs already done", out_dir, len(prog["shards"]), len(prog["files"]))
-    _atomic_json(prog_path, prog)
+    done = _merged_progress(out_dir, fingerprint)
+    if done["shards"] or done["files"]:
+        log.info("resuming %s: %d shards and %d inputs already done", out_dir, len(done["shards"]), len(done["files"]))
+    _atomic_json(os.path.join(out_dir, PROGRESS), {"fingerprint": fingerprint, "command": command, **done})
+    sizes = [fp["identity"]["size"] for fp in fingerprint["inputs"]]
+    todo = [fi for fi in range(len(sizes)) if not _file_done(fi, done, docs_per_shard)]
+    return "todo", done, plan_owners(sizes, todo, nranks)
 
-    # 2. read, tokenise, write in order
-    total_bytes = sum(fp["identity"]["size"] for i, fp in enumerate(fingerprint["inputs"])
-                      if str(i) not in prog["files"])
+
+def _finish(specs, out_dir, fingerprint, tok, dtype, command, subsets, docs_per_shard) -> dict:
+    """Rank 0, after every rank finished: the manifest from every rank's progress."""
+    prog = _merged_progress(out_dir, fingerprint)
+    missing = [fi for fi in range(len(specs)) if not _file_done(fi, prog, docs_per_shard)]
+    if missing:
+        raise DataError(f"{out_dir}: input {specs[missing[0]].path} is not fully written although every rank "
+                        "finished; rerun the same command (it resumes)")
+    manifest = _manifest(specs, prog, fingerprint, tok, dtype, command, subsets)
+    if manifest["documents"] == 0:
+        raise DataError(_nothing_message(manifest, subsets) + f" ({out_dir} has no manifest; fix the command and "
+                        "rerun it: nothing was written that a rerun would have to keep)")
+    _atomic_json(os.path.join(out_dir, MANIFEST), manifest)
+    for p in _rank_progress_files(out_dir) + [os.path.join(out_dir, PROGRESS)]:
+        os.remove(p)
+    return manifest
+
+
+def _tokenise(specs, tokenizer_path, out_dir, prog, prog_path, owners, ranks, *, dtype, workers, docs_per_shard,
+              subsets, text_key, skip_corrupt, progress) -> int:
+    """Read, tokenise and write, in order, the chunks of ``owners``' inputs that this rank owns and that are
+    not in ``prog`` yet, recording each in ``prog_path``. Returns the tokens written."""
+    rank, nranks = ranks.rank, ranks.size
+    mine = [fi for fi in sorted(owners) if owners[fi] is None or owners[fi] == rank]
+    total_bytes = sum(os.path.getsize(specs[fi].path) for fi in mine if not os.path.isdir(specs[fi].path))
     bar = None
-    if progress:
+    if progress and rank == 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenising -> {os.path.basename(out_dir)}")
+        desc = f"tokenising -> {os.path.basename(out_dir)}" + (f" (rank 0 of {nranks})" if nranks > 1 else "")
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc)
 
     def tasks():
-        for fi, spec in enumerate(specs):
-            if str(fi) in prog["files"]:
-                continue
+        for fi in mine:
+            spec = specs[fi]
             stats = ReadStats()
             docs = read_source(spec, subsets=subsets, text_key=text_key, stats=stats, skip_corrupt=skip_corrupt,
                                on_bytes=bar.update if bar else None)
             batch, size, name = [], 0, None
             try:
                 for n, doc in enumerate(docs):
-                    cur = _shard_name(fi, n // docs_per_shard)
+                    chunk = n // docs_per_shard
+                    cur = _shard_name(fi, chunk)
                     if cur != name and batch:
                         yield name, batch
                         batch, size = [], 0
                     name = cur
-                    if name in prog["shards"]:
+                    if name in prog["shards"] or not owns(owners[fi], fi, chunk, rank, nranks):
                         continue
                     batch.append(doc)
                     size += len(doc)
@@ -287,14 +457,16 @@ def build_shards(specs: list[SourceSpec], tokenizer_path: str, out_dir: str, *, 
         ndocs, ntok = writer.finish()
         p = os.path.join(out_dir, cur["name"])
         prog["shards"][cur["name"]] = {"docs": ndocs, "tokens": ntok, "empty": cur["empty"],
-                                       "bin_bytes": os.path.getsize(p + ".bin"), "idx_bytes": os.path.getsize(p + ".idx")}
+                                       "bin_bytes": os.path.getsize(p + ".bin"), "idx_bytes": os.path.getsize(p + ".idx"),
+                                       "bin_sample_sha256": identity(p + ".bin")["sample_sha256"],
+                                       "idx_sample_sha256": identity(p + ".idx")["sample_sha256"]}
         _atomic_json(prog_path, prog)
 
     pool = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(
         workers, _init_worker, (tokenizer_path, 1)) if workers > 1 else None
     if pool is None:
         _init_worker(tokenizer_path)
-    t0, n_tokens = time.perf_counter(), 0
+    n_tokens = 0
     pending: collections.deque = collections.deque()
     source = tasks()
     try:
@@ -318,7 +490,7 @@ def build_shards(specs: list[SourceSpec], tokenizer_path: str, out_dir: str, *, 
                     writer.abort()
                 writer = None
                 log.info("%s: stopped; %d finished shards kept (a rerun continues from them)", out_dir,
-                         sum(1 for r in prog["shards"].values() if r["docs"]))
+                         len(_finished_shards(out_dir, prog)))
                 raise item.error
             if isinstance(item, _FileEnd):
                 finish_current()
@@ -340,6 +512,8 @@ def build_shards(specs: list[SourceSpec], tokenizer_path: str, out_dir: str, *, 
             writer.add_documents(tokens, lengths)
             cur["empty"] += empty
             n_tokens += len(tokens)
+        finish_current()
+        writer = None
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -349,19 +523,7 @@ def build_shards(specs: list[SourceSpec], tokenizer_path: str, out_dir: str, *, 
             pool.terminate()
         if bar is not None:
             bar.close()
-    finish_current()
-    secs = time.perf_counter() - t0
-
-    # 3. the manifest, unless nothing came out
-    manifest = _manifest(specs, prog, fingerprint, tok, dtype, command, subsets)
-    if manifest["documents"] == 0:
-        raise DataError(_nothing_message(manifest, subsets) + f" ({out_dir} has no manifest; fix the command and "
-                        "rerun it: nothing was written that a rerun would have to keep)")
-    _atomic_json(man_path, manifest)
-    os.remove(prog_path)
-    log.info("%s: %d documents, %d tokens (%d this run in %.1fs)", out_dir, manifest["documents"],
-             manifest["tokens"], n_tokens, secs)
-    return manifest
+    return n_tokens
 
 
 SUMMED = ("skipped_corrupt", "skipped_bytes", "undecodable_bytes", "corrupt_regions", "filtered", "surrogates",
@@ -374,7 +536,8 @@ def _manifest(specs, prog, fingerprint, tok, dtype, command, subsets) -> dict:
         r = prog["shards"][name]
         if r["docs"]:
             shards.append({"prefix": name, "docs": r["docs"], "tokens": r["tokens"], "input": int(name[5:10]),
-                           "bin_bytes": r["bin_bytes"], "idx_bytes": r["idx_bytes"]})
+                           "bin_bytes": r["bin_bytes"], "idx_bytes": r["idx_bytes"],
+                           **{k: r[k] for k in ("bin_sample_sha256", "idx_sample_sha256") if k in r}})
     seen: dict = {}
     for fi, spec in enumerate(specs):
         f = prog["files"][str(fi)]
@@ -444,7 +607,8 @@ def main(argv=None) -> int:
                    help="corpus file(s), glob allowed (quote it); KIND: pile, cc100, jsonl, text, lines, hf")
     p.add_argument("--tokenizer", required=True, help="SentencePiece .model (from data_prep.train_tokenizer or existing)")
     p.add_argument("--out", required=True, help="output shard directory (give it to the loader as a DataSource)")
-    p.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, help="tokenising processes")
+    p.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
+                   help="tokenising processes (of each rank under mpirun/srun)")
     p.add_argument("--docs-per-shard", type=positive_int, default=100_000, help="documents per shard file (resume unit)")
     p.add_argument("--pile-subset", action="append", help="keep only records with this meta.pile_set_name (repeat)")
     p.add_argument("--text-key", default="text", help="text field for jsonl and hf inputs")
@@ -460,11 +624,23 @@ def main(argv=None) -> int:
     # as typed (globs and all), run from here: what the loader tells a user to rerun to finish the directory
     command = f"cd {shlex.quote(os.getcwd())} && " + shlex.join(
         ["python", "-m", "data_prep.build_shards", *(sys.argv[1:] if argv is None else argv)])
-    man = build_shards(specs, a.tokenizer, a.out, workers=a.workers, docs_per_shard=a.docs_per_shard,
-                       subsets=set(a.pile_subset) if a.pile_subset else None, text_key=a.text_key,
-                       skip_corrupt=a.skip_corrupt, overwrite=a.overwrite, progress=not a.no_progress, command=command)
+    from molm_ds.storage import guarded_write
+
+    ranks = ranks_mod.detect()
+    stats: dict = {}
+    # a full disk: one line; finished shards stay, *.tmp files are ignored and the same command resumes
+    with guarded_write("shards to", a.out, after="rerun the same command after freeing space: it resumes"):
+        man = build_shards(specs, a.tokenizer, a.out, workers=a.workers, docs_per_shard=a.docs_per_shard,
+                           subsets=set(a.pile_subset) if a.pile_subset else None, text_key=a.text_key,
+                           skip_corrupt=a.skip_corrupt, overwrite=a.overwrite, progress=not a.no_progress,
+                           command=command, ranks=ranks, run_stats=stats)
+    if ranks.rank != 0:
+        return 0
     print(f"{a.out}: {len(man['shards'])} shards, {man['documents']} documents, {man['tokens']} tokens "
           f"({time.perf_counter() - t0:.1f}s)")
+    for r in stats.get("per_rank", []):
+        print(f"  rank {r['rank']} of {ranks.size}: {r['tokens']} tokens in {r['seconds']:.2f}s "
+              f"({r['tokens'] / max(r['seconds'], 1e-9):,.0f} tokens/s) on {r['host']}")
     for line in summary_lines(man):
         print(line)
     return 0

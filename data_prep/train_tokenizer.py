@@ -16,22 +16,30 @@ encode, and have an EOS that is a control piece; its other ids may differ from o
 
 Sampling: the first ``--docs-per-source`` documents of every input are split into lines (lines
 longer than ``--max-sentence-length`` bytes are cut, so nothing is dropped silently), and
-SentencePiece keeps a random ``--sample-sentences`` of them. Text is read as ``build_shards``
+a random ``--sample-sentences`` of them are kept (reservoir sampling seeded with ``--seed``, done
+here: SentencePiece's own sampling differs from run to run whatever its seed, so the same command
+would give another model). Text is read as ``build_shards``
 reads it (``data_prep.readers``: lone surrogates become U+FFFD, BOMs are dropped).
+
+Started on N ranks (``mpirun -np N``, ``srun -n N``, e.g. in the same job script as
+``build_shards``), rank 0 alone reads the sample and trains; the others wait for it and exit with its
+outcome, so the sample and the model are those of a one-process run whatever N.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 from typing import Iterator
 
+from data_prep import ranks as ranks_mod
 from data_prep import spm_model
 from data_prep import subsets as subset_names
 from data_prep.identity import file_sha256
 from data_prep.readers import ReadStats, SourceSpec, check_inputs, expand_inputs, read_source
-from molm_ds.errors import ConfigError, DataError, UserError
+from molm_ds.errors import ConfigError, DataError, UserError, one_line
 from molm_ds.log import get_logger
 
 log = get_logger("data_prep.tokenizer")
@@ -94,6 +102,20 @@ def split_sentences(doc: str, max_bytes: int) -> Iterator[str]:
             yield b.decode("utf-8")
 
 
+def reservoir(items: Iterator[str], k: int, seed: int) -> list[str]:
+    """A uniform random sample of ``k`` items (all of them when there are fewer), the same for the same seed."""
+    rng = random.Random(seed)
+    out: list[str] = []
+    for i, item in enumerate(items):
+        if i < k:
+            out.append(item)
+        else:
+            j = rng.randrange(i + 1)
+            if j < k:
+                out[j] = item
+    return out
+
+
 def _check_options(vocab_size, sample_sentences, docs_per_source, character_coverage, max_sentence_length,
                    threads, user_symbols, byte_fallback) -> None:
     for name, v in (("--sample-sentences", sample_sentences), ("--docs-per-source", docs_per_source),
@@ -153,12 +175,13 @@ def train_tokenizer(specs: list[SourceSpec], out_prefix: str, *, vocab_size: int
     sample = SampleReader(specs, docs_per_source=docs_per_source, max_bytes=max_sentence_length, subsets=subsets,
                           skip_corrupt=skip_corrupt)
     spm.set_random_generator_seed(seed)
+    chosen = reservoir(iter(sample), sample_sentences, seed)
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sample),
+            sentence_iterator=iter(chosen),
             model_prefix=tmp_prefix, model_type=model_type, vocab_size=vocab_size,
             character_coverage=character_coverage, byte_fallback=byte_fallback,
-            input_sentence_size=sample_sentences, shuffle_input_sentence=True,
+            input_sentence_size=0, shuffle_input_sentence=False,
             max_sentence_length=max_sentence_length, num_threads=threads or os.cpu_count() or 1,
             normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
             split_digits=True, allow_whitespace_only_pieces=True, user_defined_symbols=list(user_symbols),
@@ -236,7 +259,7 @@ def main(argv=None) -> int:
     p.add_argument("--vocab-size", type=positive_int, default=32000)
     p.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
     p.add_argument("--no-byte-fallback", action="store_true", help="unknown characters become <unk>")
-    p.add_argument("--sample-sentences", type=positive_int, default=2_000_000, help="SentencePiece input_sentence_size")
+    p.add_argument("--sample-sentences", type=positive_int, default=2_000_000, help="lines kept for training (a seeded random sample)")
     p.add_argument("--docs-per-source", type=positive_int, default=100_000, help="documents read from each input")
     p.add_argument("--character-coverage", type=unit_fraction, default=0.9995)
     p.add_argument("--user-symbols", default="", help="comma-separated extra symbols that are never split")
@@ -250,6 +273,22 @@ def main(argv=None) -> int:
         p.error("give either --input (to train) or --existing (to adopt a model), not both")
     if not a.existing and not a.input:
         p.error("give --input KIND:PATH (one or more) to train, or --existing MODEL")
+    ranks = ranks_mod.detect()
+    if ranks.rank != 0:  # the sample must not depend on N: rank 0 trains, the others take its outcome
+        outcome = ranks.bcast(None)
+        if outcome is not None:
+            raise DataError(f"rank 0 stopped: {outcome}")
+        return 0
+    try:
+        _train_or_adopt(a)
+    except Exception as e:
+        ranks.bcast(one_line(e) if isinstance(e, UserError) else repr(e))
+        raise
+    ranks.bcast(None)
+    return 0
+
+
+def _train_or_adopt(a) -> None:
     report: list[str] = []
     if a.existing:
         path = adopt_existing(a.existing, a.out, overwrite=a.overwrite)
@@ -269,7 +308,6 @@ def main(argv=None) -> int:
     if a.existing and spm_model.ids(spm_model.load(path)) != SPECIALS:
         print(f"note: its special ids differ from those data_prep trains ({SPECIALS}); that is fine: build_shards "
               "records them in the manifest and the loader reads them from there")
-    return 0
 
 
 if __name__ == "__main__":

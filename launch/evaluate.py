@@ -53,7 +53,8 @@ def parse_args(argv=None):
                    help="score every document (all) or one split's documents (shard sources split by document)")
     p.add_argument("--val-fraction", type=float, default=None, help="default: the checkpoint job's data.val_fraction")
     p.add_argument("--test-fraction", type=float, default=None, help="default: the checkpoint job's data.test_fraction")
-    p.add_argument("--out", default="eval.json", help="JSON results (rank 0 writes)")
+    p.add_argument("--out", default="eval.json", help="JSON results (rank 0 writes; a file)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--local_rank", type=int, default=None, help=cli.SUPPRESS)
     args = p.parse_args(argv)
     for name in ("seq_len", "stride", "batch_size", "max_docs"):
@@ -111,21 +112,13 @@ def resolve_split(args, job: dict):
     return (args.split, val, test)
 
 
-def device_for(choice: str):
-    import torch
-
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if choice == "auto":
-        return torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    if choice == "cuda":
-        return torch.device("cuda", local)
-    return torch.device(choice)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from molm_ds.devices import resolve_device
     from molm_ds.errors import ConfigError
     from molm_ds.loading import load_source
+    from molm_ds.paths import check_output_file
+    from molm_ds.storage import atomic_write_text
     from molm_ds.log import setup_logging
     from molm_ds.parallel import comm
     from molm_ds.perplexity import bits_per_byte, read_documents, rolling_windows, sequences, window_batches
@@ -135,6 +128,8 @@ def main(argv=None) -> int:
 
     setup_logging()
     _check_sources(args.data)
+    check_output_file(args.out, what="--out", error=ConfigError, overwrite=args.overwrite)
+    device = resolve_device(args.device)
     rank, world = init_distributed() if launcher_kind() != "single" else (0, 1)
     src = load_source(args.checkpoint, tokenizer=args.tokenizer, masters=not args.no_masters)
     if src.tokenizer_path is None:
@@ -148,7 +143,7 @@ def main(argv=None) -> int:
     if stride > seq_len:
         raise ConfigError(f"--stride {stride} is larger than the window length {seq_len}; lower --stride")
     split = resolve_split(args, src.job or {})
-    model = src.model.to(device_for(args.device))
+    model = src.model.to(device)
 
     rows = []
     for spec in args.data:
@@ -177,8 +172,7 @@ def main(argv=None) -> int:
                "fractions": None if split is None else {"val": split[1], "test": split[2]},
                "world_size": world, "sources": rows, "all": total}
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
+        atomic_write_text(args.out, json.dumps(out, indent=1), what="--out")
         print(f"wrote {args.out}")
     comm.barrier()
     return 0

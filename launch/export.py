@@ -14,7 +14,8 @@ Installed: molm-export ...
 
 --tokenizer overrides the run's SentencePiece model (found through the checkpoint's data manifests).
 --dtype float32 (default) or bfloat16 for the Hugging Face weights. --context-length (default: the
-job's data.seq_len) becomes n_positions and the tokenizer's model_max_length.
+job's data.seq_len) becomes n_positions (lm-eval's window); the tokenizer has no length limit (the model has
+no position embedding, so a longer text is no error).
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--context-length", type=int, default=None, help="n_positions (default: the job's data.seq_len)")
     p.add_argument("--max-shard-size", default="5GB", help="split model.safetensors above this size (e.g. 2GB)")
     p.add_argument("--no-masters", action="store_true", help="bf16 checkpoints: the saved bf16 weights, not the fp32 masters")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out directory or --consolidated file (the old one goes only once the "
+                   "new one is complete)")
     p.add_argument("--preset", default="tiny", help="--from-hf: the preset the job.yaml's model section is written against")
     args = p.parse_args(argv)
     if args.from_hf and args.consolidated:
@@ -69,14 +73,46 @@ def parse_args(argv=None):
         args.max_shard_bytes = _size(args.max_shard_size)
     except ValueError:
         p.error(f"--max-shard-size {args.max_shard_size!r}: give a size such as 5GB or 500MB")
+    if args.max_shard_bytes <= 0:
+        p.error(f"--max-shard-size {args.max_shard_size!r} must be more than 0 bytes (e.g. 5GB or 500MB)")
     return args
 
 
-def _refuse_existing(path: str, what: str) -> None:
+def _check_outputs(args) -> None:
+    """Every output path, before any work: --out a directory, --consolidated a file, neither replaced
+    without --overwrite."""
     from molm_ds.errors import ConfigError
+    from molm_ds.paths import check_output_dir, check_output_file
 
-    if os.path.isdir(path) and os.listdir(path):
-        raise ConfigError(f"{what} {path} exists and is not empty; choose a new directory (or delete it)")
+    if args.out:
+        check_output_dir(args.out, what="--out", error=ConfigError, overwrite=args.overwrite)
+    if args.consolidated:
+        check_output_file(args.consolidated, what="--consolidated", error=ConfigError, overwrite=args.overwrite)
+
+
+def _staged_dir(out: str, write) -> None:
+    """``write(tmp)`` into a sibling temporary directory, then put it at ``out`` (replacing an earlier one):
+    a failed or interrupted export leaves ``out`` as it was and no partial directory."""
+    import shutil
+
+    from molm_ds.storage import guarded_write, remove_quietly
+
+    parent = os.path.dirname(os.path.abspath(out)) or "."
+    tmp, old = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}"), None
+    with guarded_write("export", out, cleanup=[tmp]):
+        os.makedirs(parent, exist_ok=True)
+        remove_quietly([tmp])
+        try:
+            write(tmp)
+        except BaseException:
+            remove_quietly([tmp])
+            raise
+        if os.path.isdir(out):
+            old = os.path.join(parent, f".{os.path.basename(out)}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def from_hf(args) -> int:
@@ -84,20 +120,20 @@ def from_hf(args) -> int:
     from molm_ds.errors import ConfigError
     from molm_ds.interop import load_moduleformer
     from molm_ds.loading import is_hf_dir
-    from molm_ds.train import checkpoint as ckpt
+    from molm_ds import checkpoint as ckpt
 
     if not is_hf_dir(args.from_hf):
         raise ConfigError(f"--from-hf {args.from_hf}: no config.json there; give a Hugging Face model directory")
     if args.preset not in preset_names():
         raise ConfigError(f"--preset {args.preset!r}: choose one of {', '.join(preset_names())}")
-    _refuse_existing(args.out, "--out")
     try:
         model = load_moduleformer(args.from_hf)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"--from-hf {args.from_hf}: {e}") from None
-    tag_dir = ckpt.write_model(model, {"name": "imported", "model": {"preset": args.preset}}, args.out,
-                               tag=ckpt.tag_for(0), kind="imported",
-                               extra_files={"import.yaml": {"source": os.path.abspath(args.from_hf)}})
+    _staged_dir(args.out, lambda d: ckpt.write_model(
+        model, {"name": "imported", "model": {"preset": args.preset}}, d, tag=ckpt.tag_for(0), kind="imported",
+        extra_files={"import.yaml": {"source": os.path.abspath(args.from_hf)}}))
+    tag_dir = os.path.join(args.out, ckpt.tag_for(0))
     section = ckpt.read_job(args.out, ckpt.tag_for(0))["model"]
     print(f"wrote {tag_dir} ({model.config.total_params:,} parameters)")
     print("use it in a job:\n  init_from: " + args.out + "\n  model: " + json.dumps(section))
@@ -112,6 +148,7 @@ def main(argv=None) -> int:
     from molm_ds.log import setup_logging
 
     setup_logging()
+    _check_outputs(args)
     if args.from_hf:
         return from_hf(args)
     from molm_ds.errors import ConfigError
@@ -121,18 +158,20 @@ def main(argv=None) -> int:
     if is_hf_dir(args.checkpoint):
         raise ConfigError(f"--checkpoint {args.checkpoint} is a Hugging Face directory already; to make a trainer "
                           f"checkpoint of it use --from-hf {args.checkpoint} --out DIR")
-    if args.out:
-        _refuse_existing(args.out, "--out")
     src = load_source(args.checkpoint, tokenizer=args.tokenizer, masters=not args.no_masters)
     model = src.model
     if args.consolidated:
         meta = {"molm_ds_config": json.dumps(model.config.model_dump(mode="json")), "source": src.where,
                 "fp32_masters": str(src.masters)}
-        os.makedirs(os.path.dirname(os.path.abspath(args.consolidated)), exist_ok=True)
-        from safetensors.torch import save_file
+        from molm_ds.paths import save_safetensors
+        from molm_ds.storage import guarded_write
 
-        save_file({k: v.detach().float().contiguous() for k, v in model.state_dict().items()}, args.consolidated,
-                  metadata={"format": "pt", **meta})
+        tmp = f"{args.consolidated}.tmp-{os.getpid()}"
+        with guarded_write("--consolidated", args.consolidated, cleanup=[tmp]):
+            os.makedirs(os.path.dirname(os.path.abspath(args.consolidated)), exist_ok=True)
+            save_safetensors({k: v.detach().float().contiguous() for k, v in model.state_dict().items()}, tmp,
+                             metadata={"format": "pt", **meta})
+            os.replace(tmp, args.consolidated)  # an existing file (--overwrite) goes only now
         print(f"wrote {args.consolidated} ({model.config.total_params:,} fp32 parameters"
               f"{', from the fp32 masters' if src.masters else ''})")
     if args.out:
@@ -140,13 +179,18 @@ def main(argv=None) -> int:
         if tokenizer is None and not args.no_tokenizer:
             raise ConfigError(f"{args.checkpoint}: its tokenizer is not known (the data manifests name none, or it "
                               "moved); pass --tokenizer M.model (or --no-tokenizer)")
-        info = export_hf(model, args.out, tokenizer=tokenizer,
-                         context_length=args.context_length or src.context_length or DEFAULT_CONTEXT,
-                         dtype=args.dtype, source=src.where, max_shard_bytes=args.max_shard_bytes)
-        ibm = ("also loads in IBM's ModuleFormer code" if info["ibm_compatible"]
-               else "IBM's ModuleFormer code cannot build it: " + "; ".join(info["ibm_incompatibilities"]))
-        print(f"wrote {args.out} (model_type {info['model_type']}, {args.dtype}"
-              f"{', fp32 masters' if src.masters else ''}); {ibm}")
+        infos = []
+        _staged_dir(args.out, lambda d: infos.append(export_hf(
+            model, d, tokenizer=tokenizer, context_length=args.context_length or src.context_length or DEFAULT_CONTEXT,
+            dtype=args.dtype, source=src.where, max_shard_bytes=args.max_shard_bytes)))
+        info = infos[0]
+        print(f"wrote {args.out}: a Hugging Face directory (model_type {info['model_type']}, {args.dtype}"
+              f"{', from the fp32 masters' if src.masters else ''}; {', '.join(info['weights'])}, config.json, "
+              f"modeling code{', tokenizer' if info['tokenizer'] else ''}, README.md)")
+        print("note: loads in transformers with trust_remote_code=True (AutoModelForCausalLM) and in lm_eval "
+              "--model hf; " + ("also in IBM's ModuleFormer code (model_type moduleformer)" if info["ibm_compatible"]
+                                else "not in IBM's ModuleFormer code, which would need "
+                                + "; ".join(info["ibm_incompatibilities"])))
     return 0
 
 

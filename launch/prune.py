@@ -79,18 +79,6 @@ def parse_args(argv=None):
     return args
 
 
-def load_source(path: str):
-    """(model, job dict, tag) from a trainer checkpoint or a HF directory."""
-    from molm_ds.interop import load_moduleformer
-    from molm_ds.train import checkpoint as ckpt
-
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return load_moduleformer(path), {}, "step_00000000"
-    ckpt_dir, tag = ckpt.resolve(path, what="--checkpoint")
-    # bf16/fp16 runs: the fp32 master weights, so the pruned checkpoint and export keep full precision
-    return ckpt.load_fp32_model(os.path.join(ckpt_dir, tag), what="--checkpoint"), ckpt.read_job(ckpt_dir, tag), tag
-
-
 def plot_sweep(rows: list[dict], base: dict, path: str) -> None:
     import matplotlib
 
@@ -118,9 +106,13 @@ def main(argv=None) -> int:
     import torch
 
     from molm_ds.data import DataSource, MixtureLoader
+    from molm_ds import rundir
+    from molm_ds.checkpoint import tag_for
     from molm_ds.errors import ConfigError, DataError
+    from molm_ds.loading import load_source
     from molm_ds.log import print0, setup_logging
     from molm_ds.monitor import load_stats
+    from molm_ds.storage import atomic_write_text
     from molm_ds.prune import (
         expert_load_sums, experts_to_keep, normalized_frequencies, activation_frequencies, param_count,
         perplexity, prune_model, save_pruned_checkpoint,
@@ -141,8 +133,10 @@ def main(argv=None) -> int:
     taus = args.taus
 
     torch.manual_seed(0)
-    model, job, tag = load_source(args.checkpoint)
-    model.eval()
+    # bf16/fp16 runs: the fp32 master weights, so the pruned checkpoint and export keep full precision
+    src = load_source(args.checkpoint)
+    model, job = src.model, src.job
+    tag = os.path.basename(src.where) if src.kind == "checkpoint" else tag_for(0)
     seq_len = args.seq_len or (job.get("data") or {}).get("seq_len") or 128
     data = job.get("data") or {}
     split_kw = dict(val_fraction=args.val_fraction if args.val_fraction is not None else data.get("val_fraction", 0.01),
@@ -185,9 +179,10 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     freqs, nfreqs = activation_frequencies(sums), normalized_frequencies(sums)
     if rank == 0:
-        with open(os.path.join(args.out, "frequencies.json"), "w") as f:
-            json.dump({k.tag: {"f": freqs[k].tolist(), "f_over_max": nfreqs[k].tolist(), **load_stats(sums[k])}
-                       for k in sorted(sums)}, f, indent=1)
+        frequencies = {k.tag: {"f": freqs[k].tolist(), "f_over_max": nfreqs[k].tolist(), **load_stats(sums[k])}
+                       for k in sorted(sums)}
+        atomic_write_text(os.path.join(args.out, rundir.FREQUENCIES_JSON), json.dumps(frequencies, indent=1),
+                          what="report")
 
     total_experts = sum(s.num_experts for s in sums.values())
     if taus:
@@ -198,10 +193,10 @@ def main(argv=None) -> int:
             for r in rows:
                 print(f"{r['tau']:>8g} {r['experts_kept']:>9} {r['params']:>10,} {r['params_kept']:>7.1%} {r['ppl']:>9.3f}"
                       f"   {r['att_experts_per_layer']}  {r['mlp_experts_per_layer']}")
-            with open(os.path.join(args.out, "sweep.json"), "w") as f:
-                json.dump({"unpruned": base, "rows": rows}, f, indent=1)
-            plot_sweep(rows, base, os.path.join(args.out, "sweep.png"))
-            print(f"wrote {os.path.join(args.out, 'sweep.png')} and sweep.json")
+            atomic_write_text(os.path.join(args.out, rundir.SWEEP_JSON),
+                              json.dumps({"unpruned": base, "rows": rows}, indent=1), what="report")
+            plot_sweep(rows, base, os.path.join(args.out, rundir.SWEEP_PNG))
+            print(f"wrote {os.path.join(args.out, rundir.SWEEP_PNG)} and {rundir.SWEEP_JSON}")
 
     if args.match is not None:
         if world > 1:
@@ -225,9 +220,9 @@ def main(argv=None) -> int:
             row = run(t.get("tau", float("nan")), keep)[2]
             mrows.append({**row, "criterion": args.criterion, "matched_params_kept": t.get("params_kept"),
                           "matched_ppl": t.get("ppl"), "kept_ids": {k.tag: v for k, v in sorted(keep.items())}})
-        with open(os.path.join(args.out, "match.json"), "w") as f:
-            json.dump({"unpruned": base, "criterion": args.criterion, "match": os.path.abspath(args.match),
-                       "scores": {k.tag: v.tolist() for k, v in sorted(scores.items())}, "rows": mrows}, f, indent=1)
+        match = {"unpruned": base, "criterion": args.criterion, "match": os.path.abspath(args.match),
+                 "scores": {k.tag: v.tolist() for k, v in sorted(scores.items())}, "rows": mrows}
+        atomic_write_text(os.path.join(args.out, "match.json"), json.dumps(match, indent=1), what="report")
         for r in mrows:
             print(f"matched {r['att_experts_per_layer']} / {r['mlp_experts_per_layer']} by {args.criterion}: "
                   f"{r['params_kept']:.1%} kept, ppl {r['ppl']:.3f} (the matched model: {r['matched_ppl']})")
@@ -237,17 +232,16 @@ def main(argv=None) -> int:
         if rank == 0:
             info = {"source": os.path.abspath(args.checkpoint), "data": args.data, "unpruned": base, **row,
                     "kept_ids": {k.tag: v for k, v in sorted(keep.items())}}
-            d = save_pruned_checkpoint(pruned, job, os.path.join(args.out, "checkpoints"), tag=tag, info=info)
+            d = save_pruned_checkpoint(pruned, job, rundir.checkpoint_dir(args.out), tag=tag, info=info)
             if not args.no_hf:
                 from molm_ds.hf import export_hf
                 from molm_ds.tokenizer import find_run_tokenizer
 
-                hf = export_hf(pruned, os.path.join(args.out, "hf"), tokenizer=find_run_tokenizer(job),
+                hf = export_hf(pruned, os.path.join(args.out, rundir.HF), tokenizer=find_run_tokenizer(job),
                                context_length=seq_len, source=d, replace=True)
-                print(f"wrote {os.path.join(args.out, 'hf')} (model_type {hf['model_type']}"
+                print(f"wrote {os.path.join(args.out, rundir.HF)} (model_type {hf['model_type']}"
                       f"{'' if hf['tokenizer'] else ', no tokenizer: its data manifests name none'})")
-            with open(os.path.join(args.out, "prune.json"), "w") as f:
-                json.dump(info, f, indent=1)
+            atomic_write_text(os.path.join(args.out, rundir.PRUNE_JSON), json.dumps(info, indent=1), what="report")
             print(f"tau {args.tau:g}: kept {row['experts_kept']}/{total_experts} experts, {row['params']:,} parameters "
                   f"({row['params_kept']:.1%}), task perplexity {base['ppl']:.3f} -> {row['ppl']:.3f}; wrote {d}")
     from molm_ds.parallel import comm

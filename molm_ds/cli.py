@@ -13,12 +13,16 @@
 A ``UserError`` (``molm_ds.errors``) raised anywhere below ``main`` ends the process with one line
 ``error: <what is wrong and what to change>`` on stderr and exit code 2, without a traceback; so do
 argparse's own errors. Under several ranks only rank 0 prints it (every rank runs the same checks on
-the same inputs). ``MOLM_DS_DEBUG=1`` re-raises, for the traceback.
+the same inputs), except a storage error (``molm_ds.storage``: a full disk, an I/O error, a read-only
+directory), which only the rank that met it may know of, so that rank prints it. An ``OSError`` that
+escaped every guard with such an errno, or ``torch.save``'s wrapped one, ends the same way. ``MOLM_DS_DEBUG=1``
+re-raises, for the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, NoReturn, Optional, Sequence
 
@@ -39,32 +43,81 @@ def _rank() -> int:
         return 0
 
 
-def fail(message: str) -> NoReturn:
-    """Print ``error: message`` (rank 0) and exit 2."""
-    if _rank() == 0:
-        print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_USER_ERROR)
+def fail(message: str, *, every_rank: bool = False, code: int = EXIT_USER_ERROR, hard: bool = False) -> NoReturn:
+    """Print ``error: message`` (rank 0, or this rank too when ``every_rank``: each has its own) and exit with
+    ``code`` (2). ``hard``: exit at once, without interpreter teardown (which would wait on a dead peer)."""
+    r = _rank()
+    if r == 0 or every_rank:
+        named = r == 0 or message.startswith(f"rank {r} ")  # a lost-peer line names its rank and host itself
+        print(f"error: {'' if named else f'rank {r}: '}{message}", file=sys.stderr, flush=True)
+    if hard:
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with the project's error line: ``error: <message> (see --help)``, exit 2, no usage dump."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, set_keys: Optional[Callable[[], Sequence[str]]] = None, **kwargs) -> None:
+        """``set_keys``: the dotted job fields that ``--set`` changes, so ``--steps 20`` can name
+        ``--set training.steps=20`` (called only when a flag is unknown)."""
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(*args, **kwargs)
+        self._set_keys = set_keys
 
     def error(self, message: str) -> NoReturn:
         fail(f"{message} (see {self.prog} --help)")
 
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        """As argparse, but an unknown flag names the nearest valid one (``--steps``: did you mean ...)."""
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            hints = [h for h in (self._nearest_flag(x) for x in extras) if h]
+            self.error(f"unrecognized arguments: {' '.join(extras)}" + (f"; {'; '.join(hints)}" if hints else ""))
+        return ns
+
+    def _nearest_flag(self, arg: str) -> str:
+        import difflib
+
+        if not arg.startswith("-") or arg == "-":
+            return ""
+        flag = arg.split("=", 1)[0]
+        bare = flag.lstrip("-").replace("-", "_")
+        flags = [f for f in self._option_string_actions if f.startswith("--")]
+        same = [f for f in flags if f.lstrip("-").replace("-", "_") == bare]  # --max_new_tokens, --max-new-tokens
+        if same:
+            return f"{flag}: did you mean {same[0]}?"
+        keys = list(self._set_keys()) if self._set_keys is not None else []
+        field = [k for k in keys if k.rsplit(".", 1)[-1] == bare]  # --steps 20: a job field (--set)
+        near = difflib.get_close_matches(flag, flags, n=1, cutoff=0.7)
+        field = field or ([] if near else difflib.get_close_matches(bare, keys, n=1, cutoff=0.8))
+        if field:
+            return f"{flag}: did you mean --set {field[0]}=VALUE?"
+        return f"{flag}: did you mean {near[0]}?" if near else ""
+
 
 def run(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Optional[Sequence[str]] = None) -> NoReturn:
     """Call ``main(argv)`` and exit with its return code; a ``UserError`` becomes the one-line error."""
+    from molm_ds.storage import StorageError, as_storage_error, quiet_storage_errors_in_threads
+
+    quiet_storage_errors_in_threads()
     try:
         code = main(argv)
     except UserError as exc:
         if debug_enabled():
             raise
-        fail(one_line(exc))
+        # errors a rank finds on its own (its disk, its network, a lost peer) are printed by every rank that has one
+        fail(one_line(exc), every_rank=isinstance(exc, StorageError) or getattr(exc, "every_rank", False),
+             code=getattr(exc, "exit_code", EXIT_USER_ERROR), hard=getattr(exc, "hard_exit", False))
+    except (OSError, RuntimeError) as exc:
+        err = as_storage_error(exc)
+        if err is None or debug_enabled():
+            raise
+        fail(one_line(err), every_rank=True)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         sys.exit(130)

@@ -8,17 +8,41 @@ shapes (ModuleFormer, arXiv 2306.04640) and add tiny models that train in second
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Tuple
+from typing import Annotated, Literal, Optional, Tuple
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-__all__ = ["ModelConfig", "PRESETS", "preset_names"]
+from molm_ds.errors import ConfigError
+
+__all__ = ["ModelConfig", "PRESETS", "check_ep_world", "check_expert_split", "preset_names"]
+
+
+def check_expert_split(num_experts: int, ep_size: int, *, what: str, hint: str = "") -> None:
+    """The rule of expert parallelism, stated once: the ep_size ranks of a group share each sub-layer's
+    experts evenly. ConfigError starting with ``what`` (which count, where) and naming the ep_sizes that work."""
+    if num_experts % ep_size:
+        ok = [d for d in range(1, num_experts + 1) if num_experts % d == 0]
+        raise ConfigError(f"{what}: {num_experts} experts cannot be split over ep_size={ep_size} ranks (must divide "
+                          f"evenly); choose an ep_size among {ok}{hint}")
+
+
+def _list_to_tuple(v):
+    return tuple(v) if isinstance(v, list) else v  # YAML and JSON have no tuples; strict mode wants one
+
+
+def check_ep_world(ep_size: int, world_size: int, *, what: str = "ep_size") -> None:
+    """The other rule, stated once: expert-parallel groups of ep_size ranks tile the world."""
+    if world_size % ep_size:
+        raise ConfigError(f"{what}={ep_size} does not divide the world size {world_size}: expert-parallel groups must "
+                          f"tile the ranks; launch a multiple of {ep_size} ranks or choose an ep_size among "
+                          f"{[d for d in range(1, world_size + 1) if world_size % d == 0]}")
 
 
 class ModelConfig(BaseModel):
-    """Shape and options of one MoLM model. Unknown keys are rejected."""
+    """Shape and options of one MoLM model. Unknown keys are rejected, values are not coerced ("2", 2.0 and
+    true are not integers) and floats are finite."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     vocab_size: int = Field(50295, ge=2, description="Vocabulary size (rows of wte and lm_head).")
     n_layer: int = Field(24, ge=1, description="Number of transformer blocks.")
@@ -68,17 +92,29 @@ class ModelConfig(BaseModel):
         description="token_choice: each token takes its top-k. expert_choice: each expert takes its top-c tokens "
         "(non-causal: training only; inference falls back to token_choice).",
     )
+    router_balance: Literal["none", "bias"] = Field(
+        "none",
+        description="bias: auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias (a buffer, not a parameter) is "
+        "added to p(m|x) to choose the top-k only (gates stay the unbiased probabilities) and, after every applied "
+        "optimizer step, moves by router_bias_rate towards equal load: b_m += rate * sign(mean load - load_m), loads "
+        "summed over the step's micro-batches and all data-parallel ranks. Alone or beside the MI/Switch losses. "
+        "Needs routing: token_choice and sample_topk: 0. See docs/model.md.",
+    )
+    router_bias_rate: float = Field(
+        1e-3, ge=0, description="Update rate of the balancing bias per optimizer step (router_balance: bias); "
+        "0 freezes the bias (a loaded bias still routes)."
+    )
     capacity_factor: Optional[float] = Field(
         None, gt=0, description="Expert capacity = factor * tokens * k / E; overflow tokens are dropped "
         "(training only; eval is dropless). None = dropless."
     )
 
     # Pruned models (molm_ds.prune): layers may keep different numbers of experts.
-    att_experts_per_layer: Optional[Tuple[int, ...]] = Field(
+    att_experts_per_layer: Optional[Annotated[Tuple[int, ...], BeforeValidator(_list_to_tuple)]] = Field(
         None, description="Attention experts of each layer (length n_layer, each in [1, n_att_experts]); "
         "None = n_att_experts everywhere. k_att is capped at a layer's count."
     )
-    mlp_experts_per_layer: Optional[Tuple[int, ...]] = Field(
+    mlp_experts_per_layer: Optional[Annotated[Tuple[int, ...], BeforeValidator(_list_to_tuple)]] = Field(
         None, description="MLP experts of each layer (length n_layer, each in [1, n_mlp_experts]); "
         "None = n_mlp_experts everywhere. k_mlp is capped at a layer's count."
     )
@@ -104,6 +140,9 @@ class ModelConfig(BaseModel):
                 f"without kv_proj, K = V = LN(x) so att_hidden ({self.att_hidden}) must equal d_model "
                 f"({self.d_model}): set att_hidden={self.d_model} or kv_proj: true"
             )
+        if self.router_balance == "bias" and (self.routing != "token_choice" or self.sample_topk):
+            raise ValueError("router_balance: bias shifts a token-choice top-k; it needs routing: token_choice and "
+                             f"sample_topk: 0 (got routing: {self.routing}, sample_topk: {self.sample_topk})")
         if self.sample_topk > min(self.k_att, self.k_mlp):
             raise ValueError(f"sample_topk={self.sample_topk} must be <= k_att and k_mlp")
         for name, counts, full in (("att_experts_per_layer", self.att_experts_per_layer, self.n_att_experts),
@@ -124,6 +163,17 @@ class ModelConfig(BaseModel):
 
     def mlp_experts_at(self, layer: int) -> int:
         return self.n_mlp_experts if self.mlp_experts_per_layer is None else self.mlp_experts_per_layer[layer]
+
+    def expert_parallel_counts(self, *, replicate_attention_experts: bool) -> dict[str, int]:
+        """{field: experts} of what expert parallelism splits over ep_size ranks: the MLP experts always,
+        the attention experts unless replicated (per layer where pruning left the layers different)."""
+        kinds = [("n_mlp_experts", "mlp_experts_per_layer", self.n_mlp_experts, self.mlp_experts_per_layer)]
+        if not replicate_attention_experts:
+            kinds.append(("n_att_experts", "att_experts_per_layer", self.n_att_experts, self.att_experts_per_layer))
+        out: dict[str, int] = {}
+        for name, per_name, full, per in kinds:
+            out.update({name: full} if per is None else {f"{per_name}[{i}]": c for i, c in enumerate(per)})
+        return out
 
     def k_att_at(self, layer: int) -> int:
         return min(self.k_att, self.att_experts_at(layer))

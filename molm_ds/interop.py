@@ -73,6 +73,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         gating_size=c["gating_size"], router_type="molm" if c["gate_type"] == "mlp" else "linear",
         renormalize_topk=bool(c.get("renormalize_topk", False)), sample_topk=c["sample_topk"],
         routing=c.get("routing", "token_choice"), capacity_factor=c.get("capacity_factor"),
+        router_balance=c.get("router_balance", "none"), router_bias_rate=c.get("router_bias_rate", 1e-3),
         init_std=c["initializer_range"], layer_norm_eps=float(c["layer_norm_epsilon"]) if ours else 1e-5,
         router_init=c.get("router_init", "released"),  # released checkpoints say nothing: theirs
         dropout=float(c.get("resid_pdrop", 0.0)) if ours else 0.0,
@@ -101,6 +102,8 @@ def ibm_incompatibilities(cfg: ModelConfig) -> list[str]:
         bad.append("mlp_activation must be gelu_tanh")
     if cfg.renormalize_topk:
         bad.append("renormalize_topk must be False")
+    if cfg.router_balance != "none":
+        bad.append("router_balance must be 'none' (the released code has no routing bias and would choose other experts)")
     if cfg.layer_norm_eps != 1e-5:
         bad.append(f"layer_norm_eps must be 1e-5 (the released code ignores layer_norm_epsilon), not {cfg.layer_norm_eps:g}")
     for kind, counts, full in (("attention", cfg.att_experts_per_layer, cfg.n_att_experts),
@@ -130,6 +133,8 @@ def hf_config(cfg: ModelConfig) -> dict:
         renormalize_topk=cfg.renormalize_topk, routing=cfg.routing, capacity_factor=cfg.capacity_factor,
         router_init=cfg.router_init,
     )
+    if cfg.router_balance != "none":  # only then, so configs of models without one stay as they were
+        out.update(router_balance=cfg.router_balance, router_bias_rate=cfg.router_bias_rate)
     if att is None:
         out["n_att_experts_per_layer"] = list(cfg.att_experts_per_layer)
     if mlp is None:
@@ -149,15 +154,17 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     return dict(model_type="moduleformer", architectures=["ModuleFormerForCausalLM"]) | hf_config(cfg)
 
 
-def _router_map(hf_gate: str, ours: str, router_type: str) -> dict[str, str]:
-    if router_type == "linear":
-        return {f"{hf_gate}.w_gate.0.weight": f"{ours}.w_gate"}
+def _router_map(hf_gate: str, ours: str, cfg: ModelConfig) -> dict[str, str]:
+    bias = {f"{hf_gate}.expert_bias": f"{ours}.expert_bias_E"} if cfg.router_balance == "bias" else {}
+    if cfg.router_type == "linear":
+        return {f"{hf_gate}.w_gate.0.weight": f"{ours}.w_gate", **bias}
     return {f"{hf_gate}.w_gate.0.weight": f"{ours}.proj.weight", f"{hf_gate}.w_gate.0.bias": f"{ours}.proj.bias",
-            f"{hf_gate}.w_gate.3.weight": f"{ours}.w_gate"}
+            f"{hf_gate}.w_gate.3.weight": f"{ours}.w_gate", **bias}
 
 
 def key_map(cfg: ModelConfig) -> dict[str, str]:
-    """Released key -> molm_ds key, for every parameter."""
+    """Released key -> molm_ds key, for every parameter (and the balancing bias buffer,
+    ``...gate.expert_bias`` [E], a molm-ds key the released code lacks)."""
     m = {"transformer.wte.weight": "wte.weight", "transformer.ln_f.weight": "ln_f.weight",
          "transformer.ln_f.bias": "ln_f.bias", "lm_head.weight": "lm_head.weight"}
     for i in range(cfg.n_layer):
@@ -166,14 +173,14 @@ def key_map(cfg: ModelConfig) -> dict[str, str]:
             m[f"{hf}.{ln}.weight"], m[f"{hf}.{ln}.bias"] = f"{us}.{ln}.weight", f"{us}.{ln}.bias"
         m[f"{hf}.attn.q_proj.experts.weight"] = f"{us}.attn.experts.w_q"
         m[f"{hf}.attn.q_proj.output_experts.weight"] = f"{us}.attn.experts.w_o"
-        m.update(_router_map(f"{hf}.attn.q_proj.gate", f"{us}.attn.router", cfg.router_type))
+        m.update(_router_map(f"{hf}.attn.q_proj.gate", f"{us}.attn.router", cfg))
         if cfg.kv_proj:
             for p in ("k_proj", "v_proj"):
                 for t in ("weight", "bias"):
                     m[f"{hf}.attn.{p}.{t}"] = f"{us}.attn.{p}.{t}"
         m[f"{hf}.mlpf.experts.weight"] = f"{us}.mlpf.experts.w1"
         m[f"{hf}.mlpf.output_experts.weight"] = f"{us}.mlpf.experts.w2"
-        m.update(_router_map(f"{hf}.mlpf.gate", f"{us}.mlpf.router", cfg.router_type))
+        m.update(_router_map(f"{hf}.mlpf.gate", f"{us}.mlpf.router", cfg))
     return m
 
 
@@ -225,7 +232,7 @@ def load_moduleformer(path: PathLike, *, dtype: torch.dtype = torch.float32) -> 
 
 def save_moduleformer(model: MoLM, path: PathLike) -> None:
     """Write `config.json` and `model.safetensors` in the released layout."""
-    from safetensors.torch import save_file
+    from molm_ds.paths import save_safetensors
 
     cfg = model.config
     hf_cfg = config_to_hf(cfg)
@@ -236,6 +243,6 @@ def save_moduleformer(model: MoLM, path: PathLike) -> None:
         raise ValueError(f"save_moduleformer: parameters with no released equivalent: {extra[:8]}")
     d = Path(path)
     d.mkdir(parents=True, exist_ok=True)
-    save_file({inverse[k]: v.detach().contiguous().cpu() for k, v in sd.items()}, str(d / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_safetensors({inverse[k]: v.detach().contiguous().cpu() for k, v in sd.items()}, str(d / "model.safetensors"),
+                     metadata={"format": "pt"})
     (d / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")

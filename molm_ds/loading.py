@@ -5,9 +5,9 @@ checkpoint or a Hugging Face directory.
     src.model, src.tokenizer_path, src.context_length, src.job
 
 - trainer checkpoint (a checkpoint directory = its newest complete tag, or a step_NNNNNNNN tag):
-  ``molm_ds.train.checkpoint.load_fp32_model`` (bf16/fp16 runs: the fp32 master weights; ``masters=False``
-  keeps the saved low-precision weights); tokenizer from its job's data manifests, context from
-  ``data.seq_len``;
+  ``molm_ds.checkpoint.load_fp32_model`` (bf16/fp16 runs: the fp32 master weights; ``masters=False``
+  keeps the saved low-precision weights); tokenizer from its job's data manifests (a given or found
+  tokenizer whose SHA-256 differs from the manifests' record is refused), context from ``data.seq_len``;
 - Hugging Face directory (``config.json``): ``molm_ds.interop.load_moduleformer``; tokenizer the
   directory's own ``tokenizer.model`` / ``tokenizer.json``, context ``n_positions``.
 """
@@ -39,8 +39,8 @@ def is_hf_dir(path: str) -> bool:
 
 def load_source(path: str, *, tokenizer: Optional[str] = None, masters: bool = True, what: str = "--checkpoint") -> Source:
     """``tokenizer`` overrides the one found with the model."""
-    from molm_ds.train import checkpoint as ckpt
-    from molm_ds.tokenizer import find_run_tokenizer
+    from molm_ds import checkpoint as ckpt
+    from molm_ds.tokenizer import check_run_tokenizer, find_run_tokenizer
 
     if is_hf_dir(path):
         from molm_ds.interop import load_moduleformer
@@ -55,7 +55,9 @@ def load_source(path: str, *, tokenizer: Optional[str] = None, masters: bool = T
         return Source(model.eval(), "hf", path, tokenizer or (path if own else None), hf.get("n_positions"))
     d, tag = ckpt.resolve(path, what=what)
     job = ckpt.read_job(d, tag)
+    tok_path = tokenizer or find_run_tokenizer(job)
+    check_run_tokenizer(tok_path, job, what="--tokenizer" if tokenizer else "tokenizer")
     load = ckpt.load_fp32_model if masters else ckpt.load_model
     model = load(os.path.join(d, tag), what=what).float().eval()
-    return Source(model, "checkpoint", os.path.join(d, tag), tokenizer or find_run_tokenizer(job),
+    return Source(model, "checkpoint", os.path.join(d, tag), tok_path,
                   (job.get("data") or {}).get("seq_len"), job, masters=masters and ckpt.has_fp32_masters(d, tag))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 
 logger = logging.getLogger("molm_ds")
 
@@ -15,11 +16,15 @@ def get_logger(name: str | None = None) -> logging.Logger:
 
 def rank() -> int:
     """Global rank from the launcher's environment (0 when not distributed)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
+    # A process group exists only where torch.distributed was imported; the data commands never import
+    # torch, and importing it only to learn that costs them seconds per process.
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
         return dist.get_rank()
-    return int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
+    for var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):  # torchrun/DeepSpeed, mpirun, srun
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
 
 
 def is_rank0() -> bool:

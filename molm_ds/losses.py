@@ -61,8 +61,10 @@ def switch_loss(*, probs_TE: Tensor, idx_TK: Tensor, mask_T: Optional[Tensor] = 
     valid = idx_TK >= 0
     if mask_T is not None:
         valid = valid & mask_T[:, None]
+    # every slot adds its weight (1 if routed and real, else 0) to its expert: no boolean-mask indexing,
+    # whose output size depends on the values (a host sync on a GPU); sums of 0s and 1s are exact
     counts_E = torch.zeros(E, device=probs_TE.device, dtype=torch.float32)
-    counts_E = counts_E.index_add(0, idx_TK[valid], torch.ones_like(idx_TK[valid], dtype=torch.float32))
+    counts_E = counts_E.index_add(0, idx_TK.clamp_min(0).reshape(-1), valid.reshape(-1).to(torch.float32))
     f_E = counts_E / counts_E.sum().clamp_min(1.0)
     P_E = pooled_p(probs_TE=probs_TE, mask_T=mask_T)
     return E * (f_E * P_E).sum()

@@ -37,7 +37,8 @@ from torch import Tensor, nn
 from molm_ds.config import ModelConfig
 from molm_ds.log import get_logger
 from molm_ds.model import MoLM
-from molm_ds.monitor import ExpertLoadTracker, LoadSums, SubLayer
+from molm_ds.model.sublayers import ATTN, MLP, SubLayer
+from molm_ds.monitor import ExpertLoadTracker, LoadSums
 
 __all__ = [
     "expert_load_sums", "activation_frequencies", "normalized_frequencies", "experts_to_keep", "pruned_config",
@@ -46,8 +47,6 @@ __all__ = [
 ]
 
 log = get_logger("prune")
-
-_SUBLAYER_ATTR = {"attn": "attn", "mlp": "mlpf"}  # SubLayer.kind -> attribute of a Block
 
 
 # ---- statistics ----------------------------------------------------------------------------------
@@ -122,7 +121,7 @@ def _expert_outputs_TED(layer: nn.Module, x_BTD: Tensor, kind: str) -> Tensor:
     ex = layer.experts
     outs = []
     for e in range(layer.num_experts):
-        if kind == "mlp":
+        if kind == MLP:
             outs.append(ex.act(x_TD @ ex.w1[e]) @ ex.w2[e])
             continue
         from molm_ds.ops import stickbreaking_attention
@@ -140,10 +139,7 @@ def _expert_outputs_TED(layer: nn.Module, x_BTD: Tensor, kind: str) -> Tensor:
 def reap_scores(model: nn.Module, batches: Iterable) -> dict[SubLayer, Tensor]:
     """REAP score per expert (float64 [E] per sub-layer): mean over the real tokens routed to expert m of
     g_m(x) * ||f_m(x)||_2, routing `batches` in eval mode (one process; 0 for an expert nobody chose)."""
-    subs = {}
-    for i, blk in enumerate(model.blocks):
-        for kind, attr in _SUBLAYER_ATTR.items():
-            subs[SubLayer(i, kind)] = getattr(blk, attr)
+    subs = {s.key: s.module for s in model.moe_sublayers()}
     inputs: dict[SubLayer, Tensor] = {}
     hooks = [m.register_forward_pre_hook(lambda mod, args, key=key: inputs.__setitem__(key, args[0].detach()))
              for key, m in subs.items()]
@@ -186,16 +182,16 @@ def experts_to_keep_count(scores: dict[SubLayer, Tensor], counts: dict[SubLayer,
 
 def keep_counts_of(config: ModelConfig) -> dict[SubLayer, int]:
     """Per-sub-layer expert counts of a (pruned) model's config, for `experts_to_keep_count`."""
-    return {**{SubLayer(i, "attn"): config.att_experts_at(i) for i in range(config.n_layer)},
-            **{SubLayer(i, "mlp"): config.mlp_experts_at(i) for i in range(config.n_layer)}}
+    return {**{SubLayer(i, ATTN): config.att_experts_at(i) for i in range(config.n_layer)},
+            **{SubLayer(i, MLP): config.mlp_experts_at(i) for i in range(config.n_layer)}}
 
 
 # ---- surgery -------------------------------------------------------------------------------------
 def pruned_config(config: ModelConfig, keep: dict[SubLayer, list[int]]) -> ModelConfig:
     """`config` with per-layer expert counts from `keep` (layers/kinds not in keep keep their count)."""
-    att = [len(keep[SubLayer(i, "attn")]) if SubLayer(i, "attn") in keep else config.att_experts_at(i)
+    att = [len(keep[SubLayer(i, ATTN)]) if SubLayer(i, ATTN) in keep else config.att_experts_at(i)
            for i in range(config.n_layer)]
-    mlp = [len(keep[SubLayer(i, "mlp")]) if SubLayer(i, "mlp") in keep else config.mlp_experts_at(i)
+    mlp = [len(keep[SubLayer(i, MLP)]) if SubLayer(i, MLP) in keep else config.mlp_experts_at(i)
            for i in range(config.n_layer)]
     return ModelConfig(**{**config.model_dump(), "att_experts_per_layer": tuple(att), "mlp_experts_per_layer": tuple(mlp)})
 
@@ -203,11 +199,12 @@ def pruned_config(config: ModelConfig, keep: dict[SubLayer, list[int]]) -> Model
 def _check_keep(model: MoLM, keep: dict[SubLayer, list[int]]) -> None:
     if getattr(model, "_molm_expert_parallel", None) is not None:
         raise ValueError("prune_model needs the plain (full) model, not an expert-parallel one: load the checkpoint "
-                         "with molm_ds.train.checkpoint.load_model (all experts on one process)")
+                         "with molm_ds.checkpoint.load_model (all experts on one process)")
+    subs = {s.key: s for s in model.moe_sublayers()}
     for key, ids in keep.items():
-        if key.kind not in _SUBLAYER_ATTR or not 0 <= key.layer < len(model.blocks):
+        if key not in subs:
             raise ValueError(f"keep: no MoE sub-layer {key} in a model of {len(model.blocks)} layers")
-        E = getattr(model.blocks[key.layer], _SUBLAYER_ATTR[key.kind]).num_experts
+        E = subs[key].module.num_experts
         if not ids:
             raise ValueError(f"{key.tag}: keep at least one expert (tau <= 1 always keeps the most used one)")
         if sorted(set(ids)) != list(ids) or ids[0] < 0 or ids[-1] >= E:
@@ -221,11 +218,12 @@ def prune_model(model: MoLM, keep: dict[SubLayer, list[int]]) -> MoLM:
     _check_keep(model, keep)
     cfg = pruned_config(model.config, keep)
     sd = {k: v.clone() for k, v in model.state_dict().items()}
+    names = {s.key: s.name for s in model.moe_sublayers()}
     for key, ids in keep.items():
-        prefix = f"blocks.{key.layer}.{_SUBLAYER_ATTR[key.kind]}."
+        prefix = names[key] + "."
         idx = torch.tensor(ids, dtype=torch.long)
         for name in list(sd):
-            if name.startswith(prefix + "experts.") or name == prefix + "router.w_gate":
+            if name.startswith(prefix + "experts.") or name in (prefix + "router.w_gate", prefix + "router.expert_bias_E"):
                 sd[name] = sd[name].index_select(0, idx.to(sd[name].device))
     with torch.device("meta"):
         pruned = MoLM(cfg)
@@ -274,7 +272,7 @@ def perplexity(model: nn.Module, batches: Iterable[dict], *, group=None) -> floa
 def save_pruned_checkpoint(model: MoLM, job: dict, out_dir: str, *, tag: str, info: Optional[dict] = None) -> str:
     """Write the pruned model as a weights-only checkpoint `out_dir/<tag>/` in the trainer's layout, with
     `prune.yaml` (`info`) beside; its job.yaml's model section holds the per-layer counts, so
-    `molm_ds.train.checkpoint.load_model` and `init_from` rebuild the pruned model. Returns the tag directory."""
-    from molm_ds.train import checkpoint as ckpt
+    `molm_ds.checkpoint.load_model` and `init_from` rebuild the pruned model. Returns the tag directory."""
+    from molm_ds import checkpoint as ckpt
 
     return ckpt.write_model(model, job, out_dir, tag=tag, kind="pruned", extra_files={"prune.yaml": info or {}})

@@ -2,7 +2,8 @@
 
 Panels: training loss curves (loss, lm_loss, val_loss), aux terms, validation perplexity, throughput
 (tokens/s, MFU when logged) and, per sub-layer kind (attention / MLP), the expert-load heatmap over
-time (rows = layer x expert, columns = steps, colour = share x E, so 1 = uniform load).
+time (rows = layer x expert, columns = steps, colour = share x E, so 1 = uniform load) and, for runs with
+aux-loss-free balancing (``router_balance: bias``), the bias spread and the load max/mean of every sub-layer.
 
 Sources, first found wins per series: <RUN_DIR>/metrics.jsonl (the trainer's rows), the TensorBoard
 event files under RUN_DIR (or --tensorboard DIR; tags written by molm_ds.monitor), and
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from molm_ds import cli
+from molm_ds import cli, rundir
 from molm_ds.errors import DataError
 
 __all__ = ["RunData", "load_run", "render_report", "main"]
@@ -29,6 +30,7 @@ Series = tuple[list[int], list[float]]  # (steps, values), sorted by step
 
 _SHARE_TAG = re.compile(r"^expert_share/L(\d+)/(\w+)/e(\d+)$")
 _SUB_KEY = re.compile(r"^L(\d+)/(\w+)$")
+_BALANCE = re.compile(r"^balance/(L\d+/\w+)/bias_spread$")
 
 
 @dataclass
@@ -122,7 +124,7 @@ def load_run(run_dir: str, tensorboard_dir: str | None = None) -> RunData:
         raise DataError(f"run directory {run_dir!r} does not exist: give the job's run_dir (e.g. runs/demo)")
     data = RunData()
     points: dict[str, dict[int, float]] = {}
-    metrics = os.path.join(run_dir, "metrics.jsonl")
+    metrics = os.path.join(run_dir, rundir.METRICS)
     if os.path.exists(metrics):
         data.sources.append(metrics)
         for r in _read_jsonl(metrics):
@@ -143,7 +145,7 @@ def load_run(run_dir: str, tensorboard_dir: str | None = None) -> RunData:
 
     # Expert load: the full matrices of expert_load.jsonl (heatmap steps) or the per-expert share scalars
     # (every logged step, when the sub-layers are small enough to have them): whichever has more steps.
-    load_path = os.path.join(run_dir, "expert_load.jsonl")
+    load_path = os.path.join(run_dir, rundir.EXPERT_LOAD)
     from_rows = _load_from_rows(_read_jsonl(load_path)) if os.path.exists(load_path) else {}
     from_tags = _load_from_tags(scalars)
     n_steps = lambda d: sum(len(v) for v in d.values())  # noqa: E731
@@ -181,17 +183,46 @@ def _plot_lines(ax, data: RunData, names, title, ylabel, log=False):
     ax.grid(alpha=0.3)
 
 
-def render_report(data: RunData, png_path: str, *, title: str = "") -> None:
+def _plot_aux(fig, ax, data: RunData) -> None:
+    """The aux-loss terms, one y-axis each (stacked, shared step axis): their scales differ by orders of
+    magnitude (router z-loss ~100, MI ~ -log N) and MI is negative, so neither one axis nor a log scale
+    shows them all."""
+    names = [n for n in AUX_NAMES if n in data.series]
+    if len(names) < 2:
+        _plot_lines(ax, data, AUX_NAMES, "aux terms", "value")
+        return
+    sub = ax.get_subplotspec().subgridspec(len(names), 1, hspace=0.08)
+    ax.remove()
+    first = None
+    for i, n in enumerate(names):
+        a = fig.add_subplot(sub[i], sharex=first)
+        first = first or a
+        s, v = data.series[n]
+        a.plot(s, v, marker="o" if len(s) < 20 else None, ms=3, color=f"C{i}")
+        a.set_ylabel(n, fontsize=8)
+        a.tick_params(labelsize=7)
+        a.grid(alpha=0.3)
+        if i == 0:
+            a.set_title("aux terms (one axis each)")
+        if i < len(names) - 1:
+            a.tick_params(labelbottom=False)
+        else:
+            a.set_xlabel("step")
+
+
+def render_report(data: RunData, png_path: str, *, title: str = ""):
+    """Draw the report into ``png_path``; returns the matplotlib Figure."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     kinds = list(data.load) or ["attn", "mlp"]
-    n_rows = 2 + (len(kinds) + 1) // 2
+    balance = sorted(n for n in data.series if _BALANCE.match(n))
+    n_rows = 2 + (len(kinds) + 1) // 2 + (1 if balance else 0)
     fig = Figure(figsize=(14, 4 * n_rows), dpi=90)
     FigureCanvasAgg(fig)
     axes = fig.subplots(n_rows, 2, squeeze=False)
     _plot_lines(axes[0][0], data, ("loss", "lm_loss", "val_loss"), "loss", "nats / token")
-    _plot_lines(axes[0][1], data, AUX_NAMES, "aux terms", "value")
+    _plot_aux(fig, axes[0][1], data)
     _plot_lines(axes[1][0], data, ("val_ppl",), "validation perplexity", "perplexity", log=True)
     ax = axes[1][1]
     _plot_lines(ax, data, ("tokens_per_s",), "throughput", "tokens / s")
@@ -229,10 +260,17 @@ def render_report(data: RunData, png_path: str, *, title: str = "") -> None:
         ax.set_title(f"{kind} expert load over time")
     for j in range(len(kinds), 2 * ((len(kinds) + 1) // 2)):
         axes[2 + j // 2][j % 2].axis("off")
+    if balance:
+        subs = [_BALANCE.match(n).group(1) for n in balance]
+        _plot_lines(axes[-1][0], data, [f"balance/{s}/bias_spread" for s in subs],
+                    "balancing bias: max - min per sub-layer", "bias spread")
+        _plot_lines(axes[-1][1], data, [f"balance/{s}/load_max_mean" for s in subs],
+                    "load the bias produced: max / mean per sub-layer", "max / mean (1 = balanced)")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(png_path)
+    return fig
 
 
 def _summary(data: RunData) -> list[tuple[str, str]]:
@@ -285,10 +323,10 @@ def main(argv=None) -> int:
     out = a.out or a.run_dir
     os.makedirs(out, exist_ok=True)
     title = f"molm-ds run {os.path.basename(os.path.abspath(a.run_dir))}"
-    png = os.path.join(out, "report.png")
+    png = os.path.join(out, rundir.REPORT_PNG)
     render_report(data, png, title=title)
-    write_html(data, os.path.join(out, "report.html"), "report.png", title=title)
-    print(f"wrote {png} and {os.path.join(out, 'report.html')}")
+    write_html(data, os.path.join(out, rundir.REPORT_HTML), rundir.REPORT_PNG, title=title)
+    print(f"wrote {png} and {os.path.join(out, rundir.REPORT_HTML)}")
     return 0
 
 

@@ -7,7 +7,9 @@
 A SentencePiece ``.model`` file, or a directory holding one (``tokenizer.model``, as exports do); a
 directory with only Hugging Face tokenizer files (a released checkpoint) is read with transformers.
 ``find_run_tokenizer(job)`` finds the model a trainer checkpoint was trained with: the manifests of its
-job's data sources name it.
+job's data sources name it. ``check_run_tokenizer(path, job)`` refuses a SentencePiece model whose
+SHA-256 is not the one those manifests recorded (another or a damaged tokenizer would turn the
+model's ids into the wrong text without a word).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Optional, Sequence
 
 from molm_ds.errors import ConfigError, DataError
 
-__all__ = ["Tokenizer", "load_tokenizer", "find_run_tokenizer"]
+__all__ = ["Tokenizer", "load_tokenizer", "find_run_tokenizer", "check_run_tokenizer", "file_sha256"]
 
 
 class Tokenizer:
@@ -89,3 +91,48 @@ def find_run_tokenizer(job: dict) -> Optional[str]:
         if path and os.path.isfile(path):
             return path
     return None
+
+
+def file_sha256(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sentencepiece_file(path: str) -> Optional[str]:
+    if os.path.isdir(path):
+        path = os.path.join(path, "tokenizer.model")
+    return path if os.path.isfile(path) else None
+
+
+def check_run_tokenizer(path: Optional[str], job: dict, *, what: str = "--tokenizer") -> None:
+    """DataError when ``path`` (a SentencePiece model, or a directory holding tokenizer.model) is not the
+    tokenizer the checkpoint's training data was built with, by the SHA-256 its data manifests recorded.
+    Nothing to compare (no manifest, no recorded hash, a Hugging Face tokenizer) is not an error."""
+    from molm_ds.data.manifest import tokenizer_info
+
+    file = _sentencepiece_file(path) if path else None
+    if file is None:
+        return
+    recorded = None
+    for src in ((job.get("data") or {}).get("sources") or []):
+        try:
+            info = tokenizer_info(src["path"])
+        except (DataError, KeyError, TypeError, OSError):
+            continue
+        if info.sha256:
+            recorded = (src["path"], info)
+            break
+    if recorded is None:
+        return
+    have = file_sha256(file)
+    source, info = recorded
+    if have != info.sha256:
+        raise DataError(f"{what} {file} (sha256 {have[:12]}...) is not the tokenizer the model was trained with: "
+                        f"the manifest of {source} records sha256 {info.sha256[:12]}... "
+                        f"({info.model_path or 'path not recorded'}); pass that tokenizer with --tokenizer, or "
+                        "restore the file")

@@ -49,3 +49,29 @@ def test_argparse_errors_are_one_line(capsys):
 
 def test_one_line_of_empty_message():
     assert one_line(ValueError()) == "ValueError"
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["--max_new_tokens", "4"], "--max_new_tokens: did you mean --max-new-tokens?"),
+    (["--chekpoint", "x"], "--chekpoint: did you mean --checkpoint?"),
+    (["--steps", "20"], "--steps: did you mean --set training.steps=VALUE?"),
+    (["--ep_size", "1"], "--ep_size: did you mean --set parallel.ep_size=VALUE?"),
+])
+def test_unknown_flags_name_the_nearest_one(capsys, argv, hint):
+    p = cli.ArgumentParser(prog="prog", set_keys=lambda: ["training.steps", "parallel.ep_size"])
+    p.add_argument("--checkpoint")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--set", action="append")
+    with pytest.raises(SystemExit) as e:
+        p.parse_args(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: unrecognized arguments: {' '.join(argv)}; {hint} (see prog --help)"), err
+
+
+def test_an_unknown_flag_with_nothing_near_gets_no_guess(capsys):
+    p = cli.ArgumentParser(prog="prog")
+    p.add_argument("--checkpoint")
+    with pytest.raises(SystemExit):
+        p.parse_args(["--zzz"])
+    assert capsys.readouterr().err == "error: unrecognized arguments: --zzz (see prog --help)\n"

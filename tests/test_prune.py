@@ -161,7 +161,7 @@ def test_prune_rejects_bad_keep():
 def test_pruned_checkpoint_and_hf_round_trip(tmp_path):
     import yaml
 
-    from molm_ds.train.checkpoint import load_model as load_checkpoint_model
+    from molm_ds.checkpoint import load_model as load_checkpoint_model
     from molm_ds.interop import load_moduleformer, save_moduleformer
     from molm_ds.train.job import ModelSection
 
@@ -255,7 +255,7 @@ def test_prune_script_then_trainer_init_from(tmp_path):
 
     import yaml
 
-    from tests.train.helpers import write_shard
+    from molm_ds.testing import write_shard
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     shard = write_shard(tmp_path / "shard", n_docs=40, doc_len=200)
@@ -277,7 +277,7 @@ def test_prune_script_then_trainer_init_from(tmp_path):
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     subprocess.run([sys.executable, "launch/pretrain.py", "--config", str(tmp_path / "job.yaml")], cwd=repo, env=env,
                    check=True)
-    from molm_ds.train.checkpoint import load_model as load_checkpoint_model
+    from molm_ds.checkpoint import load_model as load_checkpoint_model
 
     trained = load_checkpoint_model(str(tmp_path / "run" / "checkpoints"))
     assert [trained.config.att_experts_per_layer, trained.config.mlp_experts_per_layer] == list(map(tuple, counts.values()))
@@ -346,7 +346,7 @@ def test_prune_script_uses_the_job_split_and_matches_counts(tmp_path):
     import sys
 
     from molm_ds.data import DataSource, MixtureLoader
-    from tests.train.helpers import write_shard
+    from molm_ds.testing import write_shard
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     shard = write_shard(tmp_path / "shard", n_docs=40, doc_len=200)

@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     import torch
 
-    from molm_ds.train.checkpoint import load_model
+    from molm_ds.checkpoint import load_model
 
     old = None
     if a.old_experts is not None:

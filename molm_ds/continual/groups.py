@@ -50,7 +50,7 @@ def apply_strategy(model: nn.Module, *, strategy: str, train_others: bool = Fals
     """Freeze / mask a grown model (after ``grow_experts`` and, if any, ``parallelize``). Returns the
     trainable parameters by group: {'new_experts': [...], 'router': [...], 'others': [...]} and the
     partly frozen ones under 'masked'."""
-    from molm_ds.parallel import find_moe_sublayers
+    from molm_ds.model.sublayers import moe_sublayers
 
     if strategy not in ("full_router", "new_only"):
         raise ValueError(f"unknown continual strategy {strategy!r}: use full_router or new_only")
@@ -58,8 +58,8 @@ def apply_strategy(model: nn.Module, *, strategy: str, train_others: bool = Fals
         raise ValueError("train_others=True contradicts strategy new_only")
     groups: dict[str, list] = {"new_experts": [], "router": [], "others": [], "masked": []}
     seen: set[int] = set()
-    sublayers = find_moe_sublayers(model)
-    for name, layer, _ in sublayers:
+    for s in moe_sublayers(model):
+        name, layer = s.name, s.module
         if not hasattr(layer, "continual_old_experts"):
             raise ValueError(f"{name}: not grown by molm_ds.continual.grow_experts (no continual_old_experts)")
         E_old, E = int(layer.continual_old_experts), int(layer.num_experts)

@@ -18,16 +18,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from molm_ds.model.sublayers import KINDS, moe_sublayers
 from molm_ds.parallel import comm
 
 __all__ = ["KINDS", "NewExpertShare"]
-
-KINDS = ("attn", "mlp")
-
-
-def _kind(layer: nn.Module) -> str:
-    return "attn" if hasattr(layer.experts, "w_q") else "mlp"
-
 
 class NewExpertShare:
     """Context manager: ``with NewExpertShare(model) as share: evaluate(model, batches)`` then
@@ -35,12 +29,14 @@ class NewExpertShare:
     sub-layer is left out of the result."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.layers = [m for m in model.modules()
-                       if hasattr(m, "continual_old_experts") and int(m.num_experts) > m.continual_old_experts]
+        grown = [s for s in moe_sublayers(model)
+                 if hasattr(s.module, "continual_old_experts") and int(s.module.num_experts) > s.module.continual_old_experts]
+        self.layers = [s.module for s in grown]
+        self._kind = {id(s.module): s.kind for s in grown}
         device = next(model.parameters()).device
         # per kind: probability mass on new experts, top-k slots on new experts, top-k slots, tokens
         self.sums = {k: torch.zeros(4, dtype=torch.float64, device=device) for k in KINDS}
-        self.present = sorted({_kind(m) for m in self.layers}, key=KINDS.index)
+        self.present = sorted({s.kind for s in grown}, key=KINDS.index)
         self._handles: list = []
 
     def _hook(self, module: nn.Module, args, output) -> None:
@@ -52,7 +48,7 @@ class NewExpertShare:
         if rec.mask_T is not None:
             mass_T = mass_T * rec.mask_T
         tokens = mass_T.new_tensor(rec.probs_TE.shape[0]) if rec.mask_T is None else rec.mask_T.sum().double()
-        self.sums[_kind(module)] += torch.stack([mass_T.sum(), new_TK.sum().double(), real_TK.sum().double(), tokens])
+        self.sums[self._kind[id(module)]] += torch.stack([mass_T.sum(), new_TK.sum().double(), real_TK.sum().double(), tokens])
 
     def __enter__(self) -> "NewExpertShare":
         self._handles = [m.register_forward_hook(self._hook) for m in self.layers]

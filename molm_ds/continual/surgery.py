@@ -10,7 +10,7 @@ Legend: E experts before, N new experts, D d_model, R router width.
   with ``seed`` (identical on every rank). Each sub-layer remembers ``continual_old_experts = E``
   (which global ids are frozen) for ``molm_ds.continual.groups``.
 - ``grow_checkpoint(src, dst, attention=, mlp=, seed=)``: the same surgery on checkpoint files: writes
-  a weights-only checkpoint (``molm_ds.train.checkpoint.write_model``) with new router rows and new
+  a weights-only checkpoint (``molm_ds.checkpoint.write_model``) with new router rows and new
   per-expert files.
 """
 
@@ -25,15 +25,12 @@ from torch import nn
 from molm_ds.log import get_logger
 from molm_ds.model import MoLM
 from molm_ds.model.dispatch import LocalDispatcher
-from molm_ds.train import checkpoint as ckpt
+from molm_ds.model.sublayers import ATTN, moe_sublayers
+from molm_ds import checkpoint as ckpt
 
 __all__ = ["grow_experts", "new_expert_counts", "grow_checkpoint"]
 
 log = get_logger("continual")
-
-
-def _kind(layer: nn.Module) -> str:
-    return "attention" if hasattr(layer.experts, "w_q") else "mlp"
 
 
 def _new_expert_rows(w_EIO: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -61,8 +58,9 @@ def grow_experts(model: MoLM, *, attention: int, mlp: int, seed: int) -> MoLM:
                          "before parallelize()")
     gen = torch.Generator().manual_seed(int(seed))
     std = model.config.init_std
-    for layer in model.moe_layers():
-        n = attention if _kind(layer) == "attention" else mlp
+    for s in model.moe_sublayers():
+        layer = s.module
+        n = attention if s.kind == ATTN else mlp
         E = int(layer.num_experts)
         layer.continual_old_experts = E
         if n == 0:
@@ -76,6 +74,9 @@ def grow_experts(model: MoLM, *, attention: int, mlp: int, seed: int) -> MoLM:
                 ).to(router.w_gate)
         router.w_gate = nn.Parameter(torch.cat([router.w_gate.detach(), rows], 0),
                                      requires_grad=router.w_gate.requires_grad)
+        if router.expert_bias_E is not None:  # new experts start at the mean bias: no head start, no handicap
+            bias = router.expert_bias_E
+            router.expert_bias_E = torch.cat([bias, bias.mean().expand(n)])
         router.num_experts = layer.num_experts = E + n
         layer.dispatcher = LocalDispatcher(E + n)
     model.config = model.config.grown(attention=attention, mlp=mlp)
@@ -87,9 +88,9 @@ def grow_experts(model: MoLM, *, attention: int, mlp: int, seed: int) -> MoLM:
 def new_expert_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
     """{sub-layer name: (old experts, experts now)} of a grown model."""
     out = {}
-    for name, m in model.named_modules():
-        if hasattr(m, "continual_old_experts"):
-            out[name] = (m.continual_old_experts, int(m.num_experts))
+    for s in moe_sublayers(model):
+        if hasattr(s.module, "continual_old_experts"):
+            out[s.name] = (s.module.continual_old_experts, int(s.module.num_experts))
     return out
 
 
@@ -97,7 +98,7 @@ def new_expert_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
 def grow_checkpoint(src: str, dst_dir: str, *, attention: int, mlp: int, seed: int, tag: Optional[str] = None) -> str:
     """Offline surgery on a checkpoint: write ``dst_dir/<tag>/`` (weights only, the trainer's layout) with
     the router rows extended and one new ``layer_{L}_expert_{E}`` file per inserted expert. Loads with
-    ``molm_ds.train.checkpoint.load_model`` (or as an ``init_from``) at any ep_size dividing the new
+    ``molm_ds.checkpoint.load_model`` (or as an ``init_from``) at any ep_size dividing the new
     counts. Returns the tag directory."""
     ckpt_dir, src_tag = ckpt.resolve(src, what="grow_checkpoint")
     model = ckpt.load_model(os.path.join(ckpt_dir, src_tag))

@@ -70,8 +70,9 @@ class IndexedShard:
         self.dtype = np.dtype(DTYPE_CODES[code])
         expect = HEADER_BYTES + 4 * n_seq + 8 * n_seq + 8 * n_doc
         size = os.path.getsize(idx_path)
-        if size < expect:
-            raise DataError(f"{idx_path}: truncated index ({size} bytes, header promises {expect})")
+        if size != expect:
+            raise DataError(f"{idx_path}: {'truncated index' if size < expect else 'index longer than its header says'} "
+                            f"({size} bytes, header promises {expect}); the shard is damaged: rebuild it")
         idx = np.memmap(idx_path, dtype=np.uint8, mode="r")
         off = HEADER_BYTES
         self.sequence_lengths = np.frombuffer(idx, dtype="<i4", count=n_seq, offset=off)
@@ -79,6 +80,7 @@ class IndexedShard:
         self.sequence_pointers = np.frombuffer(idx, dtype="<i8", count=n_seq, offset=off)
         off += 8 * n_seq
         self.document_indices = np.frombuffer(idx, dtype="<i8", count=n_doc, offset=off)
+        self._check_structure(idx_path, n_seq, n_doc)
         n_tokens = int(self.sequence_lengths.sum(dtype=np.int64))
         bin_size = os.path.getsize(bin_path)
         if bin_size != n_tokens * self.dtype.itemsize:
@@ -88,6 +90,27 @@ class IndexedShard:
         self.num_tokens = n_tokens
         self.tokens = (np.memmap(bin_path, dtype=self.dtype, mode="r") if n_tokens
                        else np.zeros(0, dtype=self.dtype))
+
+    def _check_structure(self, idx_path: str, n_seq: int, n_doc: int) -> None:
+        """DataError unless the index can be read as it claims: lengths >= 0, every sequence inside the .bin
+        (pointers aligned to the dtype), a document index that runs from 0 to S without going back. A
+        damaged index is refused here, before any of it is read as tokens."""
+        bad = None
+        lengths = self.sequence_lengths.astype(np.int64)
+        pointers = self.sequence_pointers
+        bin_size = os.path.getsize(self.prefix + ".bin")
+        if n_seq and int(lengths.min()) < 0:
+            bad = "a negative sequence length"
+        elif n_seq and (int(pointers.min()) < 0 or int((pointers + lengths * self.dtype.itemsize).max()) > bin_size):
+            bad = "a sequence that lies outside the .bin file"
+        elif n_seq and bool((pointers % self.dtype.itemsize).any()):
+            bad = "a sequence pointer that is not a multiple of the token size"
+        elif n_doc < 1 or int(self.document_indices[0]) != 0 or int(self.document_indices[-1]) != n_seq:
+            bad = f"a document index that does not run from 0 to {n_seq}"
+        elif bool((np.diff(self.document_indices) < 0).any()):
+            bad = "a document index that goes backwards"
+        if bad is not None:
+            raise DataError(f"{idx_path}: the index has {bad}; the shard is damaged: rebuild it")
 
     def __len__(self) -> int:
         return len(self.sequence_lengths)

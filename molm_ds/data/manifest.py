@@ -118,12 +118,15 @@ class ShardEntry:
     prefix: str
     bin_bytes: int | None = None
     idx_bytes: int | None = None
+    bin_sample_sha256: str | None = None  # data_prep.identity's sampled hash, when the manifest records it
+    idx_sample_sha256: str | None = None
 
 
 def _entry(directory: str, s: dict, dtype: str) -> ShardEntry:
     bin_bytes = s.get("bin_bytes", s["tokens"] * ITEMSIZE[dtype])
     idx_bytes = s.get("idx_bytes", HEADER_BYTES + 12 * s["docs"] + 8 * (s["docs"] + 1))
-    return ShardEntry(os.path.join(directory, s["prefix"]), bin_bytes, idx_bytes)
+    return ShardEntry(os.path.join(directory, s["prefix"]), bin_bytes, idx_bytes,
+                      s.get("bin_sample_sha256"), s.get("idx_sample_sha256"))
 
 
 def _manifest_entries(directory: str) -> list[ShardEntry]:
@@ -166,9 +169,11 @@ def shard_prefixes(path: str | os.PathLike) -> list[str]:
 
 
 def check_shard_files(entries: list[ShardEntry]) -> None:
-    """DataError when a shard file is missing or its size differs from what the manifest promises."""
+    """DataError when a shard file is missing, its size differs from what the manifest promises, or its
+    bytes no longer give the sampled hash the manifest recorded (``data_prep.identity``: about 1 MiB read
+    per file, the whole file when it is smaller)."""
     for e in entries:
-        for ext, want in ((".bin", e.bin_bytes), (".idx", e.idx_bytes)):
+        for ext, want, digest in ((".bin", e.bin_bytes, e.bin_sample_sha256), (".idx", e.idx_bytes, e.idx_sample_sha256)):
             f = e.prefix + ext
             if not os.path.isfile(f):
                 raise DataError(f"{f} is missing: an indexed shard is a prefix with both .bin and .idx files"
@@ -177,6 +182,13 @@ def check_shard_files(entries: list[ShardEntry]) -> None:
             if want is not None and os.path.getsize(f) != want:
                 raise DataError(f"{f} is {os.path.getsize(f)} bytes but the manifest says {want}: the shard was "
                                 f"changed or damaged after the build; rebuild the directory with {BUILD_HELP}")
+            if digest is not None:
+                from data_prep.identity import identity
+
+                if identity(f)["sample_sha256"] != digest:
+                    raise DataError(f"{f} does not hold the bytes the manifest recorded (its sampled sha256 differs): "
+                                    f"the shard was overwritten or damaged after the build; rebuild the directory "
+                                    f"with {BUILD_HELP}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,6 +47,7 @@ class MoLMConfig(PretrainedConfig):
         kv_proj: Optional[bool] = None,
         stickbreaking_include_current: bool = True,
         renormalize_topk: bool = False,
+        router_balance: str = "none",
         n_att_experts_per_layer: Optional[Sequence[int]] = None,
         n_mlp_experts_per_layer: Optional[Sequence[int]] = None,
         use_cache: bool = True,
@@ -81,6 +82,7 @@ class MoLMConfig(PretrainedConfig):
         self.kv_proj = (att_hidden != n_embd or n_head > 1) if kv_proj is None else bool(kv_proj)
         self.stickbreaking_include_current = stickbreaking_include_current
         self.renormalize_topk = renormalize_topk
+        self.router_balance = router_balance  # "bias": each gate has an expert_bias [E] added for top-k selection
         self.n_att_experts_per_layer = list(n_att_experts_per_layer) if n_att_experts_per_layer is not None else None
         self.n_mlp_experts_per_layer = list(n_mlp_experts_per_layer) if n_mlp_experts_per_layer is not None else None
         self.use_cache = use_cache

@@ -51,7 +51,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], out_dir: str, *, max_sha
                       metadata: Optional[dict] = None, name: str = "model") -> list[str]:
     """``name.safetensors``, or ``name-0000i-of-0000n.safetensors`` + ``name.safetensors.index.json`` when
     the tensors exceed ``max_shard_bytes`` (Hugging Face's sharded layout). Returns the files written."""
-    from safetensors.torch import save_file
+    from molm_ds.paths import save_safetensors
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     shards: list[dict] = [{}]
@@ -65,11 +65,11 @@ def write_safetensors(tensors: dict[str, torch.Tensor], out_dir: str, *, max_sha
         size += nbytes
     meta = {"format": "pt", **(metadata or {})}
     if len(shards) == 1:
-        save_file(shards[0], os.path.join(out_dir, f"{name}.safetensors"), metadata=meta)
+        save_safetensors(shards[0], os.path.join(out_dir, f"{name}.safetensors"), metadata=meta)
         return [f"{name}.safetensors"]
     files = [f"{name}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for f, shard in zip(files, shards):
-        save_file(shard, os.path.join(out_dir, f), metadata=meta)
+        save_safetensors(shard, os.path.join(out_dir, f), metadata=meta)
     index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
              "weight_map": {k: f for f, shard in zip(files, shards) for k in shard}}
     with open(os.path.join(out_dir, f"{name}.safetensors.index.json"), "w") as fh:
@@ -143,7 +143,9 @@ def export_hf(model, out_dir: str, *, tokenizer: Optional[str], context_length: 
     extra = sorted(set(sd) - set(inverse))
     if extra:
         raise ConfigError(f"export: parameters with no Hugging Face name: {extra[:8]}")
-    files = write_safetensors({inverse[k]: v.to(DTYPES[dtype]) for k, v in sd.items()}, out_dir,
+    # the balancing bias stays fp32 in every dtype: its steps are finer than bf16 resolves
+    files = write_safetensors({inverse[k]: v.float() if k.endswith("expert_bias_E") else v.to(DTYPES[dtype])
+                               for k, v in sd.items()}, out_dir,
                               max_shard_bytes=max_shard_bytes)
     for f in MODELING_FILES:
         shutil.copyfile(os.path.join(HERE, f), os.path.join(out_dir, f))
@@ -160,7 +162,7 @@ def export_hf(model, out_dir: str, *, tokenizer: Optional[str], context_length: 
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
         json.dump({"do_sample": False, **ids}, f, indent=2)
     if tokenizer:
-        hf_tok.write_tokenizer(tokenizer, out_dir, model_max_length=context_length)
+        hf_tok.write_tokenizer(tokenizer, out_dir)  # no length limit: n_positions holds the trained context
     with open(os.path.join(out_dir, "README.md"), "w") as f:
         f.write(_model_card(cfg, config, model_type=model_type, ibm_why=ibm_why, source=source))
     log.info("exported %s (model_type %s, %s) to %s", source, model_type, dtype, out_dir)

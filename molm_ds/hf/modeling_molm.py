@@ -14,7 +14,9 @@ N routed (token, expert) rows.
     logits = lm_head(ln_f(out))    untied; no position embedding (order comes from stick-breaking)
 
 Router: p(m|x) = softmax(A gelu(B x + b)) over the layer's experts; the gate of a chosen expert is its
-full-softmax probability (renormalised over the top-k only if ``renormalize_topk``).
+full-softmax probability (renormalised over the top-k only if ``renormalize_topk``). With
+``router_balance: "bias"`` each gate holds ``expert_bias`` [E] (fp32, learned by molm-ds's aux-loss-free
+balancing), added to p(m|x) to choose the top-k only; the gates stay the unbiased probabilities.
 Stick-breaking: z_ij = q_i . k_j / sqrt(d), A_ij = sigmoid(z_ij) prod_{j<l<=i} (1 - sigmoid(z_il)),
 computed in log space; keys j <= i and the leftover mass dropped (MoLM), or keys j < i with the
 leftover going to the current token's value (``stickbreaking_include_current=False``).
@@ -89,13 +91,21 @@ class MixtureOfExperts(nn.Module):
                 m._molm_router = True  # _init_weights: router_init applies to these
         self.gate = nn.Module()
         self.gate.w_gate = nn.Sequential(*gate)
+        if getattr(config, "router_balance", "none") == "bias":
+            self.gate.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
+        else:
+            self.gate.expert_bias = None
         self.experts = ExpertWeights(num_experts, D, hidden_in or hidden)
         self.output_experts = ExpertWeights(num_experts, hidden, D)
 
     def route(self, x_TD: Tensor) -> Routing:
         logits_TE = self.gate.w_gate(x_TD)
         probs_TE = torch.softmax(logits_TE.float(), dim=-1).to(logits_TE.dtype)
-        gates_TK, idx_TK = probs_TE.topk(self.top_k, dim=-1)
+        if self.gate.expert_bias is None:
+            gates_TK, idx_TK = probs_TE.topk(self.top_k, dim=-1)
+        else:  # the bias chooses, the probabilities weigh
+            idx_TK = (probs_TE.float() + self.gate.expert_bias.float()).topk(self.top_k, dim=-1).indices
+            gates_TK = probs_TE.gather(1, idx_TK)
         if self.renormalize:
             gates_TK = gates_TK / gates_TK.sum(-1, keepdim=True).clamp_min(1e-9)
         flat = idx_TK.reshape(-1)

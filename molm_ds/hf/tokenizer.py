@@ -155,8 +155,11 @@ def build_tokenizer(path: str):
     return tok
 
 
-def write_tokenizer(path: str, out_dir: str, *, model_max_length: int) -> SpecialTokens:
-    """Write the tokenizer files of ``path`` into ``out_dir``; returns the special tokens declared."""
+def write_tokenizer(path: str, out_dir: str, *, model_max_length: Optional[int] = None) -> SpecialTokens:
+    """Write the tokenizer files of ``path`` into ``out_dir``; returns the special tokens declared.
+    ``model_max_length`` None (exports): no limit, since a MoLM has no position embedding and reads any
+    length (a limit makes transformers warn of "indexing errors" on every long document); the trained
+    context is the config's ``n_positions``, which lm-eval uses for its windows."""
     tok = build_tokenizer(path)
     sp = special_tokens(path)
     os.makedirs(out_dir, exist_ok=True)
@@ -166,7 +169,8 @@ def write_tokenizer(path: str, out_dir: str, *, model_max_length: int) -> Specia
     if sp.unk is not None:
         names["unk_token"] = sp.unk
     config = {
-        "tokenizer_class": "PreTrainedTokenizerFast", **names, "model_max_length": model_max_length,
+        "tokenizer_class": "PreTrainedTokenizerFast", **names,
+        **({"model_max_length": model_max_length} if model_max_length is not None else {}),
         "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
         "split_special_tokens": True, "padding_side": "left",
     }

@@ -14,6 +14,8 @@ with ``TRITON_INTERPRET=1`` (``@triton.jit`` reads it when it decorates; ``tests
 from __future__ import annotations
 
 import functools
+import inspect
+import os
 
 __all__ = ["triton_available"]
 
@@ -26,4 +28,33 @@ def triton_available() -> bool:
         import triton.language  # noqa: F401
     except Exception:  # ImportError, or a broken install
         return False
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        _mend_interpreter_index()
     return True
+
+
+def _mend_interpreter_index() -> None:
+    """Triton 3.6's interpreter holds a scalar argument as a one-element array and turns it into a Python
+    int with ``int(array)``, which NumPy >= 2.4 refuses: every ``range(0, I, BLOCK)`` over a scalar
+    argument then fails. Later interpreters squeeze the array first; do the same for the old one. Only
+    the interpreter (CPU tests, ``gpu_check.sh --cpu-smoke``) is touched, never compiled kernels."""
+    try:
+        from triton.runtime import interpreter
+    except Exception:
+        return
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "_molm_ds_mended", False):
+        return
+    try:
+        needs = "int(self.handle.data)" in inspect.getsource(patch)
+    except (OSError, TypeError):
+        return
+    if not needs:
+        return
+
+    def mended(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    mended._molm_ds_mended = True
+    interpreter._patch_lang_tensor = mended

@@ -19,6 +19,12 @@ themselves (``MLPExperts.forward_tokens``), which skips the dispatch copy and th
 token-major order (slot (t, s) before (t', s') iff t*K+s < t'*K+s'), so the expert-parallel dispatcher
 reproduces the exact same grouping. Layers never look at the dispatcher's type.
 
+Deterministic mode (``torch.are_deterministic_algorithms_enabled()``, set by ``training.deterministic``): the
+two reductions over a token's K slots -- the combine, and the backward of dispatching a [T, D] input -- run as
+a scatter to distinct slot rows (``index_copy_``) followed by a sum over K in slot order, never as an
+``index_add_`` with repeated indices (atomics on CUDA: run-to-run different sums). Same signatures, same
+values up to summation order (tests/model/test_deterministic_dispatch.py).
+
 Host syncs: none when the plan is dropless (no padding mask, no capacity drops: N = T*K is known);
 otherwise one, to learn N. Expert-id range checks read tensor values and run only under
 ``MOLM_DS_DEBUG=1``.
@@ -36,7 +42,7 @@ from molm_ds.errors import debug_enabled
 from molm_ds.ops.grouped_gemm import GroupCounts
 
 __all__ = ["DispatchPlan", "LocalDispatcher", "LocalPlan", "check_dispatch_args", "combine_reference",
-           "permute_by_expert", "weighted_combine"]
+           "expert_counts", "gather_token_rows", "permute_by_expert", "weighted_combine"]
 
 
 @dataclass
@@ -73,8 +79,13 @@ class _WeightedCombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_ND: Tensor, weights_TK: Tensor, order_N: Tensor, token_N: Tensor, T: int) -> Tensor:
         w_N = weights_TK.reshape(-1).index_select(0, order_N).to(y_ND.dtype)
-        out = y_ND.new_zeros(T, y_ND.shape[1])
-        out.index_add_(0, token_N, y_ND * w_N[:, None])
+        if torch.are_deterministic_algorithms_enabled():  # distinct slot rows, then the K slots summed in order
+            K = weights_TK.shape[1]
+            out = y_ND.new_zeros(T * K, y_ND.shape[1]).index_copy_(0, order_N, y_ND * w_N[:, None])
+            out = out.view(T, K, y_ND.shape[1]).sum(1)
+        else:
+            out = y_ND.new_zeros(T, y_ND.shape[1])
+            out.index_add_(0, token_N, y_ND * w_N[:, None])
         ctx.save_for_backward(y_ND, w_N, order_N, token_N)
         ctx.wshape, ctx.wdtype = weights_TK.shape, weights_TK.dtype
         return out
@@ -102,6 +113,33 @@ def weighted_combine(y_ND: Tensor, weights_TK: Tensor, order_N: Tensor, token_N:
     return _WeightedCombine.apply(y_ND, weights_TK, order_N, token_N, T)
 
 
+class _GatherTokens(torch.autograd.Function):
+    """x_TD.index_select(0, token_N) whose backward scatters to distinct slot rows and sums each token's K
+    slots in order (the plain backward is an ``index_add_`` with each token repeated up to K times)."""
+
+    @staticmethod
+    def forward(ctx, x_TD: Tensor, order_N: Tensor, token_N: Tensor, K: int) -> Tensor:
+        ctx.save_for_backward(order_N)
+        ctx.shape = (x_TD.shape[0], K)
+        return x_TD.index_select(0, token_N)
+
+    @staticmethod
+    def backward(ctx, dy_ND: Tensor):
+        (order_N,) = ctx.saved_tensors
+        T, K = ctx.shape
+        dx = dy_ND.new_zeros(T * K, dy_ND.shape[1]).index_copy_(0, order_N, dy_ND).view(T, K, dy_ND.shape[1]).sum(1)
+        return dx, None, None, None
+
+
+def gather_token_rows(x_TD: Tensor, order_N: Tensor, token_N: Tensor, K: int) -> Tensor:
+    """The row of each dispatched slot's token (``token_N = order_N // K``); in deterministic mode with an
+    atomic-free backward (``_GatherTokens``)."""
+    if torch.are_deterministic_algorithms_enabled() and x_TD.requires_grad:
+        return _GatherTokens.apply(x_TD, order_N, token_N, K)
+    # index_select: its backward is one index_add_ (cheaper than index_put with accumulate)
+    return x_TD.index_select(0, token_N)
+
+
 def combine_reference(weights_TK: Tensor, y_TKD: Tensor) -> Tensor:
     """The slow path of ``combine``: y_TD = sum_k weights_TK[:, k] * y_TKD[:, k]."""
     return (weights_TK.to(y_TKD.dtype)[..., None] * y_TKD).sum(1)
@@ -127,11 +165,22 @@ def permute_by_expert(idx_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor]
     slot ids in expert order, dropped slots (-1) last; counts_E). The kept slots are the first
     ``counts_E.sum()`` of ``order``: no host sync here."""
     flat = idx_TK.reshape(-1)
-    valid = flat >= 0
-    key = torch.where(valid, flat, torch.full_like(flat, num_experts))  # dropped slots sort last
+    # dropped slots sort last; so do ids out of range (only MOLM_DS_DEBUG=1 checks them: a host read),
+    # which the fixed-size count below could not hold
+    valid = (flat >= 0) & (flat < num_experts)
+    key = torch.where(valid, flat, torch.full_like(flat, num_experts))
     order = torch.argsort(key, stable=True)
-    counts_E = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+    counts_E = expert_counts(key, num_experts + 1)[:num_experts]
     return order, counts_E
+
+
+def expert_counts(idx: Tensor, num_experts: int) -> Tensor:
+    """How many entries of ``idx`` (any shape, values in 0..num_experts-1) name each expert: int64 [E].
+    A ``scatter_add_`` into a fixed-size tensor, not ``bincount`` (whose output size depends on the
+    values, so it waits for the GPU)."""
+    flat = idx.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.int64, device=idx.device).scatter_add_(
+        0, flat.long(), torch.ones_like(flat, dtype=torch.int64))
 
 
 class LocalDispatcher:
@@ -159,9 +208,8 @@ class LocalDispatcher:
 
     def dispatch(self, x: Tensor, plan: LocalPlan) -> Tensor:
         check_rows(x, plan)
-        # index_select: its backward is one index_add_ (cheaper than index_put with accumulate)
         if x.dim() == 2:
-            return x.index_select(0, plan.token_N)
+            return gather_token_rows(x, plan.order_N, plan.token_N, plan.K)
         return x.reshape(plan.T * plan.K, x.shape[-1]).index_select(0, plan.order_N)
 
     def undispatch(self, y_ND: Tensor, plan: LocalPlan) -> Tensor:

@@ -19,6 +19,7 @@ from molm_ds.config import ModelConfig
 from molm_ds.model.dispatch import LocalDispatcher
 from molm_ds.model.experts import MLPExperts
 from molm_ds.model.router import Router, RouterOutput
+from molm_ds.ops.backend import use_triton
 
 AUX_KEYS = ("mi", "load_concentration", "switch", "z")
 
@@ -38,6 +39,7 @@ def make_router(config: ModelConfig, num_experts: int, top_k: int) -> Router:
         router_type=config.router_type, gating_size=config.gating_size,
         renormalize_topk=config.renormalize_topk, sample_topk=config.sample_topk,
         routing=config.routing, capacity_factor=config.capacity_factor,
+        balance=config.router_balance, bias_rate=config.router_bias_rate,
     )
 
 
@@ -69,7 +71,10 @@ class MoEMLP(nn.Module):
         mask_T = None if mask_BT is None else mask_BT.reshape(B * T).bool()
         r = self.router(x_TD, mask_T)
         plan = self.dispatcher.plan(r.idx_TK, dropless=not self.router.may_drop(mask_T))
-        if plan.token_slots is not None:  # the rows stay here: gather and combine fuse into the GEMMs
+        # the rows stay here: gather and combine fuse into the GEMMs -- but in deterministic mode only on
+        # Triton (atomic-free kernels): the PyTorch fused path scatters with index_add_ (molm_ds.model.dispatch)
+        fuse = not torch.are_deterministic_algorithms_enabled() or use_triton(x_TD)
+        if plan.token_slots is not None and fuse:
             y_TD = self.experts.forward_tokens(x_TD, r.weights_TK, plan.token_slots, plan.counts)
         else:
             y_ND = self.experts(self.dispatcher.dispatch(x_TD, plan), plan.counts)

@@ -11,6 +11,13 @@ Options (see `ModelConfig`): renormalised top-k, a linear router (`logits = A x`
 token choice, because expert choice looks at future tokens and is not causal), and a capacity
 factor that drops overflow slots (idx -1, weight 0; training only: which slots overflow depends on
 later tokens, so eval is dropless to stay causal and KV-cache exact). Default: dropless token choice.
+
+Auxiliary-loss-free balancing (``balance="bias"``, DeepSeek-V3): the buffer ``expert_bias_E`` is added to
+``probs_TE`` to choose the top-k; the gates are the unbiased probabilities, so no gradient reaches the bias
+and it changes which experts a token uses, never how much they weigh. In training forwards (not the
+activation-checkpoint recomputation) the router adds the chosen experts' counts to ``load_E`` (int64, device);
+the trainer turns the counts of a whole optimizer step into one bias update and clears them (``bias_update``;
+the all-reduce and the schedule live in ``molm_ds.train.balance``).
 """
 
 from __future__ import annotations
@@ -57,6 +64,8 @@ class Router(nn.Module):
         sample_topk: int = 0,
         routing: str = "token_choice",
         capacity_factor: Optional[float] = None,
+        balance: str = "none",
+        bias_rate: float = 1e-3,
     ) -> None:
         super().__init__()
         if not 1 <= top_k <= num_experts:
@@ -74,6 +83,17 @@ class Router(nn.Module):
         self.sample_topk = sample_topk
         self.routing = routing
         self.capacity_factor = capacity_factor
+        if balance not in ("none", "bias"):
+            raise ValueError(f"Router: balance must be 'none' or 'bias', got {balance!r}")
+        if balance == "bias" and (routing != "token_choice" or sample_topk):
+            raise ValueError("Router: balance='bias' needs token_choice routing without sample_topk")
+        self.bias_rate = bias_rate
+        if balance == "bias":  # fp32 state; a bf16 engine casts buffers, molm_ds.train.balance casts it back
+            self.register_buffer("expert_bias_E", torch.zeros(num_experts, dtype=torch.float32))
+        else:
+            self.expert_bias_E = None
+        self.load_E: Optional[Tensor] = None  # counts since the last bias update (not state: zero after a step)
+        self.last_step_load_E: Optional[Tensor] = None  # the counts the last update used (all micro-batches, ranks)
         self.last_hidden: Optional[HiddenUnitRecord] = None
         self._preact_TR: Optional[Tensor] = None  # set by logits() only while forward() runs
         self._in_forward = False
@@ -95,10 +115,14 @@ class Router(nn.Module):
             nn.init.normal_(self.proj.weight, std=std if scheme == "released" else self.proj.in_features ** -0.5)
             nn.init.zeros_(self.proj.bias)
         nn.init.normal_(self.w_gate, std=std if scheme == "released" else self.w_gate.shape[1] ** -0.5)
+        if self.expert_bias_E is not None:
+            nn.init.zeros_(self.expert_bias_E)
+        self.load_E = None
 
     def extra_repr(self) -> str:
         return (f"E={self.num_experts}, k={self.top_k}, type={self.router_type}, routing={self.routing}, "
-                f"renormalize={self.renormalize_topk}, sample_topk={self.sample_topk}, capacity={self.capacity_factor}")
+                f"renormalize={self.renormalize_topk}, sample_topk={self.sample_topk}, capacity={self.capacity_factor}, "
+                f"balance={'none' if self.expert_bias_E is None else 'bias'}")
 
     def may_drop(self, mask_T: Optional[Tensor]) -> bool:
         """Whether this forward can leave slots empty (idx -1): padded tokens, capacity overflow or
@@ -147,16 +171,47 @@ class Router(nn.Module):
             if self.training and self.sample_topk > 0:
                 idx_TK = sampled_topk(probs_TE, self.top_k, self.sample_topk)
             else:
-                idx_TK = probs_TE.topk(self.top_k, dim=-1).indices
+                idx_TK = self.selection_scores(probs_TE).topk(self.top_k, dim=-1).indices
             weights_TK = probs_TE.gather(1, idx_TK)
             if mask_T is not None:
                 idx_TK = idx_TK.masked_fill(~mask_T[:, None], -1)
+            # compiled (training.compile): traced into the forward graph, which a recomputation does not rerun
+            if self.expert_bias_E is not None and self.training and (torch.compiler.is_compiling() or not _in_backward()):
+                counts_E = expert_counts(idx_TK, self.num_experts)  # chosen experts, before capacity drops
+                self.load_E = counts_E if self.load_E is None else self.load_E + counts_E
             if self.capacity_factor is not None and self.training:
                 idx_TK = drop_over_capacity(idx_TK, self.num_experts, self._capacity(x_TD.shape[0], mask_T))
             weights_TK = weights_TK.masked_fill(idx_TK < 0, 0.0)
         if self.renormalize_topk:
             weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-9)
         return RouterOutput(weights_TK, idx_TK, probs_TE, logits_TE)
+
+    def selection_scores(self, probs_TE: Tensor) -> Tensor:
+        """What the top-k ranks: the probabilities, plus the balancing bias when there is one (detached: the
+        bias steers the choice only)."""
+        if self.expert_bias_E is None:
+            return probs_TE
+        return probs_TE.detach() + self.expert_bias_E.float()
+
+
+def _in_backward() -> bool:
+    """True while autograd runs backward (an activation-checkpoint recomputation must not count twice)."""
+    fn = getattr(torch._C, "_current_graph_task_id", None)
+    return fn is not None and fn() != -1
+
+
+def expert_counts(idx_TK: Tensor, num_experts: int) -> Tensor:
+    """int64 [E]: slots routed to each expert (-1 slots count nowhere). A comparison and a sum: no
+    bincount, no scatter, so it is deterministic and needs no host sync."""
+    ids_E = torch.arange(num_experts, device=idx_TK.device)
+    return (idx_TK.reshape(-1, 1) == ids_E).sum(0)
+
+
+def bias_update(*, bias_E: Tensor, load_E: Tensor, rate: float) -> Tensor:
+    """DeepSeek-V3's rule: ``b_m + rate * sign(mean_m' load - load_m)``. An overloaded expert's bias falls,
+    an underloaded one's rises, one at exactly the mean stays. ``load_E``: counts of the whole step."""
+    load = load_E.double()
+    return (bias_E.double() + rate * torch.sign(load.mean() - load)).to(bias_E.dtype)
 
 
 def sampled_topk(probs_TE: Tensor, k: int, n_sample: int) -> Tensor:

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from molm_ds.config import ModelConfig
 from molm_ds.model.attention import KVCache, MixtureOfAttention
 from molm_ds.model.moe import AUX_KEYS, MoEMLP
+from molm_ds.model.sublayers import ATTN, MLP, MoESubLayer, SubLayer
 
 
 class MoLMOutput(NamedTuple):
@@ -73,11 +74,16 @@ class MoLM(nn.Module):
             layer.router.reset_parameters(std, self.config.router_init)
             layer.experts.reset_parameters()
 
+    def moe_sublayers(self) -> list[MoESubLayer]:
+        """The MoE sub-layers in order: block 0 attention, block 0 MLP, block 1 attention, ... (the one
+        list everything else asks: ``molm_ds.model.sublayers``)."""
+        return [MoESubLayer(SubLayer(i, kind), f"blocks.{i}.{attr}", getattr(b, attr))
+                for i, b in enumerate(self.blocks) for kind, attr in ((ATTN, "attn"), (MLP, "mlpf"))]
+
     def moe_layers(self) -> Iterator[nn.Module]:
-        """All MoE sub-layers in order: block 0 attention, block 0 MLP, block 1 attention, ..."""
-        for b in self.blocks:
-            yield b.attn
-            yield b.mlpf
+        """The modules of ``moe_sublayers()``, in the same order."""
+        for s in self.moe_sublayers():
+            yield s.module
 
     def forward(
         self,

@@ -7,13 +7,13 @@ optimizer step. Lower-level pieces: `ExpertLoadTracker` (hooks on the MoE sub-la
 """
 
 from molm_ds.monitor.config import PEAK_FLOPS, MonitorConfig
-from molm_ds.monitor.expert_load import ExpertLoadTracker, SubLayer, find_moe_sublayers
+from molm_ds.monitor.expert_load import ExpertLoadTracker, SubLayer
 from molm_ds.monitor.monitor import DEFAULT_OPS, TrainingMonitor, mfu, scalar_tag
 from molm_ds.parallel.comm import ReduceOp, reduce_metrics
 from molm_ds.monitor.stats import ROUTER_STAT_NAMES, STAT_NAMES, LoadSums, RouterUnitSums, load_stats, router_unit_stats
 
 __all__ = [
     "DEFAULT_OPS", "ExpertLoadTracker", "LoadSums", "MonitorConfig", "PEAK_FLOPS", "ReduceOp", "STAT_NAMES",
-    "SubLayer", "TrainingMonitor", "find_moe_sublayers", "load_stats", "mfu", "reduce_metrics", "scalar_tag",
+    "SubLayer", "TrainingMonitor", "load_stats", "mfu", "reduce_metrics", "scalar_tag",
     "ROUTER_STAT_NAMES", "RouterUnitSums", "router_unit_stats",
 ]

@@ -24,7 +24,7 @@ class MonitorConfig(BaseModel):
     """What the monitor writes and how often. The trainer decides which steps are logged (its log interval);
     steps are optimizer steps, one step axis for all tags."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)  # no coercion
 
     enabled: bool = Field(True, description="Write expert-load monitoring and the trainer's scalars to TensorBoard.")
     histogram_every: int = Field(

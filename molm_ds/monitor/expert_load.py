@@ -17,60 +17,19 @@ all global experts), so the result equals a single process counting the whole gl
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
 from molm_ds.log import get_logger
+from molm_ds.model.sublayers import SubLayer, moe_sublayers
 from molm_ds.parallel import comm
 from molm_ds.monitor.stats import LoadSums, RouterUnitSums
 
-__all__ = ["SubLayer", "ExpertLoadTracker", "find_moe_sublayers"]
+__all__ = ["SubLayer", "ExpertLoadTracker"]
 
 log = get_logger("monitor")
-
-_KINDS = {"MixtureOfAttention": "attn", "MoEMLP": "mlp"}
-
-
-@dataclass(frozen=True, order=True)
-class SubLayer:
-    """One MoE sub-layer: transformer block index and kind ('attn' or 'mlp')."""
-
-    layer: int
-    kind: str
-
-    @property
-    def tag(self) -> str:
-        return f"L{self.layer:02d}/{self.kind}"
-
-
-def _kind_of(module: nn.Module) -> Optional[str]:
-    for cls in type(module).__mro__:
-        if cls.__name__ in _KINDS:
-            return _KINDS[cls.__name__]
-    return None
-
-
-def find_moe_sublayers(model: nn.Module) -> Iterator[tuple[SubLayer, nn.Module]]:
-    """(SubLayer, module) for every MoE sub-layer, in block order. The block index is the last integer
-    in the module's qualified name (`blocks.3.mlp` -> 3); kind comes from the class."""
-    seen: dict[SubLayer, str] = {}
-    for name, m in model.named_modules():
-        kind = _kind_of(m)
-        if kind is None:
-            continue
-        if not hasattr(m, "num_experts"):
-            raise TypeError(f"MoE sub-layer {name} ({type(m).__name__}) has no num_experts attribute")
-        nums = re.findall(r"(?:^|\.)(\d+)(?:\.|$)", name)
-        layer = int(nums[-1]) if nums else 0
-        key = SubLayer(layer, kind)
-        if key in seen:
-            raise ValueError(f"two MoE {kind} sub-layers map to layer {layer}: {seen[key]} and {name}")
-        seen[key] = name
-        yield key, m
 
 
 def _in_backward() -> bool:
@@ -102,7 +61,7 @@ class ExpertLoadTracker:
     """
 
     def __init__(self, model: nn.Module, *, hooks: bool = True):
-        self.modules: dict[SubLayer, nn.Module] = dict(find_moe_sublayers(model))
+        self.modules: dict[SubLayer, nn.Module] = {s.key: s.module for s in moe_sublayers(model)}
         if not self.modules:
             log.warning("ExpertLoadTracker: the model has no MoE sub-layers (MoEMLP / MixtureOfAttention)")
         self._sums: dict[SubLayer, Optional[LoadSums]] = {k: None for k in self.modules}
@@ -120,7 +79,9 @@ class ExpertLoadTracker:
 
     def _make_hook(self, key: SubLayer):
         def hook(module, args, output):
-            if module.training and not _in_backward():
+            # compiled (training.compile): the hook is traced into the forward graph, which a
+            # checkpoint recomputation does not rerun
+            if module.training and (torch.compiler.is_compiling() or not _in_backward()):
                 self.observe(key)
 
         return hook

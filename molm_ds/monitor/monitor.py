@@ -28,6 +28,7 @@ from typing import Callable, Mapping, Optional
 
 from torch import nn
 
+from molm_ds import rundir
 from molm_ds.log import get_logger, is_rank0, warn_once
 from molm_ds.model.moe import AUX_KEYS
 from molm_ds.monitor.config import MonitorConfig
@@ -130,7 +131,7 @@ class TrainingMonitor:
         if ds_tb is not None:
             self.tb_dir = os.path.join(ds_tb.output_path, ds_tb.job_name)
         else:
-            self.tb_dir = tensorboard_dir or os.path.join(run_dir, "tensorboard")
+            self.tb_dir = tensorboard_dir or rundir.tensorboard_dir(run_dir)
         self.detail_dir = os.path.join(self.tb_dir, "expert_load")
         if self._ds_monitor is None and self.rank0:
             warn_once("TrainingMonitor: DeepSpeed's monitor is off (no ds_config 'tensorboard' block); "
@@ -270,7 +271,7 @@ class TrainingMonitor:
                 w.add_image(tags.heatmap_tag(kind), img, step, dataformats="HWC")
             os.makedirs(self.run_dir, exist_ok=True)
             row = {"step": step, "shares": {sub.tag: [round(x, 6) for x in sh.tolist()] for sub, sh in sorted(shares.items())}}
-            with open(os.path.join(self.run_dir, "expert_load.jsonl"), "a") as f:
+            with open(os.path.join(self.run_dir, rundir.EXPERT_LOAD), "a") as f:
                 f.write(json.dumps(row) + "\n")
         w.flush()
 

@@ -79,7 +79,9 @@ class LoadSums:
         # This runs after every training forward, so it only queues device work: masks are weights and
         # counts are an index_add (no boolean indexing or bincount, whose output sizes depend on the data).
         # The id range check reads the ids, so it runs only where that is no device sync (CPU).
-        if idx_TK.device.type == "cpu" and idx_TK.numel() and (int(idx_TK.max()) >= E or int(idx_TK.min()) < -1):
+        # (Not while torch.compile traces: a value read would break the graph.)
+        if (idx_TK.device.type == "cpu" and not torch.compiler.is_compiling() and idx_TK.numel()
+                and (int(idx_TK.max()) >= E or int(idx_TK.min()) < -1)):
             raise ValueError(f"idx_TK holds ids outside [-1, {E}): got [{int(idx_TK.min())}, {int(idx_TK.max())}]")
         real_T = torch.ones(T, dtype=torch.bool, device=idx_TK.device) if mask_T is None else mask_T
         routed_TK = (idx_TK >= 0) & real_T[:, None]

@@ -23,8 +23,9 @@ Each has a readable reference with the same signature (``*_reference``). Each is
   sums the K slots of a token with one ``bmm`` (deterministic, no atomics).
 - PyTorch: ``index_select`` gather, one ``mm`` per expert straight into the output (no cat, no
   padding), ``index_add_`` scatter; on this CPU build as fast as ``torch._grouped_mm`` (which needs
-  16-byte aligned strides and whose backward failed here). It needs the counts on the host: the
-  `GroupCounts` of a dispatch plan converts them once for every GEMM of the layer, forward and backward.
+  16-byte aligned strides and whose backward failed here). It needs the counts on the host and reads
+  them inside the op (free on the CPU), unless the dispatcher already has them there (the all-to-all
+  split sizes). Nothing outside the ops reads the counts, so on a GPU no grouped GEMM syncs.
 
 dx/dw of both and dgates of the gated one are tested against the references (tests/ops, tests/kernels).
 """
@@ -43,10 +44,10 @@ __all__ = ["GroupCounts", "grouped_gemm", "grouped_gemm_gated", "grouped_gemm_ga
 
 
 class GroupCounts:
-    """Rows per expert of a grouped batch: the device tensor the Triton kernels read, and the host list
-    the per-expert loop slices with. The host list is made once, on first use (a host sync when the
-    tensor lives on a GPU), and shared by every GEMM of the layer that holds this object; a dispatcher
-    that already has the counts on the host (the all-to-all split sizes) passes them in."""
+    """Rows per expert of a grouped batch: the device tensor the kernels read, and, when a dispatcher
+    already has them on the host (the all-to-all split sizes), the host list, which spares the per-expert
+    loop its own conversion. ``host()`` converts on demand (a host sync when the tensor lives on a GPU);
+    the ops never call it: the CPU loop converts inside the op, the Triton kernels read the tensor."""
 
     __slots__ = ("tensor", "_host")
 
@@ -56,7 +57,11 @@ class GroupCounts:
 
     def host(self) -> list:
         if self._host is None:
-            self._host = [int(c) for c in self.tensor.tolist()]  # host sync: only the per-expert loop asks
+            self._host = [int(c) for c in self.tensor.tolist()]  # host sync on a GPU: references and checks only
+        return self._host
+
+    def known_host(self) -> Optional[list]:
+        """The host list if it is already known (no conversion), else None."""
         return self._host
 
     @classmethod
@@ -87,17 +92,19 @@ def _check_values(n_rows: int, counts: list, what: str = "grouped_gemm") -> None
 
 
 def _host_counts(counts: GroupCounts, n_rows: int, triton: bool, what: str) -> Optional[List[int]]:
-    """The host list the loop path needs (None for Triton, which reads the device tensor, and while
-    torch.compile traces: then the op converts the counts inside itself)."""
-    if triton:
-        if debug_enabled():
-            _check_values(n_rows, counts.host(), what)
-        return None
+    """The host list to pass into the op: only one a dispatcher already has (checked here, for free).
+    Otherwise None: the Triton kernels read the device tensor, and the CPU loop converts the counts
+    inside the op (``_loop_counts``), so that no host read of a device tensor happens outside an op
+    whose GPU implementation needs none. Under MOLM_DS_DEBUG=1 the values are checked here (a sync)."""
     if torch.compiler.is_compiling():
         return None
-    host = counts.host()
-    _check_values(n_rows, host, what)
-    return host
+    host = counts.known_host()
+    if host is not None:
+        _check_values(n_rows, host, what)
+        return None if triton else host
+    if debug_enabled():
+        _check_values(n_rows, counts.host(), what)
+    return None
 
 
 def _on(t: Tensor, like: Tensor) -> Tensor:
@@ -105,8 +112,14 @@ def _on(t: Tensor, like: Tensor) -> Tensor:
 
 
 # ---- the PyTorch path ---------------------------------------------------------------------------
-def _loop_counts(counts: Tensor, host: Optional[List[int]]) -> List[int]:
-    return list(host) if host is not None else [int(c) for c in counts.tolist()]
+def _loop_counts(counts: Tensor, host: Optional[List[int]], n_rows: int, what: str = "grouped_gemm") -> List[int]:
+    """The per-expert loop's host counts: the ones passed in, or the device tensor read here, inside the
+    op (this is the CPU path; the GPU runs the Triton kernels, which read the tensor on the device)."""
+    if host is not None:
+        return list(host)
+    host = [int(c) for c in counts.tolist()]
+    _check_values(n_rows, host, what)
+    return host
 
 
 def _rows(x: Tensor, idx: Optional[Tensor], fan: int) -> Tensor:
@@ -148,7 +161,8 @@ def _grouped_gemm_op(x: Tensor, w: Tensor, counts: Tensor, counts_host: Optional
         from molm_ds.kernels.grouped_gemm import launch
 
         return launch.scatter2scatter(x, w, counts, src=src, fan_in=fan_in, dst=dst, out_rows=out_rows)
-    y = _mm_groups(_rows(x, src, fan_in).contiguous(), w, _loop_counts(counts, counts_host))
+    rows = _rows(x, src, fan_in).contiguous()
+    y = _mm_groups(rows, w, _loop_counts(counts, counts_host, rows.shape[0]))
     if dst is None:
         return y
     out = y.new_empty(out_rows, y.shape[1]) if y.shape[0] == out_rows else y.new_zeros(out_rows, y.shape[1])
@@ -180,8 +194,8 @@ def _grouped_gemm_backward_op(dy: Tensor, x: Tensor, w: Tensor, counts: Tensor, 
         if need_w:
             dw = launch.group_dw(x, dy, counts, x_idx=src, fan_x=fan_in, dy_idx=dst, dtype=w.dtype)
         return dx, dw
-    host = _loop_counts(counts, counts_host)
     dy_N = _rows(dy, dst, 1).contiguous()
+    host = _loop_counts(counts, counts_host, dy_N.shape[0])
     if need_x:
         dx_N = _mm_groups(dy_N, wT, host)
         dx = dx_N if src is None else x.new_zeros(x.shape).index_add_(0, src // fan_in, dx_N)
@@ -260,7 +274,7 @@ def _gated_op(x: Tensor, w: Tensor, counts: Tensor, counts_host: Optional[List[i
         y_S = launch.scatter2scatter(x, w, counts, dst=slot, out_rows=T * K)  # dropped slots: zero rows
         y = torch.bmm(gates.unsqueeze(1).to(y_S.dtype), y_S.view(T, K, -1)).squeeze(1)
         return y, y_S
-    y_N = _mm_groups(x.contiguous(), w, _loop_counts(counts, counts_host))
+    y_N = _mm_groups(x.contiguous(), w, _loop_counts(counts, counts_host, x.shape[0], "grouped_gemm_gated"))
     w_N = gates.reshape(-1).index_select(0, slot).to(y_N.dtype)
     y = y_N.new_zeros(T, y_N.shape[1])
     y.index_add_(0, slot // K, y_N * w_N[:, None])
@@ -291,7 +305,7 @@ def _gated_backward_op(dy: Tensor, x: Tensor, w: Tensor, counts: Tensor, counts_
         if need_w:  # dw_e = sum_p x_p^T (g_p dy[token(p)])
             dw = launch.group_dw(x, dy, counts, dy_idx=slot, fan_dy=K, scale=g_N, dtype=w.dtype)
         return dx, dw, dg
-    host = _loop_counts(counts, counts_host)
+    host = _loop_counts(counts, counts_host, x.shape[0], "grouped_gemm_gated")
     dy_N = dy.index_select(0, slot // K)  # the gradient of each row's token
     if need_g:
         dg_N = torch.linalg.vecdot(dy_N, rows)

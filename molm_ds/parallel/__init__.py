@@ -15,13 +15,13 @@ import importlib
 
 _EXPORTS = {
     "all_to_all_variable": "all_to_all", "exchange_counts": "all_to_all",
-    "EXPERT_KEY": "bridge", "is_deepspeed_moe_bridge": "bridge", "to_deepspeed_moe": "bridge",
+    "is_deepspeed_moe_bridge": "bridge", "to_deepspeed_moe": "bridge",
     "clip_grad_norm_": "clip", "grad_norm": "clip", "grad_norm_reference": "clip", "guard_plain_optimizer": "clip",
     "AllToAllDispatcher": "dispatch",
-    "check_expert_parallel": "groups", "check_zero_stage": "groups", "ensure_distributed": "groups",
+    "check_expert_parallel": "groups", "ensure_distributed": "groups",
     "expert_parallel_groups": "groups", "group_name": "groups",
     "build_param_groups": "optim",
-    "ExpertParallelInfo": "expert_parallel", "MoELayerInfo": "expert_parallel", "find_moe_sublayers": "expert_parallel",
+    "ExpertParallelInfo": "expert_parallel", "MoELayerInfo": "expert_parallel",
     "parallelize": "expert_parallel",
 }
 

@@ -27,9 +27,10 @@ import torch
 from deepspeed.moe.layer import MoE
 from torch import Tensor, nn
 
-__all__ = ["DeepSpeedMoEMixin", "EXPERT_KEY", "to_deepspeed_moe", "is_deepspeed_moe_bridge"]
+from molm_ds.checkpoint.layout import EXPERT_INFIX as EXPERT_KEY
+from molm_ds.config import check_expert_split
 
-EXPERT_KEY = "deepspeed_moe.experts.deepspeed_experts"  # DeepSpeed's per-expert key infix
+__all__ = ["DeepSpeedMoEMixin", "to_deepspeed_moe", "is_deepspeed_moe_bridge"]
 
 
 class DeepSpeedMoEMixin(MoE):
@@ -96,8 +97,7 @@ def to_deepspeed_moe(experts: nn.Module, *, num_experts: int, ep_size: int, ep_r
     as DeepSpeed expert params and re-class the module as a DeepSpeed MoE (in place; returned)."""
     if is_deepspeed_moe_bridge(experts):
         raise ValueError(f"{type(experts).__name__} is already expert-parallel; call parallelize once per model")
-    if num_experts % ep_size:
-        raise ValueError(f"{num_experts} experts cannot be split over ep_size={ep_size}: choose an ep_size that divides it")
+    check_expert_split(num_experts, ep_size, what=type(experts).__name__)
     El = num_experts // ep_size
     first = ep_rank * El
     stacked = []

@@ -26,8 +26,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from molm_ds.config import check_expert_split
 from molm_ds.model.dispatch import (
-    DispatchPlan, check_dispatch_args, check_rows, permute_by_expert, weighted_combine,
+    DispatchPlan, check_dispatch_args, check_rows, gather_token_rows, permute_by_expert, weighted_combine,
 )
 from molm_ds.ops.grouped_gemm import GroupCounts
 from molm_ds.parallel.all_to_all import all_to_all_variable, exchange_counts
@@ -66,11 +67,7 @@ class AllToAllDispatcher:
         self.group = group
         self.ep_size = dist.get_world_size(group)
         self.ep_rank = dist.get_rank(group)
-        if num_experts % self.ep_size:
-            raise ValueError(
-                f"AllToAllDispatcher: num_experts={num_experts} is not divisible by ep_size={self.ep_size}; "
-                "choose an ep_size that divides the expert count"
-            )
+        check_expert_split(num_experts, self.ep_size, what="AllToAllDispatcher")
         self.num_local_experts = num_experts // self.ep_size
 
     def __repr__(self) -> str:
@@ -100,7 +97,7 @@ class AllToAllDispatcher:
     def dispatch(self, x: Tensor, plan: AllToAllPlan) -> Tensor:
         check_rows(x, plan)
         if x.dim() == 2:
-            x_send = x.index_select(0, plan.token_Ns)
+            x_send = gather_token_rows(x, plan.order_Ns, plan.token_Ns, plan.K)
         else:
             x_send = x.reshape(plan.T * plan.K, x.shape[-1]).index_select(0, plan.order_Ns)
         x_recv = all_to_all_variable(x_send, out_splits=plan.recv_splits, in_splits=plan.send_splits, group=self.group)

@@ -15,11 +15,12 @@ import torch.distributed as dist
 from torch import nn
 
 from molm_ds.log import get_logger, info0
+from molm_ds.model.sublayers import MLP, moe_sublayers
 from molm_ds.parallel.bridge import to_deepspeed_moe
 from molm_ds.parallel.dispatch import AllToAllDispatcher
 from molm_ds.parallel.groups import check_expert_parallel, expert_parallel_groups, group_name
 
-__all__ = ["ExpertParallelInfo", "MoELayerInfo", "find_moe_sublayers", "parallelize"]
+__all__ = ["ExpertParallelInfo", "MoELayerInfo", "parallelize"]
 
 log = get_logger("parallel")
 
@@ -27,7 +28,7 @@ log = get_logger("parallel")
 @dataclass(frozen=True)
 class MoELayerInfo:
     name: str  # module name of the MoE sub-layer in the model
-    kind: str  # "mlp" or "attention"
+    kind: str  # "attn" or "mlp" (molm_ds.model.sublayers)
     num_experts: int  # global
     num_local_experts: int
     first_expert: int  # global id of local expert 0
@@ -46,23 +47,6 @@ class ExpertParallelInfo:
     replicated: list = field(default_factory=list)  # names of MoE sub-layers whose experts stay replicated
 
 
-def _kind(experts: nn.Module) -> str:
-    if hasattr(experts, "w_q"):
-        return "attention"
-    if hasattr(experts, "w1"):
-        return "mlp"
-    raise ValueError(f"unknown experts module {type(experts).__name__}: expected MLP (w1, w2) or attention (w_q, w_o) experts")
-
-
-def find_moe_sublayers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
-    """(name, module, kind) of every MoE sub-layer, in `named_modules()` order."""
-    out = []
-    for name, m in model.named_modules():
-        if all(hasattr(m, a) for a in ("router", "experts", "dispatcher", "num_experts")) and isinstance(m.experts, nn.Module):
-            out.append((name, m, _kind(m.experts)))
-    return out
-
-
 def parallelize(model: nn.Module, ep_size: int, *, replicate_attention_experts: bool) -> ExpertParallelInfo:
     """Make `model` expert-parallel over DeepSpeed's `ep_size_{ep_size}` groups (in place).
 
@@ -71,10 +55,10 @@ def parallelize(model: nn.Module, ep_size: int, *, replicate_attention_experts: 
     E / ep_size experts (global id = ep_rank * E_l + local id); with ep_size > 1 its dispatcher becomes
     an `AllToAllDispatcher` over the expert-parallel group. Also at ep_size 1 the experts are bridged,
     so the DeepSpeed engine and checkpoints are the same at every ep_size."""
-    sublayers = find_moe_sublayers(model)
+    sublayers = [(s.name, s.module, s.kind) for s in moe_sublayers(model)]
     if not sublayers:
-        raise ValueError("parallelize: no MoE sub-layers found (modules with router, experts, dispatcher, num_experts)")
-    chosen = [(n, m, k) for n, m, k in sublayers if k == "mlp" or not replicate_attention_experts]
+        raise ValueError(f"parallelize: {type(model).__name__} publishes no MoE sub-layers (moe_sublayers())")
+    chosen = [(n, m, k) for n, m, k in sublayers if k == MLP or not replicate_attention_experts]
     ep_group, edp_group = expert_parallel_groups(ep_size)  # also checks ep_size | world size
     world = dist.get_world_size()
     check_expert_parallel(ep_size=ep_size, world_size=world,

@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import os
 
-from typing import Mapping, Union
+from typing import Mapping
 
 import torch.distributed as dist
 
+from molm_ds.config import check_ep_world, check_expert_split
 from molm_ds.errors import ConfigError
 from molm_ds.log import get_logger
 
-__all__ = ["check_expert_parallel", "check_zero_stage", "ensure_distributed", "expert_parallel_groups", "group_name"]
+__all__ = ["check_expert_parallel", "ensure_distributed", "expert_parallel_groups", "group_name"]
 
 log = get_logger("parallel")
-SUPPORTED_ZERO_STAGES = (0, 1, 2)
 
 
 def group_name(ep_size: int) -> str:
@@ -33,35 +33,9 @@ def check_expert_parallel(*, ep_size: int, world_size: int, expert_counts: Mappi
     expert-parallel expert count. `expert_counts`: name -> global experts of each EP'd kind/layer."""
     if not isinstance(ep_size, int) or ep_size < 1:
         raise ConfigError(f"ep_size must be a positive integer, got {ep_size!r}")
-    if world_size % ep_size:
-        raise ConfigError(
-            f"ep_size={ep_size} does not divide the world size {world_size}: expert-parallel groups must tile "
-            f"the ranks; use an ep_size among {[d for d in range(1, world_size + 1) if world_size % d == 0]} "
-            f"or launch a multiple of {ep_size} ranks"
-        )
+    check_ep_world(ep_size, world_size)
     for name, n in expert_counts.items():
-        if n % ep_size:
-            raise ConfigError(
-                f"{name}: {n} experts cannot be split over ep_size={ep_size} ranks (must divide evenly); "
-                f"use an ep_size among {[d for d in range(1, n + 1) if n % d == 0 and world_size % d == 0]}"
-                " or change the expert count (or replicate the attention experts)"
-            )
-
-
-def check_zero_stage(ds_config_or_stage: Union[Mapping, int]) -> int:
-    """Return the ZeRO stage of a DeepSpeed config (dict) or stage number; ConfigError for stage 3,
-    which DeepSpeed's native MoE path does not support."""
-    if isinstance(ds_config_or_stage, Mapping):
-        stage = int((ds_config_or_stage.get("zero_optimization") or {}).get("stage", 0))
-    else:
-        stage = int(ds_config_or_stage)
-    if stage not in SUPPORTED_ZERO_STAGES:
-        raise ConfigError(
-            f"ZeRO stage {stage} is not supported with expert parallelism (MoE): DeepSpeed's MoE path supports "
-            f"ZeRO stages {', '.join(map(str, SUPPORTED_ZERO_STAGES))}; pick a ds_config with stage 0, 1 or 2 "
-            "(ZeRO-2 with optimizer CPU offload saves the most memory)"
-        )
-    return stage
+        check_expert_split(n, ep_size, what=name, hint=" or change the expert count (or replicate the attention experts)")
 
 
 def skip_cpu_shm_comm() -> None:

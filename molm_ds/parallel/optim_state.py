@@ -1,10 +1,6 @@
-"""The optimizer state of a DeepSpeed engine as topology-free pieces: save at one world size and
-ep_size, load at another.
-
-Legend: a *key* names one parameter tensor as a single process would hold it: the parameter's name for
-a dense tensor, ``name[e]`` for global expert ``e`` of a stacked expert tensor (the expert's slice,
-[in, out]). A *piece* is a contiguous range of a key's flattened values: ``(offset, numel, values)``
-with ``values = {"fp32": master weights, "exp_avg": ..., "exp_avg_sq": ...}`` (fp32).
+"""The optimizer state of a DeepSpeed engine as topology-free pieces (keys and pieces: see
+``molm_ds.checkpoint.optim_state``, which writes and reads them): this rank's share out of the engine,
+and the ranges this rank owns back into it, at any world size and ep_size.
 
 Where the state lives differs by setup and this module hides it:
 - ZeRO-1/2 and the bf16 optimizer: each rank holds a fragment of every parameter's flat fp32 master and
@@ -25,9 +21,11 @@ import torch
 from deepspeed.moe.utils import is_moe_param
 from torch import Tensor
 
+from molm_ds.checkpoint.optim_state import split
+from molm_ds.model.sublayers import stacked_expert_params
 from molm_ds.parallel import comm
 
-__all__ = ["STATE_KEYS", "STACKED_SUFFIXES", "local_pieces", "load_pieces"]
+__all__ = ["STATE_KEYS", "local_pieces", "load_pieces"]
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq")
 Fetch = Callable[[str, int, int], dict]  # (key, offset, numel) -> {"fp32": Tensor[numel], "exp_avg": ..., ...}
@@ -57,22 +55,14 @@ def _base_optimizer(engine):
     return engine.optimizer.optimizer if _partitioned(engine) is not None else _replicated(engine)[1]
 
 
-STACKED_SUFFIXES = (".experts.w1", ".experts.w2", ".experts.w_q", ".experts.w_o")
-
-
-def _split(name: str, param: Tensor, start: int, numel: int) -> Iterator[tuple[str, int, int, int]]:
-    """A range of a local parameter's flat values -> (key, offset in key, numel, offset in the range).
-    Stacked expert tensors [E_l, ...] split by global expert (expert-parallel or replicated alike)."""
-    if not name.endswith(STACKED_SUFFIXES):
-        yield name, start, numel, 0
-        return
-    first, per = int(getattr(param, "_molm_first_expert", 0)), param[0].numel()
-    pos, end = start, start + numel
-    while pos < end:
-        local, off = divmod(pos, per)
-        n = min(per - off, end - pos)
-        yield f"{name}[{first + local}]", off, n, pos - start
-        pos += n
+def _split(name: str, param: Tensor, start: int, numel: int, stacked: set[str]) -> Iterator[tuple[str, int, int, int]]:
+    """A range of a local parameter's flat values -> pieces by key. Stacked expert tensors [E_l, ...]
+    (``stacked``: their names, as the model publishes them) split by global expert (expert-parallel or
+    replicated alike)."""
+    if name not in stacked:
+        return split(name, start, numel)
+    return split(name, start, numel, first_expert=int(getattr(param, "_molm_first_expert", 0)),
+                 per_expert=param[0].numel())
 
 
 def _step(state: dict) -> Optional[int]:
@@ -84,11 +74,12 @@ def local_pieces(engine) -> tuple[dict[str, list[tuple[int, int, dict]]], dict[s
     each key (None before its first update). The moments are read from the optimizer's own state, not
     from DeepSpeed's fragment views, which are linked once and miss groups first stepped later."""
     names = {id(p): n for n, p in engine.module.named_parameters()}
+    stacked = stacked_expert_params(engine.module)
     pieces: dict[str, list] = {}
     steps: dict[str, Optional[int]] = {}
 
     def add(name, param, start, numel, values, step):
-        for key, off, n, at in _split(name, param, start, numel):
+        for key, off, n, at in _split(name, param, start, numel, stacked):
             pieces.setdefault(key, []).append(
                 (off, n, {k: v[at:at + n].detach().float().cpu().clone() for k, v in values.items()}))
             steps[key] = step
@@ -141,9 +132,10 @@ def load_pieces(engine, fetch: Fetch, steps: dict[str, Optional[int]]) -> None:
     from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
 
     names = {id(p): n for n, p in engine.module.named_parameters()}
+    stacked = stacked_expert_params(engine.module)
 
     def gather(name, param, start, numel) -> tuple[dict, set]:
-        parts = [(fetch(key, off, n), steps.get(key)) for key, off, n, _ in _split(name, param, start, numel)]
+        parts = [(fetch(key, off, n), steps.get(key)) for key, off, n, _ in _split(name, param, start, numel, stacked)]
         keys = set.intersection(*(set(v) for v, _ in parts)) if parts else set()
         return {k: torch.cat([v[k] for v, _ in parts]) for k in keys}, {st for _, st in parts}
 

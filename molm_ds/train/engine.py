@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import torch
 
+from molm_ds.train.balance import keep_bias_fp32
 from molm_ds.train.ds_config import offloads_optimizer
 from molm_ds.train.job import JobConfig
 from molm_ds.train.schedule import lr_factor
 
-__all__ = ["build_engine", "build_optimizer", "set_lr"]
+__all__ = ["build_engine", "build_optimizer", "compile_model", "set_lr"]
 
 
 def build_optimizer(job: JobConfig, groups: list[dict], ds_cfg: dict) -> torch.optim.Optimizer:
@@ -38,7 +39,23 @@ def build_engine(job: JobConfig, recipe, model: torch.nn.Module, ds_cfg: dict):
     optimizer = build_optimizer(job, groups, ds_cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg, dist_init_required=False)
     guard_plain_optimizer(engine)
+    keep_bias_fp32(engine.module)
     return engine
+
+
+def compile_model(engine, job: JobConfig) -> None:
+    """``training.compile``: torch.compile the model's ``forward`` in place (the backward is compiled with
+    it by AOTAutograd). Parameter names, DeepSpeed's gradient hooks, the MoE checkpoint layout and the
+    monitor's forward hooks see the same module.
+
+    Not through DeepSpeed's ``engine.compile``: it compiles the module's whole call, DeepSpeed's own
+    forward pre/post hooks included (its throughput timer reads ``time.time()``), which ``fullgraph``
+    refuses and which would otherwise break the graph. Whole-graph (``fullgraph``) when tokens stay in
+    this process (ep_size 1); under expert parallelism the all-to-all split sizes are host values, so
+    the graph breaks around each all-to-all dispatch (tests/train/test_compile_job.py: same losses)."""
+    t = job.training
+    model = engine.module
+    model.forward = torch.compile(model.forward, backend=t.compile_backend, fullgraph=job.parallel.ep_size == 1)
 
 
 def set_lr(engine, job: JobConfig, step: int) -> float:

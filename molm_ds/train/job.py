@@ -18,14 +18,16 @@ import copy
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from molm_ds.config import ModelConfig, preset_names
+from molm_ds import rundir
+from molm_ds.config import ModelConfig, check_expert_split, preset_names
 from molm_ds.errors import ConfigError
 from molm_ds.monitor.config import MonitorConfig
+from molm_ds.paths import read_utf8
 
 __all__ = ["JobConfig", "JobConfigError", "load_job", "job_from_dict", "parse_overrides", "apply_overrides", "parse_yaml",
            "ContinualSection", "FinetuneSection", "REPO_ROOT"]
@@ -40,7 +42,24 @@ class JobConfigError(ConfigError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: no coercion ("2", 2.0 and true are not integers; 1 is not a boolean); floats must be finite
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+def _list_to_tuple(v):
+    return tuple(v) if isinstance(v, list) else v  # YAML and JSON have no tuples; strict mode wants one
+
+
+# Seeds go to random, numpy (32 bits) and torch: one range every library accepts.
+SEED_RANGE = (0, 2**32 - 1 - 4096)  # room for seed + 1 + rank
+Seed = Annotated[int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])]
+FloatPair = Annotated[tuple[float, float], BeforeValidator(_list_to_tuple)]
+
+# Signals a scheduler or a user sends to end a job; the others (SIGCHLD, SIGWINCH, SIGSEGV ...) mean something else.
+TERMINATION_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGXCPU")
+
+# A name that is one path component: it may become a directory name (TensorBoard's job_name), never a path.
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 
 
 class ModelSection(_Section):
@@ -85,6 +104,17 @@ class DataSection(_Section):
                                 "documents where they allow it (auto); see molm_ds.data.mixture.")
     eval_batches: int = Field(4, ge=1, description="Validation micro-batches per rank at each evaluation.")
 
+    @model_validator(mode="after")
+    def _distinct(self) -> "DataSection":
+        seen: dict[str, int] = {}
+        for i, s in enumerate(self.sources):
+            key = os.path.realpath(s.path)
+            if key in seen:
+                raise ValueError(f"sources[{i}] ({s.path}) is the same data as sources[{seen[key]}] "
+                                 f"({self.sources[seen[key]].path}): list each source once and set its weight instead")
+            seen[key] = i
+        return self
+
 
 class LossWeights(_Section):
     """Weights of the aux terms in loss = CE + sum(weight * term). Every term is logged whatever its weight."""
@@ -99,21 +129,37 @@ class TrainingSection(_Section):
     steps: int = Field(ge=1, description="Optimizer steps in the run (total, resumed runs included).")
     micro_batch_size: int = Field(ge=1, description="Sequences per rank per forward.")
     grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    global_batch_size: Optional[int] = Field(
+        None, ge=1, description="Sequences per optimizer step over all ranks; when set, grad_accum_steps is derived "
+        "from it at start-up (global / (micro_batch_size x world size)), so a job that restarts on fewer machines "
+        "keeps its global batch, data order and schedule.")
     lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a fraction of lr.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup from 0 to lr.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay.")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    betas: FloatPair = Field((0.9, 0.95), description="AdamW betas.")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     grad_clip: float = Field(1.0, ge=0, description="Global gradient-norm clip (0 = off); becomes ds gradient_clipping.")
     loss_weights: LossWeights = Field(default_factory=LossWeights)
     eval_interval: int = Field(0, ge=0, description="Validation perplexity every N steps and at the end (0 = never).")
-    seed: int = Field(1234, description="Seeds weights (same on every rank), data order and RNG streams.")
+    seed: Seed = Field(1234, description=f"Seeds weights (same on every rank), data order and RNG streams; "
+                       f"in [{SEED_RANGE[0]}, {SEED_RANGE[1]}].")
     max_nonfinite_in_a_row: int = Field(5, ge=1, description="Stop after this many skipped non-finite steps in a row.")
     activation_checkpointing: bool = Field(
         False, description="Recompute each transformer block's activations during the backward instead of keeping "
         "them (torch.utils.checkpoint, non-reentrant): activation memory per block drops to its input, for one more "
         "forward of every block. Losses and gradients are unchanged (dropout and sampled routing replay their RNG).")
+    deterministic: bool = Field(
+        False, description="Bit-identical reruns: torch.use_deterministic_algorithms(True), deterministic cuDNN/cuBLAS, "
+        "and the MoE combine/gather as sorted, atomic-free reductions (molm_ds.train.determinism; costs in "
+        "docs/training.md).")
+
+    compile: bool = Field(
+        False, description="Compile the model for training with torch.compile (through DeepSpeed's engine.compile; "
+        "fullgraph at ep_size 1). Same losses as eager up to float rounding; the first steps pay the compilation.")
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = Field(
+        "inductor", description="torch.compile backend when compile is on (aot_eager: no code generation, for "
+        "checking that the model traces).")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainingSection":
@@ -128,6 +174,10 @@ class ParallelSection(_Section):
     ep_size: int = Field(1, ge=1, description="Expert-parallel group size; divides the world size and every expert count.")
     replicate_attention_experts: bool = Field(
         False, description="Keep attention experts whole on every rank (data parallel) instead of expert-parallel.")
+    collective_timeout_s: Optional[float] = Field(
+        None, gt=0, le=86400, description="Seconds any collective waits for a peer before the job ends with the "
+        "lost-peer line (null = 600: a large model's step plus checkpoint skew on GPUs; tests use ~20). A rank whose "
+        "step makes no progress for 2x this plus 60 s dumps its Python stacks and exits.")
 
 
 class DeepSpeedSection(_Section):
@@ -169,10 +219,12 @@ class CheckpointSection(_Section):
     def _signals(cls, v: list[str]) -> list[str]:
         import signal
 
-        bad = [x for x in v if not (x.startswith("SIG") and isinstance(getattr(signal, x, None), signal.Signals))
-               or x in ("SIGKILL", "SIGSTOP")]
+        bad = [x for x in v if x not in TERMINATION_SIGNALS or not isinstance(getattr(signal, x, None), signal.Signals)]
         if bad:
-            raise ValueError(f"unknown or uncatchable signal(s) {bad}: use names such as SIGTERM, SIGUSR1, SIGUSR2, SIGINT")
+            raise ValueError(f"{bad} not accepted: preemption listens only to signals that ask a job to end "
+                             f"({', '.join(TERMINATION_SIGNALS)})")
+        if len(set(v)) != len(v):
+            raise ValueError(f"{v} lists a signal twice: list each once")
         return v
 
 
@@ -214,7 +266,7 @@ class ContinualSection(_Section):
     lr: ContinualLR = Field(default_factory=ContinualLR)
     distill_weight: float = Field(0.0, ge=0, description="Weight of KL(starting model || trained model) on the logits (0 = off).")
     distill_temperature: float = Field(1.0, gt=0, description="Softmax temperature of the distillation KL.")
-    init_seed: Optional[int] = Field(None, description="Seed of the new experts' init (null = training.seed).")
+    init_seed: Optional[Seed] = Field(None, description="Seed of the new experts' init (null = training.seed).")
     eval: ContinualEval = Field(default_factory=ContinualEval)
 
     @model_validator(mode="after")
@@ -232,17 +284,14 @@ class ContinualSection(_Section):
         return self
 
     def check_ep_size(self, start: ModelConfig, *, ep_size: int, replicate_attention_experts: bool) -> None:
-        """ValueError unless ep_size divides every expert-parallel expert count after insertion."""
-        kinds = [("mlp", start.n_mlp_experts, self.mlp)]
-        if not replicate_attention_experts:
-            kinds.append(("attention", start.n_att_experts, self.attention))
-        for kind, old, new in kinds:
-            if (old + new) % ep_size:
-                ok = [n for n in range(0, 4 * ep_size + 1) if (old + n) % ep_size == 0][:3]
-                raise ValueError(
-                    f"continual.{kind}={new}: {old} + {new} = {old + new} {kind} experts per layer cannot be split over "
-                    f"parallel.ep_size={ep_size}; insert a number of experts among {ok} or change ep_size"
-                    + (" (or set parallel.replicate_attention_experts: true)" if kind == "attention" else ""))
+        """ConfigError unless ep_size divides every expert-parallel expert count after insertion."""
+        grown = start.grown(attention=self.attention, mlp=self.mlp)
+        for name, n in grown.expert_parallel_counts(replicate_attention_experts=replicate_attention_experts).items():
+            kind, added = ("attention", self.attention) if "att" in name else ("mlp", self.mlp)
+            ok = [k for k in range(0, 4 * ep_size + 1) if (n - added + k) % ep_size == 0][:3]
+            check_expert_split(n, ep_size, what=f"continual.{kind}={added}: {n - added} + {added} = {n} {kind} experts "
+                               "per layer", hint=f", or insert a number of experts among {ok}"
+                               + (" (or set parallel.replicate_attention_experts: true)" if kind == "attention" else ""))
 
 
 class FinetuneSection(_Section):
@@ -259,7 +308,8 @@ NOT_SECTIONS = {"prune": "pruning runs on a finished checkpoint: python launch/p
 class JobConfig(_Section):
     """A training job. ``run_dir`` holds metrics.jsonl, TensorBoard logs and checkpoints by default."""
 
-    name: str = Field("molm", description="Run name (TensorBoard job name).")
+    name: str = Field("molm", description="Run name (TensorBoard job name, a directory under tensorboard_dir): letters, "
+                      "digits, '.', '_', '+', '-', starting with a letter or digit; never a path.")
     run_dir: str = Field("runs/molm", description="Where the run writes (metrics.jsonl, checkpoints, tensorboard).")
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection
@@ -274,6 +324,11 @@ class JobConfig(_Section):
     overwrite: bool = Field(
         False, description="Start fresh in a run_dir that holds an earlier run's metrics or checkpoints, deleting "
         "them (without it such a start is refused: resume with --resume auto or choose another run_dir).")
+    allow_data_change: bool = Field(
+        False, description="Resume although the global batch (micro_batch_size x grad_accum_steps x world size), the "
+        "data mixture (sources, weights, val_fraction), seq_len or the seed differ from the checkpoint's job: the "
+        "weights, optimizer and step continue, the data order starts afresh (without it such a resume is refused: "
+        "the exact data order needs the same settings).")
     init_from: Optional[str] = Field(
         None, description="Start from the weights of this checkpoint (directory = newest complete tag, or a tag); "
         "the model section must describe the model it holds. See molm_ds.continual.")
@@ -282,6 +337,14 @@ class JobConfig(_Section):
     finetune: Optional[FinetuneSection] = Field(
         None, description="Load-concentration fine-tuning (docs/finetune_prune.md); usually with init_from.")
     prune: Optional[Any] = None
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if not _PLAIN_NAME.match(v) or v in (".", ".."):
+            raise ValueError(f"name {v!r} must be a plain name (letters, digits, '.', '_', '+', '-'; at most 128 "
+                             "characters; no '/' or '..'): it becomes a directory under tensorboard_dir")
+        return v
 
     @model_validator(mode="after")
     def _cross(self) -> "JobConfig":
@@ -293,19 +356,27 @@ class JobConfig(_Section):
         if self.continual is not None:
             self.continual.check_ep_size(self.model.build(), ep_size=self.parallel.ep_size,
                                          replicate_attention_experts=self.parallel.replicate_attention_experts)
-        cfg = self.build_model_config()
-        ep = self.parallel.ep_size
-        counts = {"n_mlp_experts": cfg.n_mlp_experts}
-        if not self.parallel.replicate_attention_experts:
-            counts["n_att_experts"] = cfg.n_att_experts
-        for field, n in counts.items():
-            if n % ep:
-                raise ValueError(f"parallel.ep_size={ep} does not divide model {field}={n}: choose an ep_size that "
-                                 f"divides {n}" + (" (or set parallel.replicate_attention_experts: true)"
-                                                   if field == "n_att_experts" else ""))
+        rep = self.parallel.replicate_attention_experts
+        for field, n in self.build_model_config().expert_parallel_counts(replicate_attention_experts=rep).items():
+            check_expert_split(n, self.parallel.ep_size, what=f"parallel.ep_size={self.parallel.ep_size} does not "
+                               f"divide model {field}={n}", hint=(
+                " (or set parallel.replicate_attention_experts: true)" if field.startswith("n_att") else ""))
         return self
 
     # ---- derived ---------------------------------------------------------------------------------
+    def at_world_size(self, world: int) -> "JobConfig":
+        """This job at ``world`` ranks: ``grad_accum_steps`` derived from ``training.global_batch_size``."""
+        t = self.training
+        if t.global_batch_size is None:
+            return self
+        per_step = t.micro_batch_size * world
+        if t.global_batch_size % per_step:
+            raise JobConfigError(f"training.global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size "
+                                 f"{t.micro_batch_size} x world size {world} = {per_step}: choose a global batch that "
+                                 f"every world size you run at divides")
+        accum = t.global_batch_size // per_step
+        return self.model_copy(update={"training": t.model_copy(update={"grad_accum_steps": accum})})
+
     def build_model_config(self) -> ModelConfig:
         """The model this job trains: the model section, grown by the continual section's new experts."""
         if self.continual is not None:
@@ -314,11 +385,11 @@ class JobConfig(_Section):
 
     @property
     def checkpoint_dir(self) -> str:
-        return self.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
+        return self.checkpoint.dir or rundir.checkpoint_dir(self.run_dir)
 
     @property
     def tensorboard_dir(self) -> str:
-        return self.monitor.tensorboard_dir or os.path.join(self.run_dir, "tensorboard")
+        return self.monitor.tensorboard_dir or rundir.tensorboard_dir(self.run_dir)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
@@ -326,7 +397,8 @@ class JobConfig(_Section):
 
 # ---- loading ----------------------------------------------------------------------------------
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a mapping with the same key twice (PyYAML keeps the last silently)."""
+    """SafeLoader that refuses a mapping with the same key twice (PyYAML keeps the last silently) and reads
+    ``1e-3`` as a float, as YAML 1.2 does (PyYAML's YAML 1.1 reads it as a string)."""
 
     def construct_mapping(self, node, deep=False):
         seen = {}
@@ -338,6 +410,10 @@ class _StrictLoader(yaml.SafeLoader):
                     key_node.start_mark)
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
 def parse_yaml(text: str, source: str):
@@ -403,11 +479,26 @@ def _section_class(loc: tuple) -> type[BaseModel] | None:
     return cls
 
 
-def format_validation_error(exc: ValidationError, source: str) -> str:
-    """One line: every problem, each with where it is and what to change (nearest key for a typo)."""
+def job_keys(cls: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
+    """Every settable dotted field of a job (``training.steps``, ``monitor.expert_load.interval``, ...)."""
+    out = []
+    for name, field in (cls or JobConfig).model_fields.items():
+        ann = field.annotation
+        nested = [a for a in (ann, *(getattr(ann, "__args__", ()) or ())) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if nested and not (getattr(ann, "__origin__", None) in (list, dict)):
+            out += job_keys(nested[0], f"{prefix}{name}.")
+        else:
+            out.append(prefix + name)
+    return out
+
+
+def format_validation_error(exc: ValidationError, source: str, overrides: Optional[list[str]] = None) -> str:
+    """One line: every problem, each with where it is and what to change (nearest key for a typo). A field
+    that an override set is named by its ``--set`` item, not by the job file."""
     import difflib
 
-    items = []
+    set_by = {".".join(path): item for item, (path, _) in zip(overrides or [], parse_overrides(overrides or []))}
+    items, from_file = [], False
     for err in exc.errors():
         loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":
@@ -415,19 +506,23 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
             valid = list(owner.model_fields) if owner is not None else []
             near = difflib.get_close_matches(str(err["loc"][-1]), valid, n=1)
             hint = f"did you mean {near[0]!r}? " if near else ""
-            items.append(f"{loc}: unknown key; {hint}valid keys here: {', '.join(valid) or '?'}")
+            msg = f"unknown key; {hint}valid keys here: {', '.join(valid) or '?'}"
         else:
-            items.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
-    return f"invalid job config {source}: " + "; ".join(items)
+            msg = err["msg"].removeprefix("Value error, ")
+        key = next((k for k in set_by if loc == k or loc.startswith(k + ".")), None)
+        from_file = from_file or key is None
+        items.append(f"{loc}: {msg}" if key is None else f"--set {set_by[key]}: " + (f"{loc}: " if loc != key else "") + msg)
+    return (f"invalid job config {source}: " if from_file else "invalid override: ") + "; ".join(items)
 
 
-def job_from_dict(raw: dict, source: str = "<dict>") -> JobConfig:
+def job_from_dict(raw: dict, source: str = "<dict>", overrides: Optional[list[str]] = None) -> JobConfig:
+    """Validate ``raw``; ``overrides`` (already applied to it) are named in errors about the fields they set."""
     if not isinstance(raw, dict):
         raise JobConfigError(f"{source}: a job file must be a YAML mapping of sections, got {type(raw).__name__}")
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as exc:
-        raise JobConfigError(format_validation_error(exc, source)) from None
+        raise JobConfigError(format_validation_error(exc, source, overrides)) from None
 
 
 def load_job(path: str | os.PathLike, overrides: Optional[list[str]] = None) -> JobConfig:
@@ -438,6 +533,5 @@ def load_job(path: str | os.PathLike, overrides: Optional[list[str]] = None) -> 
     if not os.path.isfile(path):
         shipped = sorted(p.name for p in (REPO_ROOT / "configs").glob("*.yaml"))
         raise JobConfigError(f"job file {path} not found; shipped jobs: {', '.join('configs/' + s for s in shipped)}")
-    with open(path) as f:
-        raw = parse_yaml(f.read(), path) or {}
-    return job_from_dict(apply_overrides(raw, overrides or []), path)
+    raw = parse_yaml(read_utf8(path, what="job file", error=JobConfigError), path) or {}
+    return job_from_dict(apply_overrides(raw, overrides or []), path, overrides)

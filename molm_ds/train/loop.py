@@ -25,10 +25,14 @@ import numpy as np
 import torch
 
 from molm_ds.errors import UserError
+from molm_ds.storage import StorageError, as_storage_error, atomic_write_text
 from molm_ds.log import get_logger, info0
-from molm_ds.train import checkpoint as ckpt
-from molm_ds.train.distributed import init_distributed
-from molm_ds.train.engine import build_engine, set_lr
+from molm_ds import checkpoint as ckpt, rundir
+from molm_ds.parallel import comm
+from molm_ds.parallel.peers import PeerWatch
+from molm_ds.train.determinism import deterministic_mode
+from molm_ds.train.distributed import DEFAULT_COLLECTIVE_TIMEOUT_S, apply_collective_timeout, init_distributed
+from molm_ds.train.engine import build_engine, compile_model, set_lr
 from molm_ds.train.evaluate import evaluate
 from molm_ds.train.job import JobConfig
 from molm_ds.train.metrics import MetricsHook, StepLog
@@ -87,7 +91,8 @@ def _resume(run: Run, target: tuple[str, str], ep_info) -> TrainState:
     if client is None:
         raise ckpt.CheckpointError(f"{os.path.join(*target)} has no {CLIENT_KEY!r} client state: not written by the "
                                    "molm-ds trainer (to start from its weights only, use init_from)")
-    run.data.train.load_state_dict(client["data"])
+    if not run.job.allow_data_change:  # else the data order starts afresh (preflight said what changed)
+        run.data.train.load_state_dict(client["data"])
     info0(f"resumed from {os.path.join(*target)} at step {client['step']}")
     return TrainState(client["step"], client["skipped_steps"], client["nonfinite_in_a_row"])
 
@@ -107,25 +112,53 @@ def _save(run: Run, state: TrainState, ep_info) -> Optional[str]:
                      keep=job.checkpoint.keep, elastic=job.checkpoint.elastic)
 
 
+def _resume_hint(job: JobConfig) -> str:
+    """Which checkpoint a resume would continue from, read from disk (this rank alone: others may be gone)."""
+    try:
+        target = ckpt.resolve_resume("auto", job.checkpoint_dir)
+    except Exception:  # the disk is failing; the hint is a courtesy
+        target = None
+    if target is None:
+        return "no complete checkpoint was written yet"
+    return f"the newest complete checkpoint is {os.path.join(*target)}: continue from it with --resume auto"
+
+
 def train(job: JobConfig, *, recipe: Optional[Recipe] = None, hooks: Iterable[MetricsHook] = ()) -> dict:
     """Run a job to ``training.steps`` on every rank (or until a stop signal: ``summary["stopped"]``);
     returns a summary of what was written."""
     recipe = recipe if recipe is not None else Recipe(job)
     c = job.checkpoint
 
-    # 1. processes, then every check -- before any work
-    rank, world = init_distributed()
-    pre = preflight(job, recipe, rank, world)
-    stops = StopRequests(c.preempt_signals)
-    try:
-        return _train(job, recipe, rank, world, pre, stops, hooks)
-    finally:
-        stops.close()
-        if pre.lock is not None:
-            pre.lock.release()
+    with deterministic_mode(job.training.deterministic):  # before the process group: cuBLAS reads its env once
+        # 1. processes, then every check -- before any work
+        timeout_s = job.parallel.collective_timeout_s or DEFAULT_COLLECTIVE_TIMEOUT_S
+        rank, world = init_distributed(timeout_s)
+        job = job.at_world_size(world)  # grad_accum_steps from training.global_batch_size, if set
+        pre = preflight(job, recipe, rank, world)
+        stops = StopRequests(c.preempt_signals)
+        peers = PeerWatch(timeout_s).start()
+        try:
+            return _train(job, recipe, rank, world, pre, stops, hooks, peers)
+        except Exception as exc:
+            # a lost peer: one line on every survivor instead of a backend traceback
+            tag = ckpt.newest_complete(job.checkpoint_dir)
+            lost = peers.explain(exc, last_checkpoint=tag and os.path.join(job.checkpoint_dir, tag))
+            if lost is not None:
+                raise lost from None
+            # a full or failing disk: say where the run can continue from
+            err = as_storage_error(exc) if isinstance(exc, (OSError, RuntimeError)) else None
+            if err is None:
+                raise
+            raise StorageError(f"{err}; {_resume_hint(job)}") from None
+        finally:
+            peers.close()
+            stops.close()
+            if pre.lock is not None:
+                pre.lock.release()
 
 
-def _train(job: JobConfig, recipe: Recipe, rank: int, world: int, pre, stops: StopRequests, hooks) -> dict:
+def _train(job: JobConfig, recipe: Recipe, rank: int, world: int, pre, stops: StopRequests, hooks,
+           peers: PeerWatch) -> dict:
     from molm_ds import parallel
 
     t, c = job.training, job.checkpoint
@@ -137,6 +170,8 @@ def _train(job: JobConfig, recipe: Recipe, rank: int, world: int, pre, stops: St
     ep_info = parallel.parallelize(model, job.parallel.ep_size,
                                    replicate_attention_experts=job.parallel.replicate_attention_experts)
     engine = build_engine(job, recipe, model, pre.ds_config)
+    if t.compile:
+        compile_model(engine, job)
     seed_everything(t.seed + 1 + rank)  # per-rank streams for training-time randomness (sample_topk, dropout)
     run = Run(job, engine, _device(), pre.data, rank, world)
 
@@ -147,14 +182,19 @@ def _train(job: JobConfig, recipe: Recipe, rank: int, world: int, pre, stops: St
     steplog = StepLog(job, engine, hooks, resume_step=state.step, world=world)
     steplog.write(0, recipe.start(run, resumed=pre.resume_from is not None))
     if rank == 0:
-        with open(os.path.join(job.run_dir, "job.yaml"), "w") as f:
-            f.write(job.to_yaml())
+        atomic_write_text(os.path.join(job.run_dir, rundir.JOB), job.to_yaml(), what=rundir.JOB)
     info0(steplog.banner(state.step))
+
+    # every group exists now (expert-parallel ones made while building, then the control group): from here
+    # on every collective gives up after the collective timeout
+    comm.init_control_group()
+    apply_collective_timeout(peers.timeout_s)
 
     # 4. steps
     last_saved, t_start, first, stopped = None, time.time(), state.step, None
     while state.step < t.steps:
         state.step += 1
+        peers.beat(state.step)  # the stall watchdog, re-armed
         factor = set_lr(engine, job, state.step)
         sums, reduced = train_step(engine, run.data.train.next_batch, recipe, run.device, t.grad_accum_steps)
         state.after_step(engine.was_step_applied(), t.max_nonfinite_in_a_row)

@@ -15,7 +15,10 @@ import os
 import time
 from typing import Callable, Optional
 
+from molm_ds import rundir
 from molm_ds.log import is_rank0
+from molm_ds.monitor.balance import balance_metrics
+from molm_ds.storage import atomic_write_text, guarded_write
 
 __all__ = ["MetricsWriter", "StepLog", "format_progress", "format_duration", "MetricsHook"]
 
@@ -48,29 +51,41 @@ def format_progress(step: int, total: int, m: dict, eta_s: float) -> str:
     return " | ".join(parts)
 
 
+def _step_of(line: str) -> int:
+    """The step of a metrics row; a row cut short by a crash or a full disk (not JSON) counts as past every step."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return 1 << 62
+
+
 class MetricsWriter:
     """Appends one JSON object per logged step to ``<run_dir>/metrics.jsonl`` (rank 0 only).
 
-    On resume the file is cut back to the resumed step, so it never holds two rows for one step.
+    On resume the file is cut back to the resumed step, so it never holds two rows for one step (a last row
+    cut short by a crash or a full disk goes too). A refused write is a ``molm_ds.storage.StorageError``.
     """
 
     def __init__(self, path: str, *, resume_step: int = 0) -> None:
         self.path = path
         if not is_rank0():
             return
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         keep = []
         if resume_step > 0 and os.path.exists(path):
             with open(path) as f:
-                keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-        with open(path, "w") as f:
-            f.writelines(keep)
+                keep = [line for line in f if line.strip() and _step_of(line) <= resume_step]
+        with guarded_write("metrics", path):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        atomic_write_text(path, "".join(keep), what="metrics")
 
     def __call__(self, step: int, metrics: dict) -> None:
         if not is_rank0():
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        line = json.dumps({"step": step, **metrics}) + "\n"
+        with guarded_write("a metrics row to", self.path, need=len(line)):
+            with open(self.path, "a") as f:
+                f.write(line)
+                f.flush()
 
 
 def _grad_norm(engine) -> Optional[float]:
@@ -89,7 +104,7 @@ class StepLog:
         from molm_ds.monitor import TrainingMonitor
 
         self.job, self.engine, self.world = job, engine, world
-        self.metrics_path = os.path.join(job.run_dir, "metrics.jsonl")
+        self.metrics_path = os.path.join(job.run_dir, rundir.METRICS)
         self.monitor = TrainingMonitor.for_engine(
             engine, config=job.monitor.expert_load, run_dir=job.run_dir, tensorboard_dir=job.tensorboard_dir,
             flops_per_token=job.build_model_config().flops_per_token(job.data.seq_len)) if job.monitor.tensorboard else None
@@ -113,7 +128,11 @@ class StepLog:
         row = {k: v for k, v in metrics.items() if v is not None}
         if row:
             for hook in self.hooks:
-                hook(step, row)
+                if hook is self.monitor:
+                    with guarded_write("TensorBoard events in", self.job.tensorboard_dir):
+                        hook(step, row)
+                else:
+                    hook(step, row)
 
     def due(self, step: int) -> bool:
         return step % self.job.monitor.log_interval == 0 or step in (1, self.job.training.steps)
@@ -134,7 +153,9 @@ class StepLog:
         window = max(1, step - self.last_logged)
         m.update(lr=lr, grad_norm=_grad_norm(self.engine) if applied else None,
                  tokens_per_s=self.tokens_per_step * window / max(now - self.t_last, 1e-9),
-                 skipped_steps=state.skipped_steps, **extra)
+                 skipped_steps=state.skipped_steps,
+                 **balance_metrics(self.engine.module, per_expert_max=self.job.monitor.expert_load.per_expert_max),
+                 **extra)
         self.last_logged, self.t_last = step, now
         done = step - self.first_step
         eta = (now - self.t_start) / max(done, 1) * (self.job.training.steps - step)
@@ -144,4 +165,5 @@ class StepLog:
 
     def close(self) -> None:
         if self.monitor is not None:
-            self.monitor.close()
+            with guarded_write("TensorBoard events in", self.job.tensorboard_dir):
+                self.monitor.close()

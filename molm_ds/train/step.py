@@ -8,11 +8,15 @@ applied is DeepSpeed's decision: its ZeRO-1/2 and bf16 optimizers check the grad
 together; for ZeRO-0 fp32, ``molm_ds.parallel.clip.guard_plain_optimizer`` does the same. The loop
 learns it from ``engine.was_step_applied()``, a host bool DeepSpeed already has.
 
-Host syncs of a non-logging step in molm-ds code: the split sizes of each all-to-all dispatch plan (one
-per MoE sub-layer and micro-batch under expert parallelism), the per-expert row counts of the CPU
-loop path (one per sub-layer and micro-batch; the Triton path reads them on the device); inside
-``engine.step()`` DeepSpeed's own gradient-norm / overflow checks. ``tests/train/test_host_syncs.py``
-counts them.
+Batches reach the device by ``micro_batches``: read one micro-batch ahead, pinned on CUDA, copied with
+``non_blocking=True``.
+
+Host syncs of a non-logging step: the split sizes of each all-to-all dispatch plan (one per MoE
+sub-layer and micro-batch, under expert parallelism only) and the optimizer's skip decision (one host
+bool per optimizer step: DeepSpeed's under ZeRO-1/2, ``guard_plain_optimizer``'s under ZeRO-0). With
+``router_balance: bias`` the step ends with one more all-reduce, of the routers' expert counts
+(``molm_ds.train.balance``), on the device. ``tests/train/test_host_syncs.py`` counts them with
+``tests/sync_mode.py`` (docs/training.md).
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ import torch
 from torch import Tensor
 
 from molm_ds.parallel import comm
+from molm_ds.train.balance import update_router_biases
 from molm_ds.train.evaluate import lm_loss
 
-__all__ = ["StepSums", "train_step", "total_loss"]
+__all__ = ["StepSums", "micro_batches", "train_step", "total_loss"]
 
 
 def total_loss(*, lm: Tensor, terms: dict[str, tuple[float, Tensor]]) -> Tensor:
@@ -63,13 +68,37 @@ class StepSums:
         return dict(zip(self.names, values))
 
 
+def _pin(batch: dict, device: torch.device) -> dict:
+    """The batch in page-locked host memory when it goes to a CUDA device (so that the copy is
+    asynchronous); unchanged otherwise (pinning needs CUDA and buys nothing on the CPU)."""
+    if device.type != "cuda":
+        return batch
+    return {k: v.pin_memory() if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    """Copies issued without waiting (``non_blocking``): from pinned memory the host goes on at once."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def micro_batches(next_batch: Callable[[], dict], device: torch.device, n: int):
+    """The ``n`` micro-batches of one step on ``device``, each read (and pinned, on CUDA) and its copy
+    issued one micro-batch ahead, while the device still computes the previous one. Nothing is read
+    beyond the step, so the loader's state at a step boundary is exactly that of ``n`` reads per step
+    (checkpoints and resume stay exact)."""
+    ahead = _to_device(_pin(next_batch(), device), device) if n else None
+    for i in range(n):
+        batch = ahead
+        ahead = _to_device(_pin(next_batch(), device), device) if i + 1 < n else None
+        yield batch
+
+
 def train_step(engine, next_batch: Callable[[], dict], recipe, device: torch.device, n_micro: int) -> tuple[StepSums, Tensor]:
     """Run one optimizer step on every rank; returns the sums and their reduced means (device tensor)."""
     sums = None
-    for _ in range(n_micro):
-        batch = next_batch()
-        out = engine(batch["input_ids"].to(device))
-        lm = lm_loss(logits_BTV=out.logits, labels_BT=batch["labels"].to(device))
+    for batch in micro_batches(next_batch, device, n_micro):
+        out = engine(batch["input_ids"])
+        lm = lm_loss(logits_BTV=out.logits, labels_BT=batch["labels"])
         terms = recipe.loss_terms(engine.module, batch, out)
         loss = total_loss(lm=lm, terms=terms)
         engine.backward(loss)
@@ -77,4 +106,5 @@ def train_step(engine, next_batch: Callable[[], dict], recipe, device: torch.dev
             sums = StepSums(list(terms), lm.device)
         sums.add(loss, lm, terms)
         engine.step()  # DeepSpeed steps the optimizer on the last micro-batch only
+    update_router_biases(engine.module, applied=engine.was_step_applied())  # once per step, after all micro-batches
     return sums, sums.reduce()

@@ -20,7 +20,7 @@ from data_prep.train_tokenizer import train_tokenizer
 from molm_ds.data import (DataSource, IndexedShard, MixtureLoader, TokenStream, check_sources, shard_prefixes,
                           tokenizer_info)
 from molm_ds.errors import DataError
-from tests.train.helpers import write_shard
+from molm_ds.testing import write_shard
 
 TEXTS = [f"Document {i}: the quick brown fox {i * 7} jumps over the lazy dog.\n" * (1 + i % 3) for i in range(40)]
 
@@ -183,3 +183,73 @@ def test_megatron_core_reads_what_build_shards_writes(tmp_path, corpus, tokenize
             assert ds[i].dtype == np.uint16
             got.append(ds[i].tolist())
     assert got == expect
+
+
+def test_a_shard_overwritten_with_garbage_of_the_same_size_is_refused(tmp_path, corpus, tokenizer):
+    out = tmp_path / "shards"
+    build_shards(corpus, tokenizer, str(out), docs_per_shard=100, progress=False)
+    check_sources([str(out)])  # intact
+    man = json.loads((out / "manifest.json").read_text())
+    assert all("bin_sample_sha256" in s and "idx_sample_sha256" in s for s in man["shards"])
+    for ext in (".bin", ".idx"):
+        f = out / (man["shards"][0]["prefix"] + ext)
+        good = f.read_bytes()
+        f.write_bytes(np.random.default_rng(0).integers(0, 256, len(good), dtype=np.uint8).tobytes())
+        with pytest.raises(DataError, match=f"{f.name} does not hold the bytes the manifest recorded"):
+            check_sources([str(out)])
+        f.write_bytes(good)
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("negative_length", "negative sequence length"),
+    ("pointer_outside", "outside the .bin"),
+    ("doc_index", "document index"),
+    ("longer", "longer than its header"),
+])
+def test_a_damaged_index_is_refused_before_it_is_read(tmp_path, damage, needle):
+    from molm_ds.data.indexed import HEADER_BYTES
+
+    write_shard(tmp_path, n_docs=4, doc_len=10)
+    idx = tmp_path / "part-00000.idx"
+    b = bytearray(idx.read_bytes())
+    n = 4
+    if damage == "negative_length":
+        b[HEADER_BYTES:HEADER_BYTES + 4] = np.int32(-3).tobytes()
+    elif damage == "pointer_outside":
+        off = HEADER_BYTES + 4 * n + 8 * (n - 1)
+        b[off:off + 8] = np.int64(10**6).tobytes()
+    elif damage == "doc_index":
+        off = HEADER_BYTES + 12 * n + 8 * n
+        b[off:off + 8] = np.int64(1).tobytes()
+    else:
+        b += b"\0" * 8
+    idx.write_bytes(bytes(b))
+    with pytest.raises(DataError, match=needle):
+        IndexedShard(tmp_path / "part-00000")
+
+
+def test_a_tokenizer_that_changed_since_the_build_is_refused(tmp_path, corpus, tokenizer):
+    import shutil
+
+    tok = tmp_path / "tok.model"
+    shutil.copy(tokenizer, tok)
+    out = tmp_path / "shards"
+    build_shards(corpus, str(tok), str(out), docs_per_shard=100, progress=False)
+    check_sources([str(out)])
+    tok.write_bytes(tok.read_bytes() + b"\0")  # damaged in place
+    with pytest.raises(DataError, match=f"tokenizer {tok} changed since .* was built with it"):
+        check_sources([str(out)])
+
+
+def test_commands_refuse_another_tokenizer_than_the_manifests(tmp_path, corpus, tokenizer):
+    from molm_ds.tokenizer import check_run_tokenizer
+
+    out = tmp_path / "shards"
+    build_shards(corpus, tokenizer, str(out), docs_per_shard=100, progress=False)
+    job = {"data": {"sources": [{"path": str(out)}]}}
+    check_run_tokenizer(tokenizer, job)  # the one it was built with
+    other = tmp_path / "other.model"
+    other.write_bytes(open(tokenizer, "rb").read() + b"x")
+    with pytest.raises(DataError, match=f"--tokenizer {other} .* is not the tokenizer the model was trained with"):
+        check_run_tokenizer(str(other), job)
+    check_run_tokenizer(str(other), {"data": {"sources": []}})  # nothing recorded: nothing to compare

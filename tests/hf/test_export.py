@@ -6,53 +6,16 @@ counts); the config carries the real expert counts and the right model_type."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 
-from molm_ds.config import ModelConfig, preset_names
+from molm_ds.config import ModelConfig
 from molm_ds.model import MoLM
+from molm_ds.testing import EXPORT_MODELS, perturbed
 
-SHRINK = dict(vocab_size=300, d_model=32, att_hidden=32, ffd_hidden=48, gating_size=16, n_layer=2)  # widths only
-VARIANTS = {
-    "released_multihead": dict(kv_proj=True, att_hidden=48, n_head=3, k_att=3),
-    "sb_2410_swiglu_linear_renorm": dict(stickbreaking_include_current=False, mlp_activation="swiglu",
-                                         router_type="linear", renormalize_topk=True),
-    "kv_proj_one_head": dict(kv_proj=True, n_head=1),
-    "training_only_options": dict(routing="expert_choice", capacity_factor=1.25, sample_topk=1, dropout=0.1),
-}
-
-
-def _perturbed(cfg: ModelConfig, seed: int = 0) -> MoLM:
-    torch.manual_seed(seed)
-    m = MoLM(cfg).eval()
-    with torch.no_grad():  # away from the init so routing and norms are not trivial
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    return m
-
-
-def _pruned(counts_att, counts_mlp) -> MoLM:
-    from molm_ds.monitor import SubLayer
-    from molm_ds.prune import prune_model
-
-    base = _perturbed(ModelConfig.from_preset("tiny", n_head=1), seed=3)
-    keep = {SubLayer(i, "attn"): list(range(n)) for i, n in enumerate(counts_att)}
-    keep.update({SubLayer(i, "mlp"): list(range(4 - n, 4)) for i, n in enumerate(counts_mlp)})
-    return prune_model(base, keep).eval()
-
-
-def _models():
-    for name in preset_names():
-        over = {} if name in ("tiny", "small") else SHRINK
-        yield f"preset-{name}", lambda name=name, over=over: _perturbed(ModelConfig.from_preset(name, **over))
-    for name, over in VARIANTS.items():
-        yield name, lambda over=over: _perturbed(ModelConfig.from_preset("tiny", **over))
-    yield "pruned-uniform", lambda: _pruned([2, 2], [1, 1])
-    yield "pruned-per-layer", lambda: _pruned([4, 1], [3, 2])
-
-
-MODELS = dict(_models())
+MODELS = EXPORT_MODELS
 
 
 def _load(d):
@@ -134,6 +97,11 @@ def test_special_ids_generation_config_and_tokenizer(tmp_path, run_tokenizer):
     out = hf.generate(ids, max_new_tokens=5)
     assert out.shape[1] <= ids.shape[1] + 5 and isinstance(tok.decode(out[0]), str)
     assert (tmp_path / "hf" / "README.md").read_text().startswith("---")
+    # one mode for every file (safetensors alone would write its weights 0600): 0666 less the umask
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "hf").iterdir()}
+    assert set(modes.values()) == {0o666 & ~mask}, modes
 
 
 def test_bf16_and_sharded_weights(tmp_path):
@@ -143,6 +111,7 @@ def test_bf16_and_sharded_weights(tmp_path):
     export_hf(model, str(tmp_path / "hf"), tokenizer=None, context_length=64, dtype="bfloat16", max_shard_bytes=200_000)
     index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
+    assert len({f.stat().st_mode & 0o777 for f in (tmp_path / "hf").iterdir()}) == 1  # the shards too
     from molm_ds.interop import load_moduleformer
 
     again = load_moduleformer(str(tmp_path / "hf"))
@@ -158,7 +127,7 @@ def test_refuses_a_non_empty_directory_and_a_wrong_tokenizer(tmp_path, run_token
     (tmp_path / "x" / "keep.txt").write_text("mine")
     with pytest.raises(ConfigError, match="not empty"):
         export_hf(MODELS["preset-tiny"](), str(tmp_path / "x"), tokenizer=None, context_length=64)
-    small_vocab = _perturbed(ModelConfig.from_preset("tiny", vocab_size=100))
+    small_vocab = perturbed(ModelConfig.from_preset("tiny", vocab_size=100))
     with pytest.raises(ConfigError, match="512 pieces but the model only 100"):
         export_hf(small_vocab, str(tmp_path / "y"), tokenizer=run_tokenizer, context_length=64)
 

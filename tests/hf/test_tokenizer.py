@@ -89,12 +89,47 @@ def test_special_tokens(run_tokenizer, tmp_path):
     assert (tmp_path / "tokenizer.model").read_bytes() == open(run_tokenizer, "rb").read()
 
 
+def test_an_export_tokenizer_has_no_length_limit(run_tokenizer, tmp_path):
+    """No position embedding: a document longer than the trained context is no error, so transformers must
+    not warn "Token indices sequence length is longer ... indexing errors" (it did, on every lm-eval run).
+    The same text through a tokenizer limited to 64 shows the warning is caught here."""
+    import logging
+
+    from transformers import AutoTokenizer
+
+    from molm_ds.hf.tokenizer import write_tokenizer
+
+    class Catch(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.lines = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    text = " ".join(TEXTS) * 20
+    seen = {}
+    for limit in (None, 64):
+        d = tmp_path / str(limit)
+        write_tokenizer(run_tokenizer, str(d), model_max_length=limit)
+        tok = AutoTokenizer.from_pretrained(str(d))
+        catch = Catch()
+        logging.getLogger("transformers").addHandler(catch)  # transformers does not propagate to the root
+        try:
+            assert len(tok(text)["input_ids"]) > 1000
+        finally:
+            logging.getLogger("transformers").removeHandler(catch)
+        seen[limit] = (tok.model_max_length, any("indexing errors" in line for line in catch.lines))
+    assert seen[None][0] > 10**9 and not seen[None][1]
+    assert seen[64] == (64, True)
+
+
 def test_user_symbols(tmp_path):
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
     from molm_ds.hf.tokenizer import write_tokenizer
-    from tests.hf.conftest import corpus_lines
+    from molm_ds.testing import corpus_lines
 
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus_lines()), model_prefix=str(tmp_path / "u"), vocab_size=600, model_type="bpe",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.train.helpers import REPO, TINY_JOB, tiny_job_overrides, write_ds_config, write_shard
+from molm_ds.testing import REPO, TINY_JOB, tiny_job_overrides, write_ds_config
 
 pytestmark = pytest.mark.slow
 
@@ -25,16 +25,11 @@ def _load(script: str):
 
 
 @pytest.fixture(scope="module")
-def shard(tmp_path_factory):
-    return write_shard(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
 def other_model_ckpt(tmp_path_factory):
     """A weights-only checkpoint of a model the tiny job does not describe (1 layer instead of 2)."""
     from molm_ds.config import ModelConfig
     from molm_ds.model import MoLM
-    from molm_ds.train import checkpoint as ckpt
+    from molm_ds import checkpoint as ckpt
 
     d = tmp_path_factory.mktemp("other")
     ckpt.write_model(MoLM(ModelConfig.from_preset("tiny", n_layer=1)), {}, str(d), tag="step_00000001", kind="test")
@@ -97,7 +92,7 @@ def test_pretrain_user_errors(shard, tmp_path, capsys, monkeypatch, other_model_
 def test_resume_of_a_weights_only_checkpoint_says_use_init_from(shard, tmp_path, capsys, monkeypatch):
     from molm_ds.config import ModelConfig
     from molm_ds.model import MoLM
-    from molm_ds.train import checkpoint as ckpt
+    from molm_ds import checkpoint as ckpt
 
     d = tmp_path / "pruned"
     ckpt.write_model(MoLM(ModelConfig.from_preset("tiny")), {}, str(d), tag="step_00000002", kind="pruned")

@@ -5,7 +5,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from molm_ds.config import ModelConfig
-from molm_ds.model import MoEMLP, MoLM
+from molm_ds.model import MoEMLP, MoESubLayer, MoLM
 from molm_ds.monitor import ExpertLoadTracker, SubLayer
 
 
@@ -62,6 +62,9 @@ def test_activation_checkpoint_recompute_is_not_counted_twice(cfg):
 
         def forward(self, x):
             return checkpoint(lambda y: self.blocks[0](y)[0], x, use_reentrant=True)
+
+        def moe_sublayers(self):  # a model publishes its MoE sub-layers (molm_ds.model.sublayers)
+            return [MoESubLayer(SubLayer(0, "mlp"), "blocks.0", layer)]
 
     model = Wrap().train()
     tracker = ExpertLoadTracker(model)

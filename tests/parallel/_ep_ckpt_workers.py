@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from _ep_model_workers import MICRO_B, batches, fresh_model, loss_fn, tiny_config
+from tests.parallel._ep_model_workers import MICRO_B, batches, fresh_model, loss_fn, tiny_config
 
 TAG = "step1"
 
@@ -35,7 +35,7 @@ def _local_state(model, info):
 def save_worker(rank: int, world: int, save_dir: str, stage: int):
     """ep_size = world: train one step, save, check the files by global id, reload (full resume)."""
     from molm_ds.parallel import parallelize
-    from molm_ds.train.checkpoint import check_expert_files, list_expert_files
+    from molm_ds.checkpoint import check_expert_files, list_expert_files
 
     cfg = tiny_config()
     model = fresh_model(cfg)
@@ -68,7 +68,7 @@ def save_worker(rank: int, world: int, save_dir: str, stage: int):
 def load_worker(rank: int, world: int, save_dir: str, stage: int):
     """ep_size = world (may differ from the saver's): load the weights only, then keep training."""
     from molm_ds.parallel import parallelize
-    from molm_ds.train.checkpoint import load_weights
+    from molm_ds.checkpoint import load_weights
 
     cfg = tiny_config()
     torch.manual_seed(5)

@@ -4,9 +4,9 @@ expert found under its global id, resumed at ep_size 2, and the weights loaded a
 
 import pytest
 import torch
-from _ep_ckpt_workers import TAG, load_worker, save_worker
-from _ep_dist import run_ranks
-from _ep_model_workers import batches, fresh_model, tiny_config
+from tests.parallel._ep_ckpt_workers import TAG, load_worker, save_worker
+from molm_ds.testing import run_ranks
+from tests.parallel._ep_model_workers import batches, fresh_model, tiny_config
 
 STAGE = 2  # ZeRO-2: also checks that loading weights refreshes ZeRO's fp32 master copy
 
@@ -41,7 +41,7 @@ def test_every_expert_file_holds_its_global_expert(saved):
     files = r0["files"]
     assert set(files) == {(L, e) for (_, _, E, L) in layers for e in range(E)}
     for name, kind, E, L in layers:
-        wnames = ("w_q", "w_o") if kind == "attention" else ("w1", "w2")
+        wnames = ("w_q", "w_o") if kind == "attn" else ("w1", "w2")
         for e in range(E):
             sd = files[(L, e)]
             want_keys = {f"{name}.experts.deepspeed_moe.experts.deepspeed_experts.{e}.{w}" for w in wnames}

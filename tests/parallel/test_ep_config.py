@@ -3,7 +3,7 @@ marks, per-expert state-dict keys both ways), param groups, ep_size 1 paralleliz
 
 import pytest
 import torch
-from _ep_dist import run_ranks
+from molm_ds.testing import run_ranks
 
 
 def test_check_expert_parallel_errors():
@@ -18,20 +18,12 @@ def test_check_expert_parallel_errors():
         check_expert_parallel(ep_size=0, world_size=8, expert_counts={})
 
 
-def test_zero3_refused_with_supported_stages_named():
-    from molm_ds.parallel import check_zero_stage
-
-    assert check_zero_stage({"zero_optimization": {"stage": 2}}) == 2
-    assert check_zero_stage({}) == 0
-    with pytest.raises(ValueError, match="ZeRO stages 0, 1, 2"):
-        check_zero_stage({"zero_optimization": {"stage": 3}})
-
-
 def test_bridge_is_deepspeed_moe_and_state_dict_round_trips():
     from deepspeed.moe.layer import MoE
 
     from molm_ds.model import MLPExperts
-    from molm_ds.parallel import EXPERT_KEY, to_deepspeed_moe
+    from molm_ds.checkpoint.layout import EXPERT_INFIX as EXPERT_KEY
+    from molm_ds.parallel import to_deepspeed_moe
 
     torch.manual_seed(0)
     full = MLPExperts(4, 3, 5)

@@ -1,86 +1,60 @@
-"""Count host syncs (tensor -> Python value conversions) inside one non-logging training step.
+"""Record would-be CUDA syncs (``tests/sync_mode.py``) inside one non-logging training step.
 
-Every ``Tensor.item / tolist / __int__ / __float__ / __bool__ / __index__`` call made from the start of
-the second optimizer step of ``train()`` to the start of the third (the whole loop iteration: the step,
-its bookkeeping, the stop-request agreement) is recorded with the first caller frame outside torch, as
-``molm_ds/ops/grouped_gemm.py`` or ``deepspeed``. On a GPU each of them waits for the device.
+Everything from the start of the second optimizer step of ``train()`` to the start of the third (the
+step, its bookkeeping, the stop-request agreement) is recorded; the batches the loader returns are host
+tensors (``SyncRecorder.mark_host``), so copying them to the device blocking would be seen.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import os
-import sys
 
-import torch
-
-METHODS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__")
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_TORCH = os.path.dirname(torch.__file__)
-
-
-def _origin() -> str:
-    f = sys._getframe(2)
-    while f is not None and f.f_code.co_filename.startswith(_TORCH):
-        f = f.f_back
-    if f is None:
-        return "?"
-    path = f.f_code.co_filename
-    if path.startswith(REPO + os.sep) and "site-packages" not in path:
-        return os.path.relpath(path, REPO)
-    return "deepspeed" if f"{os.sep}deepspeed{os.sep}" in path else path
+from tests.sync_mode import SyncRecorder
 
 
 @contextlib.contextmanager
 def counting_step(step: int = 2):
-    """Patch the loop so that syncs during optimizer step ``step`` are counted; yields the Counter."""
+    """Patch the loop so that syncs during optimizer step ``step`` are recorded; yields a Counter of
+    ``(origin, what)`` filled when the block ends."""
     from molm_ds.train import loop
 
     counts: collections.Counter = collections.Counter()
-    active = [False]
-    originals = {m: getattr(torch.Tensor, m) for m in METHODS}
-
-    def patched(name):
-        orig = originals[name]
-
-        def method(self, *args, **kwargs):
-            if active[0]:
-                counts[_origin()] += 1
-            return orig(self, *args, **kwargs)
-        return method
-
+    rec = SyncRecorder()
     real_step, calls = loop.train_step, [0]
 
-    def train_step(*args, **kwargs):
+    def train_step(engine, next_batch, *args, **kwargs):
         calls[0] += 1
-        active[0] = calls[0] == step  # stays on until the next step begins
-        return real_step(*args, **kwargs)
+        rec.active = calls[0] == step  # stays on until the next step begins
 
-    for m in METHODS:
-        setattr(torch.Tensor, m, patched(m))
+        def host_batch():
+            batch = next_batch()
+            rec.mark_host(*batch.values())
+            return batch
+        return real_step(engine, host_batch, *args, **kwargs)
+
     loop.train_step = train_step
     try:
-        yield counts
+        with rec:
+            yield counts
     finally:
-        active[0] = False
+        rec.active = False
         loop.train_step = real_step
-        for m, orig in originals.items():
-            setattr(torch.Tensor, m, orig)
+        counts.update(rec.events)
 
 
-def job_overrides(shard: str, run_dir: str, ep_size: int) -> list[str]:
-    from tests.train.helpers import tiny_job_overrides
+def job_overrides(shard: str, run_dir: str, ep_size: int, *extra: str) -> list[str]:
+    from molm_ds.testing import tiny_job_overrides
 
     return tiny_job_overrides(shard, run_dir) + [
         "training.steps=3", "monitor.log_interval=100", "training.eval_interval=0", "checkpoint.interval=0",
-        "checkpoint.save_final=false", "monitor.tensorboard=false", f"parallel.ep_size={ep_size}"]
+        "checkpoint.save_final=false", "monitor.tensorboard=false", f"parallel.ep_size={ep_size}", *extra]
 
 
 def count_worker(rank: int, world_size: int, shard: str, run_dir: str) -> dict:
     from molm_ds.train import load_job
     from molm_ds.train.loop import train
-    from tests.train.helpers import TINY_JOB
+    from molm_ds.testing import TINY_JOB
 
     with counting_step() as counts:
         train(load_job(TINY_JOB, job_overrides(shard, run_dir, world_size)))

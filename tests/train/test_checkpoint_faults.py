@@ -14,18 +14,13 @@ import time
 import pytest
 
 from molm_ds.errors import CheckpointError, ConfigError
-from molm_ds.train import checkpoint as ckpt
+from molm_ds import checkpoint as ckpt
 from molm_ds.train import load_job
 from molm_ds.train.loop import train
-from molm_ds.train.runlock import LOCK_FILE
-from tests.train.helpers import TINY_JOB, read_metrics, tiny_job_overrides, write_shard
+from molm_ds.checkpoint import LOCK_FILE
+from molm_ds.testing import TINY_JOB, read_metrics, tiny_job_overrides
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def shard(tmp_path_factory):
-    return write_shard(tmp_path_factory.mktemp("data"))
 
 
 def job(shard, run_dir, *extra):
@@ -102,11 +97,11 @@ def test_retire_crash_leaves_no_marked_partial(run_copy, monkeypatch):
 
     monkeypatch.setattr(shutil, "rmtree", crash_midway)
     with pytest.raises(KeyboardInterrupt):
-        ckpt._retire(d, ckpt.tag_for(1))
+        ckpt.marker.retire(d, ckpt.tag_for(1))
     monkeypatch.setattr(shutil, "rmtree", real)
     assert ckpt.list_tags(d) == [ckpt.tag_for(2), ckpt.tag_for(3)]
     assert all(ckpt.verify(d, t) is None for t in ckpt.list_tags(d))
-    ckpt._clean_retired(d)
+    ckpt.marker.clean_retired(d)
     assert not [n for n in os.listdir(d) if n.startswith(".retired-")]
 
 

@@ -2,9 +2,10 @@
 
 import pytest
 
+from molm_ds.errors import ConfigError
 from molm_ds.train import load_job
 from molm_ds.train.ds_config import build_ds_config, read_ds_config
-from tests.train.helpers import TINY_JOB, write_ds_config
+from molm_ds.testing import TINY_JOB, write_ds_config
 
 
 def test_batch_keys_are_filled_from_the_job(tmp_path):
@@ -47,3 +48,66 @@ def test_read_refuses_stage3_fp16_and_bad_json(tmp_path):
     (tmp_path / "c.json").write_text("{nope")
     with pytest.raises(ValueError, match="not valid JSON"):
         read_ds_config(tmp_path / "c.json")
+
+
+@pytest.mark.parametrize("block, needle", [
+    ({"fp16": True}, r"fp16=true must be an object"),
+    ({"zero_optimization": "1"}, r"zero_optimization=\"1\" must be an object"),
+    ({"zero_optimization": {"stage": "1"}}, r"zero_optimization.stage=\"1\" must be one of 0, 1, 2, 3"),
+    ({"zero_optimization": {"stage": True}}, r"zero_optimization.stage=true must be one of"),
+    ({"bf16": {"enabled": "yes"}}, r"bf16.enabled=\"yes\" must be true or false"),
+    ({"zero_optimization": {"stage": 2, "overlap_comm": 1}}, r"zero_optimization.overlap_comm=1 must be true or false"),
+    ({"zero_optimization": {"stage": 2, "reduce_bucket_size": "5e8"}}, r"reduce_bucket_size=\"5e8\" must be an integer"),
+    ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "gpu"}}},
+     r"offload_optimizer.device=\"gpu\" must be one of \"none\", \"cpu\", \"nvme\""),
+    ({"gradient_clipping": "1.0"}, r"gradient_clipping=\"1.0\" must be a finite number"),
+    ({"steps_per_print": True}, r"steps_per_print=true must be an integer"),
+])
+def test_values_of_the_wrong_type_name_the_key(tmp_path, block, needle):
+    with pytest.raises(ConfigError, match=needle):
+        read_ds_config(write_ds_config(tmp_path / "x.json", **block))
+
+
+def test_deepspeed_idioms_still_pass(tmp_path):
+    ds = read_ds_config(write_ds_config(tmp_path / "x.json", train_batch_size="auto",
+                                        zero_optimization={"stage": 2, "reduce_bucket_size": 5e8}))
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 5e8
+
+
+def test_nvme_offload_is_refused_before_the_model_where_it_cannot_run(tmp_path, monkeypatch):
+    from deepspeed.ops import op_builder
+
+    from molm_ds.train.ds_config import check_machine
+
+    p = write_ds_config(tmp_path / "n.json", zero_optimization={"stage": 2, "offload_optimizer": {
+        "device": "nvme", "nvme_path": str(tmp_path)}})
+    ds = read_ds_config(p)
+    monkeypatch.setattr(op_builder.AsyncIOBuilder, "is_compatible", lambda self, verbose=False: False)
+    with pytest.raises(ConfigError, match="needs DeepSpeed's async_io op"):
+        check_machine(ds, p)
+    monkeypatch.setattr(op_builder.AsyncIOBuilder, "is_compatible", lambda self, verbose=False: True)
+    check_machine(ds, p)  # the library is there and the path is a writable directory
+    ds["zero_optimization"]["offload_optimizer"]["nvme_path"] = str(tmp_path / "missing")
+    with pytest.raises(ConfigError, match="nvme_path=.* must be an existing, writable directory"):
+        check_machine(ds, p)
+
+
+def test_a_ds_config_that_is_not_utf8_is_one_line(tmp_path):
+    p = tmp_path / "l.json"
+    p.write_bytes(b'{"x": "caf\xe9"}')
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        read_ds_config(p)
+
+
+@pytest.mark.parametrize("path, ok", [("csv", True), ("../../escape", False), ("/etc/x", False)])
+def test_ds_config_outputs_stay_inside_run_dir(tmp_path, path, ok):
+    import os
+
+    cfg = write_ds_config(tmp_path / "m.json", csv_monitor={"enabled": True, "output_path": path, "job_name": "j"})
+    job = load_job(TINY_JOB, [f"deepspeed.config={cfg}", f"run_dir={tmp_path / 'run'}"])
+    if ok:
+        out = build_ds_config(job, world_size=1)["csv_monitor"]["output_path"]
+        assert out == os.path.realpath(tmp_path / "run" / path)
+    else:
+        with pytest.raises(ConfigError, match="writes outside run_dir"):
+            build_ds_config(job, world_size=1)

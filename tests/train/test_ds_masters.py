@@ -1,30 +1,22 @@
 """fp32 master weights of bf16 runs (checkpoint.read_fp32_state): read back from the topology-free
-optimizer state, or from DeepSpeed's optimizer shards (molm_ds.train.ds_masters) when a checkpoint has
+optimizer state, or from DeepSpeed's optimizer shards (molm_ds.checkpoint.ds_masters) when a checkpoint has
 none, they equal the engine's own fp32 params exactly, for ZeRO 0, 1 and 2,
 expert-parallel (ep 2: experts stacked back by global id) and expert-data-parallel (ep 1 on 2 ranks:
 every expert group partitioned over both ranks)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.train.helpers import tiny_job_overrides, write_shard
+from molm_ds.testing import tiny_job_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
-@pytest.fixture(scope="module")
-def shard(tmp_path_factory):
-    return write_shard(tmp_path_factory.mktemp("data"))
-
-
 def _run(shard, run_dir, ds_config: str, ep_size: int, elastic: bool):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parallel"))
-    from _ep_dist import run_ranks
+    from molm_ds.testing import run_ranks
 
     from tests.train._masters_workers import train_and_capture
 
@@ -50,7 +42,7 @@ def _engine_masters(ranks: list[dict]) -> dict[str, torch.Tensor]:
                                                        ("zero2_bf16", 2, True), ("zero2_bf16", 2, False),
                                                        ("zero1_bf16", 1, False)])
 def test_fp32_masters_equal_the_engines(shard, tmp_path, ds_config, ep_size, elastic):
-    from molm_ds.train import checkpoint as ckpt
+    from molm_ds import checkpoint as ckpt
 
     want = _engine_masters(_run(shard, tmp_path, ds_config, ep_size, elastic))
     d, tag = ckpt.resolve(str(tmp_path / "checkpoints"))
@@ -72,7 +64,7 @@ def test_fp32_masters_equal_the_engines(shard, tmp_path, ds_config, ep_size, ela
 
     from safetensors.torch import load_file
 
-    from tests.train.helpers import REPO
+    from molm_ds.testing import REPO
 
     spec = importlib.util.spec_from_file_location("launch_export", REPO / "launch" / "export.py")
     export = importlib.util.module_from_spec(spec)

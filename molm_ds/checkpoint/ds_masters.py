@@ -1,5 +1,5 @@
 """DeepSpeed's fp32 master weights, read back from a bf16/fp16 run's optimizer shards into one plain
-(single-process) state dict. Called by ``molm_ds.train.checkpoint.read_fp32_state``, which owns the
+(single-process) state dict. Called by ``molm_ds.checkpoint.read_fp32_state``, which owns the
 checkpoint layout; this module only knows DeepSpeed 0.19's optimizer files.
 
 Legend: W world size, P ep_size, E_l = E / P local experts of an expert-parallel rank.
@@ -41,10 +41,13 @@ _EXPP_FILE = re.compile(r"^expp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 
 
 def _files(tag_dir: str, pattern: re.Pattern) -> dict[int, str]:
+    from molm_ds.checkpoint.layout import listed_files
+
+    listed = listed_files(tag_dir)  # files the marker does not list are never read
     out = {}
     for f in os.listdir(tag_dir):
         m = pattern.match(f)
-        if m:
+        if m and (listed is None or f in listed):
             out[int(m.group(1))] = os.path.join(tag_dir, f)
     return dict(sorted(out.items()))
 

@@ -1,0 +1,100 @@
+"""Training across hosts with the commands of docs/multinode.md, as printed (tests/multihost/doc_commands.py):
+2 hosts x 2 ranks with the DeepSpeed launcher (--no_ssh, one launcher per host), mpirun (an rsh agent that
+enters the namespace instead of ssh), torchrun (static, and elastic rendezvous) and Slurm's srun (its
+environment given to each task), expert parallelism spanning the hosts (ep_size 4). Each run's losses
+equal a one-host run of the same job, its checkpoint holds the one-host run's files (written once, not
+once per host), and a resume across hosts continues exactly. Each host's own name resolves to
+127.0.1.1 there, so these fail unless every rank finds the interface that reaches the master itself."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from molm_ds.train.distributed import free_port
+from tests.multihost import doc_commands as doc
+from molm_ds.testing import read_metrics
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.multihost]
+
+STEPS = 4
+
+
+def ckpt_files(run_dir) -> dict[str, int]:
+    """Every checkpoint file, with its size where it holds only tensors (job.yaml, the marker and rank 0's
+    optimizer shard also carry the run's paths)."""
+    root = Path(run_dir, "checkpoints")
+    return {str(p.relative_to(root)): p.stat().st_size if "model_states" in p.name else None
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def assert_same_run(run_dir, ref_dir, steps=range(1, STEPS + 1), *, files=True):
+    got, want = read_metrics(run_dir), read_metrics(ref_dir)
+    assert sorted(got) == list(steps)
+    for s in steps:
+        for key in ("loss", "grad_norm"):
+            assert got[s][key] == pytest.approx(want[s][key], rel=1e-5, abs=1e-6), (s, key, got[s][key], want[s][key])
+    if files:  # written once: the same files of the same sizes as one host writes
+        assert ckpt_files(run_dir) == ckpt_files(ref_dir)
+
+
+@pytest.fixture(scope="module")
+def one_host(shard, tmp_path_factory):
+    """The reference: the same job on one host, 4 ranks, ep_size 4 (checkpoints at steps 2 and 4)."""
+    ws = doc.workspace(tmp_path_factory.mktemp("one_host") / "ws", shard)
+    cmd = [str(doc.BIN / "deepspeed"), "--num_gpus", "4", "--master_port", str(free_port()), "launch/pretrain.py",
+           "--config", "job.yaml"]
+    p = subprocess.run(cmd, cwd=ws, env=doc.env(), capture_output=True, text=True, timeout=doc.TIMEOUT)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-6000:]
+    return ws / "run"
+
+
+@pytest.fixture
+def nodes(make_hosts):
+    return make_hosts(2, names=doc.NAMES)
+
+
+def test_deepspeed_no_ssh_two_hosts_and_resume_across_hosts(nodes, shard, one_host, tmp_path):
+    cmds = doc.commands("deepspeed --hostfile hostfile --no_ssh")
+    ws = doc.workspace(tmp_path / "a", shard)
+    outs = doc.wait(doc.start(nodes, cmds, ws))
+    assert "rank 0 of 4" in outs[0] and "rank 3 of 4" in outs[1]
+    assert "network: eth0" in outs[0] and "network: eth0" in outs[1]  # not lo, though the host names say 127.0.1.1
+    assert_same_run(ws / "run", one_host)
+    # the same commands resume the step-2 checkpoint across the hosts: steps 3 and 4 as the straight run
+    ws_b = doc.workspace(tmp_path / "b", shard)
+    doc.wait(doc.start(nodes, [(i, c + f" --resume {ws / 'run' / 'checkpoints' / 'step_00000002'}") for i, c in cmds], ws_b))
+    assert_same_run(ws_b / "run", one_host, steps=(3, 4), files=False)
+
+
+def test_mpirun_across_hosts(nodes, shard, one_host, tmp_path):
+    ws = doc.workspace(tmp_path / "m", shard)
+    out = doc.wait(doc.start(nodes, doc.commands("mpirun"), ws))[0]
+    assert "launcher: mpi" in out and "rank 3 of 4" in out
+    assert_same_run(ws / "run", one_host)
+
+
+def test_torchrun_static_and_elastic_across_hosts(nodes, shard, one_host, tmp_path):
+    ws = doc.workspace(tmp_path / "s", shard)
+    doc.wait(doc.start(nodes, doc.commands("torchrun --nnodes 2"), ws))
+    assert_same_run(ws / "run", one_host)
+    ws = doc.workspace(tmp_path / "e", shard)  # ep_size 2 and global_batch_size 16 set on its command line
+    outs = doc.wait(doc.start(nodes, doc.commands("torchrun --nnodes 1:2"), ws))
+    assert "rank 3 of 4" in "".join(outs)
+    assert_same_run(ws / "run", one_host, files=False)  # ep 2: other expert files per rank, same losses
+
+
+def test_slurm_srun_tasks_across_hosts(nodes, shard, one_host, tmp_path):
+    """The sbatch script's srun line as 2 tasks per host, each with the environment srun gives a task."""
+    ws = doc.workspace(tmp_path / "slurm", shard)
+    cmd = doc.srun_line()
+    procs = []
+    for node in range(2):
+        for local in range(2):
+            e = dict(SLURM_PROCID=str(2 * node + local), SLURM_NTASKS="4", SLURM_LOCALID=str(local), SLURM_NNODES="2",
+                     SLURM_NODEID=str(node), SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node[1-2]",
+                     SLURM_STEP_TASKS_PER_NODE="2(x2)")
+            procs += doc.start(nodes, [(node, cmd)], ws, {node: e})
+    outs = doc.wait(procs)
+    assert "launcher: slurm" in outs[0] and "master node1:24242" in outs[0]
+    assert_same_run(ws / "run", one_host)
