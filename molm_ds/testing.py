@@ -131,6 +131,7 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> Non
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank), LOCAL_SIZE=str(world_size), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
+    from molm_ds.parallel import comm
     from molm_ds.parallel.groups import skip_cpu_shm_comm
 
     skip_cpu_shm_comm()  # gloo alone is what these tests need
@@ -138,7 +139,7 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> Non
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
+        comm.barrier()
     finally:
         dist.destroy_process_group()
 
