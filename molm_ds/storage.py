@@ -93,7 +93,7 @@ def _guess_errno(path: str) -> int:
     """The errno of a write that failed without one (torch's zip writer): full disk or read-only."""
     parent = _existing_parent(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
     free = free_bytes(parent)
-    if free is not None and free < (1 << 20):
+    if free is not None and free < (4 << 20):
         return errno.ENOSPC
     if not os.access(parent, os.W_OK):
         return errno.EROFS

@@ -16,6 +16,8 @@ CASES = {
                    "--warmup", "0"], {"ours_over_dense", "deepspeed_over_ours"}),
     "stickbreaking": (["--batch", "1", "--heads", "2", "--seq", "64", "--head-dim", "8", "--iters", "1",
                        "--warmup", "0"], {"ours_over_sdpa", "ours_over_sdpa_long_stick", "naive_over_ours", "naive_peak_over_ours_peak"}),
+    "train_step": (["--preset", "tiny", "--batch", "1", "--seq", "8", "--backend", "aot_eager", "--iters", "1",
+                    "--warmup", "0"], {"compiled_over_eager", "compile_seconds"}),
     "deterministic": (["--preset", "tiny", "--batch", "1", "--seq", "8", "--iters", "1", "--warmup", "0"],
                       {"deterministic_over_default"}),
     "data_prep": (["--mb", "0.2", "--files", "2", "--workers", "2", "--vocab-size", "1000"],

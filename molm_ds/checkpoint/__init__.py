@@ -3,7 +3,7 @@
 - ``layout``: file and directory names of a checkpoint directory and its tags;
 - ``marker``: the COMPLETE marker (sizes and digests), ``verify``, retiring old tags;
 - ``resolve``: which tag a path or ``resume`` setting means;
-- ``record``: what a tag says about itself (its job, its model config);
+- ``record``: what a tag says about itself (its job; ``model.json``: its model config and MoE sub-layers);
 - ``consolidate`` / ``reader``: a plain single-process state dict / model from any topology's files
   (``ds_masters``: the fp32 masters in DeepSpeed's optimizer shards);
 - ``writer``: a plain model as a weights-only tag (pruning, expert insertion, imports);
@@ -23,7 +23,7 @@ from molm_ds.checkpoint.layout import (
 from molm_ds.checkpoint.lock import LOCK_FILE, RunLock
 from molm_ds.checkpoint.marker import file_digest, is_complete, newest_complete, read_marker, retire_all, verify
 from molm_ds.checkpoint.reader import check_same_model, load_fp32_model, load_model
-from molm_ds.checkpoint.record import model_config, read_job
+from molm_ds.checkpoint.record import model_config, read_job, read_model_record
 from molm_ds.checkpoint.resolve import resolve, resolve_resume
 from molm_ds.checkpoint.trainer import (
     can_load_natively, check_resumable, engine_topology, load, load_weights, rng_state, save, set_rng_state, topology,
@@ -35,7 +35,7 @@ __all__ = [
     "COMPLETE", "MODEL_FILE", "JOB_FILE", "UNIVERSAL_DIR", "LOCK_FILE", "CheckpointError", "RunLock",
     "tag_for", "step_of", "list_tags", "expert_file", "list_expert_files", "check_expert_files",
     "is_complete", "newest_complete", "read_marker", "verify", "file_digest", "retire_all",
-    "resolve", "resolve_resume", "read_job", "model_config",
+    "resolve", "resolve_resume", "read_job", "model_config", "read_model_record",
     "read_model_state", "has_fp32_masters", "read_fp32_state", "load_model", "load_fp32_model", "check_same_model",
     "model_section", "write_model",
     "save", "load", "load_weights", "rng_state", "set_rng_state", "topology", "engine_topology", "can_load_natively", "check_resumable",

@@ -41,10 +41,13 @@ _EXPP_FILE = re.compile(r"^expp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 
 
 def _files(tag_dir: str, pattern: re.Pattern) -> dict[int, str]:
+    from molm_ds.checkpoint.layout import listed_files
+
+    listed = listed_files(tag_dir)  # files the marker does not list are never read
     out = {}
     for f in os.listdir(tag_dir):
         m = pattern.match(f)
-        if m:
+        if m and (listed is None or f in listed):
             out[int(m.group(1))] = os.path.join(tag_dir, f)
     return dict(sorted(out.items()))
 

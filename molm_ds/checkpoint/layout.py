@@ -28,7 +28,7 @@ from molm_ds.errors import CheckpointError
 
 __all__ = [
     "COMPLETE", "MODEL_FILE", "JOB_FILE", "MODEL_RECORD", "LATEST", "UNIVERSAL_DIR", "EXPERT_INFIX", "tag_for", "step_of", "is_tag",
-    "list_tags", "expert_file", "list_expert_files", "check_expert_files", "expert_key", "parse_expert_key", "rng_file",
+    "list_tags", "expert_file", "list_expert_files", "listed_files", "check_expert_files", "expert_key", "parse_expert_key", "rng_file",
     "universal_file", "tag_files",
 ]
 
@@ -76,12 +76,22 @@ def expert_file(ckpt_dir: str, tag: str, layer_id: int, expert_id: int, mp_rank:
 def list_expert_files(ckpt_dir: str, tag: str) -> dict[tuple[int, int], str]:
     """{(layer L, global expert E): path} of the expert files in a tag directory."""
     d = os.path.join(ckpt_dir, str(tag))
+    listed = listed_files(d)
     out = {}
     for f in os.listdir(d):
         m = _EXPERT_FILE.match(f)
-        if m:
+        if m and (listed is None or f in listed):
             out[(int(m.group(1)), int(m.group(2)))] = os.path.join(d, f)
     return out
+
+
+def listed_files(tag_dir: str):
+    """The files a tag's verified COMPLETE marker lists (readers take no others), or None while the tag has
+    no verified marker (a save in progress)."""
+    from molm_ds.checkpoint.marker import marker_problem
+
+    marker, _ = marker_problem(os.path.dirname(tag_dir) or ".", os.path.basename(tag_dir))
+    return None if marker is None else set(marker["files"])
 
 
 def check_expert_files(ckpt_dir: str, tag: str, info) -> None:

@@ -56,10 +56,15 @@ class Pieces:
     """Every rank file of a tag's topology-free optimizer state, memory-mapped; assembles key ranges."""
 
     def __init__(self, tag_dir: str) -> None:
+        from molm_ds.checkpoint.layout import listed_files
+
         d = os.path.join(tag_dir, UNIVERSAL_DIR)
+        listed = listed_files(tag_dir)  # files the marker does not list are never read
         self.index: dict[str, list[tuple[int, int, dict]]] = {}
         self.steps: dict[str, Optional[int]] = {}
         for f in sorted(os.listdir(d)):
+            if listed is not None and f"{UNIVERSAL_DIR}/{f}" not in listed:
+                continue
             blob = torch.load(os.path.join(d, f), map_location="cpu", weights_only=False, mmap=True)
             self.steps.update(blob["steps"])
             for key, pieces in blob["pieces"].items():

@@ -6,7 +6,7 @@ import os
 from typing import Optional
 
 from molm_ds.checkpoint.layout import COMPLETE, MODEL_FILE, is_tag, list_tags, step_of
-from molm_ds.checkpoint.marker import is_complete, newest_complete, verify
+from molm_ds.checkpoint.marker import is_complete, marker_problem, newest_complete, verify
 from molm_ds.errors import CheckpointError
 from molm_ds.log import get_logger
 
@@ -24,10 +24,11 @@ def resolve(path: str, *, what: str = "checkpoint") -> tuple[str, str]:
                               "directory of a finished run")
     if os.path.isfile(os.path.join(p, MODEL_FILE)) or is_tag(os.path.basename(p)):  # a tag directory
         parent, tag = os.path.dirname(p) or ".", os.path.basename(p)
-        if not is_complete(parent, tag):
+        _, problem = marker_problem(parent, tag)
+        if problem is not None:
             older = [t for t in list_tags(parent) if is_complete(parent, t) and t != tag]
-            raise CheckpointError(f"{what}: {p} is a partial checkpoint (no {COMPLETE} marker: a rank did not finish "
-                                  f"writing); use a complete one{': ' + older[-1] if older else ''}")
+            raise CheckpointError(f"{what}: {p} is not a complete checkpoint ({problem}); use a complete one"
+                                  f"{': ' + os.path.join(parent, older[-1]) if older else ''}")
         return parent, tag
     tag = newest_complete(p)
     if tag is None:
@@ -41,7 +42,8 @@ def resolve_resume(resume: Optional[str], ckpt_dir: str, *, collective: bool = F
     rank must call).
 
     ``auto``: the newest tag in ckpt_dir that verifies, saying which newer ones it skipped and why; no
-    tags at all = fresh start (logged); tags but none usable = error. A path: a checkpoint directory (its
+    tags at all, or only unfinished saves (no marker at all) = fresh start (logged); tags with markers but
+    none usable = error. A path: a checkpoint directory (its
     newest complete tag) or a tag directory; missing, partial or damaged = an error naming the problem,
     never a fresh start.
     """
@@ -67,5 +69,10 @@ def resolve_resume(resume: Optional[str], ckpt_dir: str, *, collective: bool = F
                 log.warning("resume: auto: skipping %s", p)
             return ckpt_dir, tag
         problems.append(problem)
+    if not any(os.path.lexists(os.path.join(ckpt_dir, t, COMPLETE)) for t in tags):
+        # only saves that never finished (killed, or a full disk): nothing was ever complete, so this is a
+        # fresh start, which the trainer refuses over an earlier run's files unless --overwrite
+        log.warning("resume: auto: no complete checkpoint in %s, only unfinished saves (%s)", ckpt_dir, ", ".join(tags))
+        return None
     raise CheckpointError(f"resume: auto: no usable checkpoint in {ckpt_dir} ({'; '.join(problems)}); delete them to "
                           "start fresh or point resume at a complete one")

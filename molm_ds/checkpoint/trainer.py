@@ -23,6 +23,7 @@ from molm_ds.checkpoint.marker import (
 from molm_ds.checkpoint.optim_state import Pieces, write_pieces
 from molm_ds.checkpoint.record import model_record, write_model_record
 from molm_ds.errors import CheckpointError
+from molm_ds.storage import STORAGE_ERRNOS, StorageError, remove_quietly, storage_error
 from molm_ds.log import get_logger
 
 log = get_logger("checkpoint")
@@ -62,11 +63,66 @@ def engine_topology(engine, ep_info) -> dict:
                     bf16=engine.bfloat16_enabled())
 
 
+def _previous_size(ckpt_dir: str) -> Optional[int]:
+    """Bytes of the newest complete tag (what the next save will need, about), from its marker."""
+    from molm_ds.checkpoint.marker import marker_problem
+
+    for tag in reversed(list_tags(ckpt_dir)):
+        marker, _ = marker_problem(ckpt_dir, tag)
+        if marker is not None:
+            return sum(f["size"] for f in marker["files"].values())
+    return None
+
+
+class _Stage:
+    """One stage of a collective save: a storage error on any rank ends every rank together (after the
+    partial tag is removed), with the error of the rank that met it or a line naming that rank."""
+
+    def __init__(self, ckpt_dir: str, tag: str, need: Optional[int]) -> None:
+        self.ckpt_dir, self.tag, self.need = ckpt_dir, tag, need
+        self.error: Optional[Exception] = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        from molm_ds.storage import _guess_errno, _torch_write_failure
+
+        if exc is None:
+            return False
+        path = os.path.join(self.ckpt_dir, self.tag)
+        if isinstance(exc, StorageError):
+            self.error = exc
+        elif isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+            self.error = storage_error("checkpoint", path, exc.errno, need=self.need)
+        elif isinstance(exc, RuntimeError) and _torch_write_failure(exc):  # torch.save's zip writer
+            self.error = storage_error("checkpoint", path, _guess_errno(path), need=self.need)
+        else:
+            return False  # a bug: its traceback
+        return True
+
+    def settle(self) -> None:
+        """Collective: raise on every rank when some rank's stage failed; rank 0 removes the partial tag."""
+        from molm_ds.parallel import comm
+
+        if not comm.any_rank(self.error is not None):
+            return
+        if comm.rank() == 0:
+            remove_quietly([os.path.join(self.ckpt_dir, self.tag)])  # no marker: never a resume target anyway
+        raise self.error or StorageError(f"cannot write checkpoint {os.path.join(self.ckpt_dir, self.tag)}: another "
+                                         "rank's write failed (its own error line says why)")
+
+
 def save(engine, ckpt_dir: str, step: int, client_state: dict, *, job_yaml: str, ep_info=None, keep: int = 0,
          elastic: bool = True) -> str:
     """Save on every rank (collective). Every rank writes its files (DeepSpeed's shards, its RNG, its
     share of the topology-free optimizer state); after a barrier the ranks digest the files together and
-    rank 0 writes COMPLETE, then retires checkpoints beyond ``keep``. Returns the tag."""
+    rank 0 writes COMPLETE, then retires checkpoints beyond ``keep``. Returns the tag.
+
+    A full disk, an I/O error or a read-only directory at any stage ends every rank with a
+    ``StorageError`` (what, where, the free space and about how much was needed: the previous
+    checkpoint's size); the partial tag is removed (it has no marker, so it is never a resume target
+    either way) and the previous checkpoint stays the newest complete one."""
     from molm_ds.parallel import comm
     from molm_ds.parallel.optim_state import local_pieces
 
@@ -74,33 +130,39 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, *, job_yaml: str,
     d = os.path.join(ckpt_dir, tag)
     rank = comm.rank()
     t0 = time.time()
+    need = _previous_size(ckpt_dir)
     if rank == 0 and os.path.isdir(d):
         retire(ckpt_dir, tag)  # an unmarked leftover of a save of this step that died
     comm.barrier()
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)
-    torch.save(rng_state(), rng_file(ckpt_dir, tag, rank))
-    if elastic:
-        write_pieces(ckpt_dir, tag, rank, *local_pieces(engine))
-    comm.barrier()  # every rank's files are on disk
-    if rank == 0:
-        if ep_info is not None:
-            check_expert_files(ckpt_dir, tag, ep_info)
-        with open(os.path.join(d, JOB_FILE), "w") as f:
-            f.write(job_yaml)
-        sharded = set() if ep_info is None else {layer.name for layer in ep_info.layers}
-        write_model_record(d, model_record(engine.module, expert_parallel=sharded))
-    comm.barrier()
+    with _Stage(ckpt_dir, tag, need) as stage:
+        engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)
+        torch.save(rng_state(), rng_file(ckpt_dir, tag, rank))
+        if elastic:
+            write_pieces(ckpt_dir, tag, rank, *local_pieces(engine))
+    stage.settle()  # every rank's files are on disk (a barrier), or every rank stops here
+    with _Stage(ckpt_dir, tag, need) as stage:
+        if rank == 0:
+            if ep_info is not None:
+                check_expert_files(ckpt_dir, tag, ep_info)
+            with open(os.path.join(d, JOB_FILE), "w") as f:
+                f.write(job_yaml)
+            sharded = set() if ep_info is None else {layer.name for layer in ep_info.layers}
+            write_model_record(d, model_record(engine.module, expert_parallel=sharded))
+    stage.settle()
     names = comm.broadcast_object(tag_files(d) if rank == 0 else None)
     files = collective_digests(d, names)
+    with _Stage(ckpt_dir, tag, need) as stage:
+        if rank == 0:
+            mark_complete(d, {"kind": "train", "step": step, "topology": engine_topology(engine, ep_info),
+                              "elastic": elastic},
+                          files)
+    stage.settle()  # nobody reads a checkpoint before it is marked
     if rank == 0:
-        mark_complete(d, {"kind": "train", "step": step, "topology": engine_topology(engine, ep_info),
-                          "elastic": elastic},
-                      files)
         if keep > 0:
             for old in [t for t in list_tags(ckpt_dir) if is_complete(ckpt_dir, t)][:-keep]:
                 retire(ckpt_dir, old)
         clean_retired(ckpt_dir)
-    comm.barrier()  # nobody reads a checkpoint before it is marked
+    comm.barrier()
     size = sum(f["size"] for f in files.values())
     log.info("saved checkpoint %s (%.1f MB) in %.1fs", d, size / 1e6, time.time() - t0)
     return tag

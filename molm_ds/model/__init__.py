@@ -1,6 +1,7 @@
 """Plain-PyTorch MoLM (ModuleFormer) model: router, experts, local dispatcher, MoE layers, transformer."""
 
 from molm_ds.model.attention import MixtureOfAttention
+from molm_ds.model.build import build_model
 from molm_ds.model.dispatch import DispatchPlan, LocalDispatcher
 from molm_ds.model.experts import AttentionExperts, MLPExperts
 from molm_ds.model.generate import generate
@@ -11,5 +12,5 @@ from molm_ds.model.transformer import Block, MoLM, MoLMOutput
 
 __all__ = [
     "AUX_KEYS", "AttentionExperts", "Block", "DispatchPlan", "LocalDispatcher", "MLPExperts",
-    "KINDS", "MixtureOfAttention", "MoESubLayer", "MoEMLP", "MoLM", "MoLMOutput", "Router", "RouterOutput", "RoutingRecord", "SubLayer", "generate", "moe_sublayers",
+    "KINDS", "MixtureOfAttention", "MoESubLayer", "MoEMLP", "MoLM", "MoLMOutput", "Router", "RouterOutput", "RoutingRecord", "SubLayer", "build_model", "generate", "moe_sublayers",
 ]

@@ -82,7 +82,7 @@ class _WeightedCombine(torch.autograd.Function):
         if torch.are_deterministic_algorithms_enabled():  # distinct slot rows, then the K slots summed in order
             K = weights_TK.shape[1]
             out = y_ND.new_zeros(T * K, y_ND.shape[1]).index_copy_(0, order_N, y_ND * w_N[:, None])
-            out = out.view(T, K, -1).sum(1)
+            out = out.view(T, K, y_ND.shape[1]).sum(1)
         else:
             out = y_ND.new_zeros(T, y_ND.shape[1])
             out.index_add_(0, token_N, y_ND * w_N[:, None])
@@ -127,7 +127,7 @@ class _GatherTokens(torch.autograd.Function):
     def backward(ctx, dy_ND: Tensor):
         (order_N,) = ctx.saved_tensors
         T, K = ctx.shape
-        dx = dy_ND.new_zeros(T * K, dy_ND.shape[1]).index_copy_(0, order_N, dy_ND).view(T, K, -1).sum(1)
+        dx = dy_ND.new_zeros(T * K, dy_ND.shape[1]).index_copy_(0, order_N, dy_ND).view(T, K, dy_ND.shape[1]).sum(1)
         return dx, None, None, None
 
 
@@ -165,8 +165,10 @@ def permute_by_expert(idx_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor]
     slot ids in expert order, dropped slots (-1) last; counts_E). The kept slots are the first
     ``counts_E.sum()`` of ``order``: no host sync here."""
     flat = idx_TK.reshape(-1)
-    valid = flat >= 0
-    key = torch.where(valid, flat, torch.full_like(flat, num_experts))  # dropped slots sort last
+    # dropped slots sort last; so do ids out of range (only MOLM_DS_DEBUG=1 checks them: a host read),
+    # which the fixed-size count below could not hold
+    valid = (flat >= 0) & (flat < num_experts)
+    key = torch.where(valid, flat, torch.full_like(flat, num_experts))
     order = torch.argsort(key, stable=True)
     counts_E = expert_counts(key, num_experts + 1)[:num_experts]
     return order, counts_E

@@ -175,7 +175,8 @@ class Router(nn.Module):
             weights_TK = probs_TE.gather(1, idx_TK)
             if mask_T is not None:
                 idx_TK = idx_TK.masked_fill(~mask_T[:, None], -1)
-            if self.expert_bias_E is not None and self.training and not _in_backward():
+            # compiled (training.compile): traced into the forward graph, which a recomputation does not rerun
+            if self.expert_bias_E is not None and self.training and (torch.compiler.is_compiling() or not _in_backward()):
                 counts_E = expert_counts(idx_TK, self.num_experts)  # chosen experts, before capacity drops
                 self.load_E = counts_E if self.load_E is None else self.load_E + counts_E
             if self.capacity_factor is not None and self.training:

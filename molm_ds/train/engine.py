@@ -52,7 +52,7 @@ def compile_model(engine, job: JobConfig) -> None:
     forward pre/post hooks included (its throughput timer reads ``time.time()``), which ``fullgraph``
     refuses and which would otherwise break the graph. Whole-graph (``fullgraph``) when tokens stay in
     this process (ep_size 1); under expert parallelism the all-to-all split sizes are host values, so
-    the graph breaks there (once per MoE sub-layer)."""
+    the graph breaks around each all-to-all dispatch (tests/train/test_compile_job.py: same losses)."""
     t = job.training
     model = engine.module
     model.forward = torch.compile(model.forward, backend=t.compile_backend, fullgraph=job.parallel.ep_size == 1)

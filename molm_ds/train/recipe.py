@@ -79,11 +79,12 @@ class Recipe:
 
     # ---- build -------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
-        from molm_ds.model import MoLM
+        from molm_ds.model import build_model
 
         if self.job.init_from is not None:
             return ckpt.load_fp32_model(self.job.init_from, what="init_from", check=False)  # fp32 masters of bf16 runs
-        return MoLM(self.job.build_model_config())
+        # on a GPU: built there (meta device, one init); fp32, which DeepSpeed's bf16 masters start from
+        return build_model(self.job.build_model_config(), device=_train_device())
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         return decay_groups(model.parameters(), self.job.training.weight_decay, base_lr=self.job.training.lr)
@@ -108,3 +109,13 @@ class Recipe:
 
     def finish(self, run: Run, step: int) -> dict[str, float]:
         return {}
+
+
+def _train_device() -> torch.device:
+    """This rank's device (DeepSpeed's accelerator and LOCAL_RANK), where the model is built."""
+    import os
+
+    from deepspeed.accelerator import get_accelerator
+
+    name = get_accelerator().device_name()
+    return torch.device("cpu") if name == "cpu" else torch.device(name, int(os.environ.get("LOCAL_RANK", 0)))

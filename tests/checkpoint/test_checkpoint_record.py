@@ -58,8 +58,10 @@ def test_a_reader_needs_neither_the_trainer_nor_the_preset(tmp_path):
     with open(os.path.join(d, tag, layout.JOB_FILE), "w") as f:
         yaml.safe_dump({"name": "t", "model": {"preset": "tiny"}}, f)
     _rehash(d, tag)
-    code = ("import sys, torch\nfrom molm_ds import checkpoint as ckpt\n"
-            f"m = ckpt.load_model({d!r})\n"
+    # what evaluate / generate / export / prune load through (molm_ds.loading), and the plain reader
+    code = ("import sys, torch\nfrom molm_ds import checkpoint as ckpt\nfrom molm_ds.loading import load_source\n"
+            f"m = load_source({d!r}).model\n"
+            f"assert m.state_dict().keys() == ckpt.load_model({d!r}).state_dict().keys()\n"
             "bad = sorted(n for n in sys.modules if n.startswith(('molm_ds.train', 'deepspeed')))\n"
             "assert not bad, bad\n"
             f"torch.save(m.state_dict(), {str(tmp_path / 'sd.pt')!r})\n")

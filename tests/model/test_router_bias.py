@@ -145,3 +145,20 @@ def test_surgery_and_pruning_carry_the_bias():
     assert m.blocks[1].mlpf.router.expert_bias_E.tolist() == pytest.approx([0.1, -0.2, 0.3, 0.0, 0.05, 0.05])
     m.train()(torch.randint(0, CFG.vocab_size, (1, 5)))
     update_router_biases(m)
+
+
+def test_compiled_forward_counts_like_eager():
+    """training.compile (fullgraph at ep_size 1): the counting is traced into the graph, same loads and bias."""
+    torch.manual_seed(2)
+    eager = MoLM(CFG).train()
+    compiled = MoLM(CFG).train()
+    compiled.load_state_dict(eager.state_dict())
+    compiled.forward = torch.compile(compiled.forward, backend="eager", fullgraph=True)
+    ids = torch.randint(0, CFG.vocab_size, (2, 16))
+    for _ in range(2):
+        for m in (eager, compiled):
+            m(ids).logits.sum().backward()
+        assert [r.load_E.tolist() for r in bias_routers(compiled)] == [r.load_E.tolist() for r in bias_routers(eager)]
+        update_router_biases(eager)
+        update_router_biases(compiled)
+    assert all(torch.equal(a.expert_bias_E, b.expert_bias_E) for a, b in zip(bias_routers(eager), bias_routers(compiled)))

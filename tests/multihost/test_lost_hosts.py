@@ -14,7 +14,7 @@ import pytest
 
 from molm_ds import checkpoint as ckpt
 from tests.multihost import doc_commands as doc
-from tests.train.helpers import read_metrics, write_shard
+from molm_ds.testing import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.multihost]
 
@@ -25,11 +25,6 @@ TIMEOUT_S = 15
 LINE = re.compile(rf"^error: rank (\d) on (\S+): lost peer: rank (\d), (\d) on host (\S+) \((\S+)\) stopped answering "
                   rf"at step (\d+) \(collective timeout {TIMEOUT_S} s\); last complete checkpoint: (\S+); continue with "
                   r"--resume auto", re.M)
-
-
-@pytest.fixture(scope="module")
-def shard(tmp_path_factory):
-    return write_shard(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture

@@ -110,7 +110,7 @@ def test_unresolvable_master_names_the_variable_to_set():
 def test_global_batch_size_derives_grad_accum_at_every_world_size(tmp_path):
     from molm_ds.train import load_job
     from molm_ds.train.job import JobConfigError
-    from tests.train.helpers import TINY_JOB, tiny_job_overrides, write_shard
+    from molm_ds.testing import TINY_JOB, tiny_job_overrides, write_shard
 
     shard = write_shard(tmp_path / "data")
     job = load_job(str(TINY_JOB), tiny_job_overrides(shard, tmp_path / "run") + ["training.global_batch_size=16"])
