@@ -11,8 +11,9 @@ every surviving rank::
 Which ranks are gone is measured, not guessed from the backend's message: at start-up every rank opens a
 small TCP listener (a thread that accepts and closes) and all ranks exchange (rank, host, address,
 port); after a failed collective each survivor knocks on every peer's listener (in parallel, 2 s each,
-twice, 1 s apart: the processes of a lost host do not all die at the same instant) and names the ranks
-that do not answer. It then keeps its own listener open a few seconds more, so a
+twice, 1 s apart: the processes of a lost host do not all die at the same instant; the second knock
+only adds ranks on hosts the first found gone, since a survivor that noticed earlier may have exited) and
+names the ranks that do not answer. It then keeps its own listener open a few seconds more, so a
 survivor that fails a little later still sees it alive.
 
 A rank that makes no progress at all (stuck outside a collective, or in a backend that never times out)
@@ -160,9 +161,13 @@ class PeerWatch:
             return None
         faulthandler.cancel_dump_traceback_later()
         t0 = time.monotonic()
-        lost = {p.rank: p for p in self.unreachable()}
+        first = self.unreachable()
         time.sleep(KNOCK_S / 2)  # peers of a lost host die one by one: knock again before naming them
-        lost.update({p.rank: p for p in self.unreachable()})
+        second = self.unreachable()
+        # the second knock only adds ranks on the hosts the first found gone: another survivor may have
+        # found the loss earlier and exited in between, and it is no lost peer
+        hosts = {p.host for p in first}
+        lost = {p.rank: p for p in first + [q for q in second if q.host in hosts or not first]}
         lost = [lost[r] for r in sorted(lost)]
         if lost:
             by_host: dict[tuple[str, str], list[int]] = {}

@@ -86,3 +86,11 @@ def test_a_rank_without_progress_dumps_its_stacks_and_exits():
 
 def test_the_stall_budget_exceeds_the_collective_timeout():
     assert P.stall_seconds(20) > 20 and PeerWatch(600).stall_s == P.stall_seconds(600)
+
+
+def test_the_second_knock_adds_only_ranks_on_a_host_already_lost(watch, monkeypatch):
+    node1_b, node2_a, node2_b = watch.peers[1], watch.peers[2], watch.peers[3]
+    knocks = iter([[node2_a], [node1_b, node2_a, node2_b]])  # rank 1 (a survivor) exited between the knocks
+    monkeypatch.setattr(PeerWatch, "unreachable", lambda self: next(knocks))
+    msg = str(watch.explain(RuntimeError("Connection reset by peer"), last_checkpoint=None))
+    assert "lost peer: rank 2, 3 on host node2" in msg and "node1 (" not in msg.split("lost peer:")[1], msg
