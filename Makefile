@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# Two pytest workers (pytest-xdist) for two cores; whole modules go to one worker, so a module's fixtures
+# are built once. PYTEST_WORKERS=0 runs in one process.
+PYTEST_WORKERS ?= 2
 
 .PHONY: venv test demo clean
 
@@ -20,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 test: venv
-	DS_ACCELERATOR=cpu $(PY) -m pytest -q $(PYTEST_ARGS)
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 demo: venv
 	DS_ACCELERATOR=cpu PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh

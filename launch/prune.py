@@ -112,6 +112,7 @@ def main(argv=None) -> int:
     from molm_ds.loading import load_source
     from molm_ds.log import print0, setup_logging
     from molm_ds.monitor import load_stats
+    from molm_ds.storage import atomic_write_text
     from molm_ds.prune import (
         expert_load_sums, experts_to_keep, normalized_frequencies, activation_frequencies, param_count,
         perplexity, prune_model, save_pruned_checkpoint,
@@ -178,9 +179,10 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     freqs, nfreqs = activation_frequencies(sums), normalized_frequencies(sums)
     if rank == 0:
-        with open(os.path.join(args.out, rundir.FREQUENCIES_JSON), "w") as f:
-            json.dump({k.tag: {"f": freqs[k].tolist(), "f_over_max": nfreqs[k].tolist(), **load_stats(sums[k])}
-                       for k in sorted(sums)}, f, indent=1)
+        frequencies = {k.tag: {"f": freqs[k].tolist(), "f_over_max": nfreqs[k].tolist(), **load_stats(sums[k])}
+                       for k in sorted(sums)}
+        atomic_write_text(os.path.join(args.out, rundir.FREQUENCIES_JSON), json.dumps(frequencies, indent=1),
+                          what="report")
 
     total_experts = sum(s.num_experts for s in sums.values())
     if taus:
@@ -191,8 +193,8 @@ def main(argv=None) -> int:
             for r in rows:
                 print(f"{r['tau']:>8g} {r['experts_kept']:>9} {r['params']:>10,} {r['params_kept']:>7.1%} {r['ppl']:>9.3f}"
                       f"   {r['att_experts_per_layer']}  {r['mlp_experts_per_layer']}")
-            with open(os.path.join(args.out, rundir.SWEEP_JSON), "w") as f:
-                json.dump({"unpruned": base, "rows": rows}, f, indent=1)
+            atomic_write_text(os.path.join(args.out, rundir.SWEEP_JSON),
+                              json.dumps({"unpruned": base, "rows": rows}, indent=1), what="report")
             plot_sweep(rows, base, os.path.join(args.out, rundir.SWEEP_PNG))
             print(f"wrote {os.path.join(args.out, rundir.SWEEP_PNG)} and {rundir.SWEEP_JSON}")
 
@@ -218,9 +220,9 @@ def main(argv=None) -> int:
             row = run(t.get("tau", float("nan")), keep)[2]
             mrows.append({**row, "criterion": args.criterion, "matched_params_kept": t.get("params_kept"),
                           "matched_ppl": t.get("ppl"), "kept_ids": {k.tag: v for k, v in sorted(keep.items())}})
-        with open(os.path.join(args.out, "match.json"), "w") as f:
-            json.dump({"unpruned": base, "criterion": args.criterion, "match": os.path.abspath(args.match),
-                       "scores": {k.tag: v.tolist() for k, v in sorted(scores.items())}, "rows": mrows}, f, indent=1)
+        match = {"unpruned": base, "criterion": args.criterion, "match": os.path.abspath(args.match),
+                 "scores": {k.tag: v.tolist() for k, v in sorted(scores.items())}, "rows": mrows}
+        atomic_write_text(os.path.join(args.out, "match.json"), json.dumps(match, indent=1), what="report")
         for r in mrows:
             print(f"matched {r['att_experts_per_layer']} / {r['mlp_experts_per_layer']} by {args.criterion}: "
                   f"{r['params_kept']:.1%} kept, ppl {r['ppl']:.3f} (the matched model: {r['matched_ppl']})")
@@ -239,8 +241,7 @@ def main(argv=None) -> int:
                                context_length=seq_len, source=d, replace=True)
                 print(f"wrote {os.path.join(args.out, rundir.HF)} (model_type {hf['model_type']}"
                       f"{'' if hf['tokenizer'] else ', no tokenizer: its data manifests name none'})")
-            with open(os.path.join(args.out, rundir.PRUNE_JSON), "w") as f:
-                json.dump(info, f, indent=1)
+            atomic_write_text(os.path.join(args.out, rundir.PRUNE_JSON), json.dumps(info, indent=1), what="report")
             print(f"tau {args.tau:g}: kept {row['experts_kept']}/{total_experts} experts, {row['params']:,} parameters "
                   f"({row['params_kept']:.1%}), task perplexity {base['ppl']:.3f} -> {row['ppl']:.3f}; wrote {d}")
     from molm_ds.parallel import comm

@@ -48,7 +48,8 @@ def fail(message: str, *, every_rank: bool = False, code: int = EXIT_USER_ERROR,
     ``code`` (2). ``hard``: exit at once, without interpreter teardown (which would wait on a dead peer)."""
     r = _rank()
     if r == 0 or every_rank:
-        print(f"error: {'' if r == 0 else f'rank {r}: '}{message}", file=sys.stderr, flush=True)
+        named = r == 0 or message.startswith(f"rank {r} ")  # a lost-peer line names its rank and host itself
+        print(f"error: {'' if named else f'rank {r}: '}{message}", file=sys.stderr, flush=True)
     if hard:
         import logging
 

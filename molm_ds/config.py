@@ -14,7 +14,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 
 from molm_ds.errors import ConfigError
 
-__all__ = ["ModelConfig", "PRESETS", "check_expert_split", "preset_names"]
+__all__ = ["ModelConfig", "PRESETS", "check_ep_world", "check_expert_split", "preset_names"]
 
 
 def check_expert_split(num_experts: int, ep_size: int, *, what: str, hint: str = "") -> None:
@@ -28,6 +28,14 @@ def check_expert_split(num_experts: int, ep_size: int, *, what: str, hint: str =
 
 def _list_to_tuple(v):
     return tuple(v) if isinstance(v, list) else v  # YAML and JSON have no tuples; strict mode wants one
+
+
+def check_ep_world(ep_size: int, world_size: int, *, what: str = "ep_size") -> None:
+    """The other rule, stated once: expert-parallel groups of ep_size ranks tile the world."""
+    if world_size % ep_size:
+        raise ConfigError(f"{what}={ep_size} does not divide the world size {world_size}: expert-parallel groups must "
+                          f"tile the ranks; launch a multiple of {ep_size} ranks or choose an ep_size among "
+                          f"{[d for d in range(1, world_size + 1) if world_size % d == 0]}")
 
 
 class ModelConfig(BaseModel):

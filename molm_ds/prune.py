@@ -121,7 +121,7 @@ def _expert_outputs_TED(layer: nn.Module, x_BTD: Tensor, kind: str) -> Tensor:
     ex = layer.experts
     outs = []
     for e in range(layer.num_experts):
-        if kind == "mlp":
+        if kind == MLP:
             outs.append(ex.act(x_TD @ ex.w1[e]) @ ex.w2[e])
             continue
         from molm_ds.ops import stickbreaking_attention
@@ -139,10 +139,7 @@ def _expert_outputs_TED(layer: nn.Module, x_BTD: Tensor, kind: str) -> Tensor:
 def reap_scores(model: nn.Module, batches: Iterable) -> dict[SubLayer, Tensor]:
     """REAP score per expert (float64 [E] per sub-layer): mean over the real tokens routed to expert m of
     g_m(x) * ||f_m(x)||_2, routing `batches` in eval mode (one process; 0 for an expert nobody chose)."""
-    subs = {}
-    for i, blk in enumerate(model.blocks):
-        for kind, attr in _SUBLAYER_ATTR.items():
-            subs[SubLayer(i, kind)] = getattr(blk, attr)
+    subs = {s.key: s.module for s in model.moe_sublayers()}
     inputs: dict[SubLayer, Tensor] = {}
     hooks = [m.register_forward_pre_hook(lambda mod, args, key=key: inputs.__setitem__(key, args[0].detach()))
              for key, m in subs.items()]
@@ -185,8 +182,8 @@ def experts_to_keep_count(scores: dict[SubLayer, Tensor], counts: dict[SubLayer,
 
 def keep_counts_of(config: ModelConfig) -> dict[SubLayer, int]:
     """Per-sub-layer expert counts of a (pruned) model's config, for `experts_to_keep_count`."""
-    return {**{SubLayer(i, "attn"): config.att_experts_at(i) for i in range(config.n_layer)},
-            **{SubLayer(i, "mlp"): config.mlp_experts_at(i) for i in range(config.n_layer)}}
+    return {**{SubLayer(i, ATTN): config.att_experts_at(i) for i in range(config.n_layer)},
+            **{SubLayer(i, MLP): config.mlp_experts_at(i) for i in range(config.n_layer)}}
 
 
 # ---- surgery -------------------------------------------------------------------------------------

@@ -183,7 +183,35 @@ def _plot_lines(ax, data: RunData, names, title, ylabel, log=False):
     ax.grid(alpha=0.3)
 
 
-def render_report(data: RunData, png_path: str, *, title: str = "") -> None:
+def _plot_aux(fig, ax, data: RunData) -> None:
+    """The aux-loss terms, one y-axis each (stacked, shared step axis): their scales differ by orders of
+    magnitude (router z-loss ~100, MI ~ -log N) and MI is negative, so neither one axis nor a log scale
+    shows them all."""
+    names = [n for n in AUX_NAMES if n in data.series]
+    if len(names) < 2:
+        _plot_lines(ax, data, AUX_NAMES, "aux terms", "value")
+        return
+    sub = ax.get_subplotspec().subgridspec(len(names), 1, hspace=0.08)
+    ax.remove()
+    first = None
+    for i, n in enumerate(names):
+        a = fig.add_subplot(sub[i], sharex=first)
+        first = first or a
+        s, v = data.series[n]
+        a.plot(s, v, marker="o" if len(s) < 20 else None, ms=3, color=f"C{i}")
+        a.set_ylabel(n, fontsize=8)
+        a.tick_params(labelsize=7)
+        a.grid(alpha=0.3)
+        if i == 0:
+            a.set_title("aux terms (one axis each)")
+        if i < len(names) - 1:
+            a.tick_params(labelbottom=False)
+        else:
+            a.set_xlabel("step")
+
+
+def render_report(data: RunData, png_path: str, *, title: str = ""):
+    """Draw the report into ``png_path``; returns the matplotlib Figure."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -194,7 +222,7 @@ def render_report(data: RunData, png_path: str, *, title: str = "") -> None:
     FigureCanvasAgg(fig)
     axes = fig.subplots(n_rows, 2, squeeze=False)
     _plot_lines(axes[0][0], data, ("loss", "lm_loss", "val_loss"), "loss", "nats / token")
-    _plot_lines(axes[0][1], data, AUX_NAMES, "aux terms", "value")
+    _plot_aux(fig, axes[0][1], data)
     _plot_lines(axes[1][0], data, ("val_ppl",), "validation perplexity", "perplexity", log=True)
     ax = axes[1][1]
     _plot_lines(ax, data, ("tokens_per_s",), "throughput", "tokens / s")
@@ -242,6 +270,7 @@ def render_report(data: RunData, png_path: str, *, title: str = "") -> None:
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(png_path)
+    return fig
 
 
 def _summary(data: RunData) -> list[tuple[str, str]]:

@@ -51,11 +51,11 @@ def test_merge_judges_the_targets_and_marks_missing_parts(tmp_path):
 
 def test_a_failing_check_is_recorded_and_the_next_one_runs(tmp_path):
     pytest.importorskip("torch")
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import gpu_check
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
     gpu_check._import_torch()
     rep = gpu_check.Report(str(tmp_path / "p.json"), "kernels", smoke=True)
     with rep.trying("first"):

@@ -35,6 +35,8 @@ def test_console_scripts_from_an_installed_copy(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(target), DS_ACCELERATOR="cpu")
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
+    # the lm-evaluation-harness task the README names travels with the package
+    assert (target / "molm_ds" / "shipped" / "configs" / "lm_eval" / "molm_embedded_code.yaml").is_file()
     for name, where in SCRIPTS.items():
         assert (target / "bin" / name).is_file(), name
         r = subprocess.run([str(target / "bin" / name), "--help"], cwd=cwd, env=env, capture_output=True, text=True,

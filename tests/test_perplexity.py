@@ -102,7 +102,7 @@ def test_read_documents_split_keeps_the_loaders_held_out_documents(tmp_path):
     from molm_ds.data.mixture import document_labels
     from molm_ds.data.packing import TokenStream
     from molm_ds.perplexity import read_documents
-    from tests.train.helpers import write_shard
+    from molm_ds.testing import write_shard
 
     shard = write_shard(tmp_path / "s", n_docs=30, doc_len=50, seed=4)
     st = TokenStream(shard)

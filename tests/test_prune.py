@@ -255,7 +255,7 @@ def test_prune_script_then_trainer_init_from(tmp_path):
 
     import yaml
 
-    from tests.train.helpers import write_shard
+    from molm_ds.testing import write_shard
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     shard = write_shard(tmp_path / "shard", n_docs=40, doc_len=200)
@@ -346,7 +346,7 @@ def test_prune_script_uses_the_job_split_and_matches_counts(tmp_path):
     import sys
 
     from molm_ds.data import DataSource, MixtureLoader
-    from tests.train.helpers import write_shard
+    from molm_ds.testing import write_shard
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     shard = write_shard(tmp_path / "shard", n_docs=40, doc_len=200)

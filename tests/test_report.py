@@ -111,3 +111,26 @@ def test_empty_or_missing_run_dir_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # the command: one error line, exit 2
         cli.run(report.main, [str(tmp_path / "nope")])
     assert e.value.code == 2 and capsys.readouterr().err.startswith("error: run directory")
+
+
+def test_aux_terms_get_one_axis_each(tmp_path):
+    """z-loss ~110 beside MI ~ -1.3: each term on its own y-axis, so MI's axis spans MI's range, not z's."""
+    steps = list(range(1, 31))
+    data = report.RunData(series={
+        "loss": (steps, [5.0 - 0.05 * s for s in steps]),
+        "mi": (steps, [-1.2 - 0.01 * s for s in steps]),
+        "switch": (steps, [1.0 + 0.001 * s for s in steps]),
+        "z": (steps, [110.0 - 0.5 * s for s in steps]),
+    })
+    fig = report.render_report(data, str(tmp_path / "r.png"))
+    assert (tmp_path / "r.png").stat().st_size > 0
+    axes = {a.get_ylabel(): a for a in fig.axes if a.get_ylabel() in report.AUX_NAMES}
+    assert set(axes) == {"mi", "switch", "z"}
+    for name, ax in axes.items():
+        lo, hi = ax.get_ylim()
+        values = data.series[name][1]
+        assert lo <= min(values) and max(values) <= hi, name
+        assert hi - lo < 2 * (max(values) - min(values)) + 1e-9, (name, lo, hi)  # filled by its own data
+    # one term alone keeps the single panel
+    alone = report.render_report(report.RunData(series={"mi": (steps, data.series["mi"][1])}), str(tmp_path / "a.png"))
+    assert [a.get_title() for a in alone.axes].count("aux terms") == 1

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from molm_ds.storage import StorageError, as_storage_error, atomic_write_text, guarded_write
-from tests.launch.test_storage_faults import fill, read_only, tmpfs
+from molm_ds.testing import fill, read_only, tmpfs
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 

@@ -30,6 +30,7 @@ from molm_ds.log import get_logger, info0, is_rank0
 from molm_ds import checkpoint as ckpt
 from molm_ds.train.evaluate import evaluate
 from molm_ds.train.recipe import Recipe, Run
+from molm_ds.storage import atomic_write_text
 
 __all__ = ["ContinualRecipe", "REPORT_JSON", "write_report"]
 
@@ -109,8 +110,7 @@ class ContinualRecipe(Recipe):
         if before:
             info0("continual: before training: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
             if is_rank0():
-                with open(self._report_path(), "w") as f:
-                    json.dump({"before": before}, f, indent=1)
+                atomic_write_text(self._report_path(), json.dumps({"before": before}, indent=1), what="report")
         return before
 
     def _carry_before_over(self) -> None:
@@ -122,8 +122,7 @@ class ContinualRecipe(Recipe):
         if os.path.isfile(src):
             with open(src) as f:
                 before = json.load(f).get("before", {})
-            with open(self._report_path(), "w") as f:
-                json.dump({"before": before}, f, indent=1)
+            atomic_write_text(self._report_path(), json.dumps({"before": before}, indent=1), what="report")
         else:
             log.warning("continual: resumed without %s next to %s: the report will have no 'before' numbers",
                         REPORT_JSON, ckpt_dir)
@@ -148,8 +147,7 @@ def write_report(job, *, knobs: dict, before: dict, after: dict, step: int, sour
     report = {"job": job.name, "init_from": source, "step": step, "before": before, "after": after,
               "strategy": c.strategy, "knobs": knobs, "new_experts": {"attention": c.attention, "mlp": c.mlp},
               "model": job.build_model_config().model_dump()}
-    with open(os.path.join(job.run_dir, REPORT_JSON), "w") as f:
-        json.dump(report, f, indent=1)
+    atomic_write_text(os.path.join(job.run_dir, REPORT_JSON), json.dumps(report, indent=1), what="report")
     lines = [f"# continual report: {job.name}", "",
              f"init_from `{source}`, strategy `{report['strategy']}`, new experts per layer {report['new_experts']}, "
              f"{step} steps; router lr {knobs['lr_router']:g}, new-expert lr {knobs['lr_new_experts']:g}, "
@@ -165,5 +163,4 @@ def write_report(job, *, knobs: dict, before: dict, after: dict, step: int, sour
             b = lambda k: f"{before[k]:.4f}" if k in before else "-"
             lines.append(f"| {d} | {b(d + '_val_loss')} | {after[d + '_val_loss']:.4f} | {b(d + '_val_ppl')} | "
                          f"{after[d + '_val_ppl']:.2f} | {share(before, d)} | {share(after, d)} |")
-    with open(os.path.join(job.run_dir, rundir.CONTINUAL_REPORT_MD), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    atomic_write_text(os.path.join(job.run_dir, rundir.CONTINUAL_REPORT_MD), "\n".join(lines) + "\n", what="report")

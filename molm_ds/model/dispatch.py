@@ -165,8 +165,10 @@ def permute_by_expert(idx_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor]
     slot ids in expert order, dropped slots (-1) last; counts_E). The kept slots are the first
     ``counts_E.sum()`` of ``order``: no host sync here."""
     flat = idx_TK.reshape(-1)
-    valid = flat >= 0
-    key = torch.where(valid, flat, torch.full_like(flat, num_experts))  # dropped slots sort last
+    # dropped slots sort last; so do ids out of range (only MOLM_DS_DEBUG=1 checks them: a host read),
+    # which the fixed-size count below could not hold
+    valid = (flat >= 0) & (flat < num_experts)
+    key = torch.where(valid, flat, torch.full_like(flat, num_experts))
     order = torch.argsort(key, stable=True)
     counts_E = expert_counts(key, num_experts + 1)[:num_experts]
     return order, counts_E

@@ -15,7 +15,7 @@ from typing import Mapping
 
 import torch.distributed as dist
 
-from molm_ds.config import check_expert_split
+from molm_ds.config import check_ep_world, check_expert_split
 from molm_ds.errors import ConfigError
 from molm_ds.log import get_logger
 
@@ -33,12 +33,7 @@ def check_expert_parallel(*, ep_size: int, world_size: int, expert_counts: Mappi
     expert-parallel expert count. `expert_counts`: name -> global experts of each EP'd kind/layer."""
     if not isinstance(ep_size, int) or ep_size < 1:
         raise ConfigError(f"ep_size must be a positive integer, got {ep_size!r}")
-    if world_size % ep_size:
-        raise ConfigError(
-            f"ep_size={ep_size} does not divide the world size {world_size}: expert-parallel groups must tile "
-            f"the ranks; use an ep_size among {[d for d in range(1, world_size + 1) if world_size % d == 0]} "
-            f"or launch a multiple of {ep_size} ranks"
-        )
+    check_ep_world(ep_size, world_size)
     for name, n in expert_counts.items():
         check_expert_split(n, ep_size, what=name, hint=" or change the expert count (or replicate the attention experts)")
 

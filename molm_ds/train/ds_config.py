@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from molm_ds.config import check_ep_world
 from molm_ds.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -327,10 +328,7 @@ def _contain_outputs(ds: dict, run_dir: str, source: str) -> None:
 
 def check_world(job: "JobConfig", world_size: int) -> None:
     """Checks that need the world size (before any model is built)."""
-    ep = job.parallel.ep_size
-    if world_size % ep:
-        raise ConfigError(f"parallel.ep_size={ep} does not divide the world size {world_size}: launch a multiple of "
-                         f"{ep} ranks or choose an ep_size that divides {world_size}")
+    check_ep_world(job.parallel.ep_size, world_size, what="parallel.ep_size")
 
 
 def build_ds_config(job: "JobConfig", world_size: int) -> dict:

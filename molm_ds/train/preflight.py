@@ -74,10 +74,15 @@ def _check_same_data(job: JobConfig, saved_job: dict, saved_world: Optional[int]
         raise CheckpointError(f"resume: {where} was trained with other data settings ({'; '.join(changed)}), so the "
                               "data order cannot continue exactly: restore them, or pass --allow-data-change (job key "
                               "allow_data_change: true) to continue the weights and optimizer with a fresh data order")
-    if changed:
-        from molm_ds.log import info0
+    from molm_ds.log import info0
 
+    if changed:
         info0(f"resume: data settings changed ({'; '.join(changed)}); allow_data_change: the data order starts afresh")
+    t_was, t_now = saved_job.get("training") or {}, job.model_dump(mode="json")["training"]
+    other = [f"training.{k} {t_was[k]} -> {t_now[k]}" for k in sorted(t_now)
+             if k in t_was and t_was[k] != t_now[k] and k not in ("seed", "micro_batch_size", "grad_accum_steps")]
+    if other:  # allowed (the schedule is a function of the step), but never silent
+        info0(f"resume: {where} was trained with other settings, used from here on: {'; '.join(other)}")
 
 
 def _check_resume_target(job: JobConfig, target: tuple[str, str], now: dict) -> None:

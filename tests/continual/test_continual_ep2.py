@@ -16,7 +16,7 @@ from molm_ds.jobs import run as run_job
 from molm_ds.checkpoint import list_expert_files, load_model
 from molm_ds.train import load_job
 from molm_ds.train import loop
-from tests.train.helpers import REPO, TINY_JOB, tiny_job_overrides, write_shard
+from molm_ds.testing import REPO, TINY_JOB, tiny_job_overrides, write_shard
 
 pytestmark = pytest.mark.slow
 FAST = ["training.grad_accum_steps=1", "training.eval_interval=0", "checkpoint.interval=0", "data.eval_batches=1",

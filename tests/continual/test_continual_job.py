@@ -3,7 +3,7 @@
 import pytest
 
 from molm_ds.train import JobConfigError, load_job
-from tests.train.helpers import TINY_JOB
+from molm_ds.testing import TINY_JOB
 
 CL = "continual={attention: 2, mlp: 2, strategy: new_only}"
 
@@ -34,7 +34,7 @@ def test_good_section_grows_the_trained_model_config():
 
 
 def test_shipped_continual_configs_load():
-    from tests.train.helpers import REPO
+    from molm_ds.testing import REPO
 
     files = sorted((REPO / "configs").glob("continual_*.yaml"))
     assert len(files) >= 3

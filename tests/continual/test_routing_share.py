@@ -102,7 +102,7 @@ def _half_batch_worker(rank, world):
 
 @pytest.mark.distributed
 def test_two_ranks_equal_one_process():
-    from tests.parallel._ep_dist import run_ranks
+    from molm_ds.testing import run_ranks
 
     model = grown()
     with NewExpertShare(model) as share:

@@ -20,7 +20,7 @@ from data_prep.train_tokenizer import train_tokenizer
 from molm_ds.data import (DataSource, IndexedShard, MixtureLoader, TokenStream, check_sources, shard_prefixes,
                           tokenizer_info)
 from molm_ds.errors import DataError
-from tests.train.helpers import write_shard
+from molm_ds.testing import write_shard
 
 TEXTS = [f"Document {i}: the quick brown fox {i * 7} jumps over the lazy dog.\n" * (1 + i % 3) for i in range(40)]
 

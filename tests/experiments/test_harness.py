@@ -145,7 +145,8 @@ def test_reuse_needs_the_same_job_and_measurement(corpus, tmp_path):
         assert common._copy_reused(dst, dict(src.job, name=dst.name, run_dir=d), d) is expect
 
 
-def test_measurement_settings_may_change_training_settings_may_not(corpus, tmp_path):
+def test_measurement_settings_may_change_training_settings_may_not(corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "PUBLISHED", str(tmp_path / "published"))  # no committed results for this corpus
     argv = ["--out", str(tmp_path / "g"), "--data", corpus]
     from experiments import s4_prune
 

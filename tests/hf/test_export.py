@@ -11,49 +11,11 @@ import os
 import pytest
 import torch
 
-from molm_ds.config import ModelConfig, preset_names
+from molm_ds.config import ModelConfig
 from molm_ds.model import MoLM
+from molm_ds.testing import EXPORT_MODELS, perturbed
 
-SHRINK = dict(vocab_size=300, d_model=32, att_hidden=32, ffd_hidden=48, gating_size=16, n_layer=2)  # widths only
-VARIANTS = {
-    "released_multihead": dict(kv_proj=True, att_hidden=48, n_head=3, k_att=3),
-    "sb_2410_swiglu_linear_renorm": dict(stickbreaking_include_current=False, mlp_activation="swiglu",
-                                         router_type="linear", renormalize_topk=True),
-    "kv_proj_one_head": dict(kv_proj=True, n_head=1),
-    "training_only_options": dict(routing="expert_choice", capacity_factor=1.25, sample_topk=1, dropout=0.1),
-}
-
-
-def _perturbed(cfg: ModelConfig, seed: int = 0) -> MoLM:
-    torch.manual_seed(seed)
-    m = MoLM(cfg).eval()
-    with torch.no_grad():  # away from the init so routing and norms are not trivial
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    return m
-
-
-def _pruned(counts_att, counts_mlp) -> MoLM:
-    from molm_ds.monitor import SubLayer
-    from molm_ds.prune import prune_model
-
-    base = _perturbed(ModelConfig.from_preset("tiny", n_head=1), seed=3)
-    keep = {SubLayer(i, "attn"): list(range(n)) for i, n in enumerate(counts_att)}
-    keep.update({SubLayer(i, "mlp"): list(range(4 - n, 4)) for i, n in enumerate(counts_mlp)})
-    return prune_model(base, keep).eval()
-
-
-def _models():
-    for name in preset_names():
-        over = {} if name in ("tiny", "small") else SHRINK
-        yield f"preset-{name}", lambda name=name, over=over: _perturbed(ModelConfig.from_preset(name, **over))
-    for name, over in VARIANTS.items():
-        yield name, lambda over=over: _perturbed(ModelConfig.from_preset("tiny", **over))
-    yield "pruned-uniform", lambda: _pruned([2, 2], [1, 1])
-    yield "pruned-per-layer", lambda: _pruned([4, 1], [3, 2])
-
-
-MODELS = dict(_models())
+MODELS = EXPORT_MODELS
 
 
 def _load(d):
@@ -165,7 +127,7 @@ def test_refuses_a_non_empty_directory_and_a_wrong_tokenizer(tmp_path, run_token
     (tmp_path / "x" / "keep.txt").write_text("mine")
     with pytest.raises(ConfigError, match="not empty"):
         export_hf(MODELS["preset-tiny"](), str(tmp_path / "x"), tokenizer=None, context_length=64)
-    small_vocab = _perturbed(ModelConfig.from_preset("tiny", vocab_size=100))
+    small_vocab = perturbed(ModelConfig.from_preset("tiny", vocab_size=100))
     with pytest.raises(ConfigError, match="512 pieces but the model only 100"):
         export_hf(small_vocab, str(tmp_path / "y"), tokenizer=run_tokenizer, context_length=64)
 

@@ -23,8 +23,15 @@ def ibm_auto():
 
     if int(transformers.__version__.split(".")[0]) >= 5:
         pytest.skip(f"IBM's ModuleFormer code needs transformers < 5 (have {transformers.__version__})")
-    sys.path.insert(0, IBM)
-    from moduleformer import ModuleFormerConfig, ModuleFormerForCausalLM
+    import importlib.util
+
+    pkg = os.path.join(IBM, "moduleformer")  # the checkout's package, imported by path (sys.path untouched)
+    spec = importlib.util.spec_from_file_location("moduleformer", os.path.join(pkg, "__init__.py"),
+                                                  submodule_search_locations=[pkg])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["moduleformer"] = module
+    spec.loader.exec_module(module)
+    ModuleFormerConfig, ModuleFormerForCausalLM = module.ModuleFormerConfig, module.ModuleFormerForCausalLM
     from transformers import AutoConfig, AutoModelForCausalLM
 
     AutoConfig.register("moduleformer", ModuleFormerConfig, exist_ok=True)
@@ -36,7 +43,7 @@ def ibm_auto():
                                   "released_multihead", "pruned-uniform"])
 def test_ibm_code_agrees(name, tmp_path, ibm_auto):
     from molm_ds.hf import export_hf
-    from tests.hf.test_export import MODELS
+    from molm_ds.testing import EXPORT_MODELS as MODELS
 
     auto, ibm_class = ibm_auto
     model = MODELS[name]()
@@ -52,7 +59,7 @@ def test_ibm_code_agrees(name, tmp_path, ibm_auto):
 
 def test_ibm_code_is_not_picked_for_a_model_it_cannot_build(tmp_path, ibm_auto):
     from molm_ds.hf import export_hf
-    from tests.hf.test_export import MODELS
+    from molm_ds.testing import EXPORT_MODELS as MODELS
 
     auto, _ = ibm_auto
     info = export_hf(MODELS["preset-tiny"](), str(tmp_path / "hf"), tokenizer=None, context_length=64)

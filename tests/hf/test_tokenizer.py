@@ -129,7 +129,7 @@ def test_user_symbols(tmp_path):
     from transformers import AutoTokenizer
 
     from molm_ds.hf.tokenizer import write_tokenizer
-    from tests.hf.conftest import corpus_lines
+    from molm_ds.testing import corpus_lines
 
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus_lines()), model_prefix=str(tmp_path / "u"), vocab_size=600, model_type="bpe",

@@ -7,7 +7,7 @@ import importlib.util
 
 import pytest
 
-from tests.train.helpers import REPO
+from molm_ds.testing import REPO
 
 
 def _main(script: str):
@@ -36,7 +36,7 @@ def ckpt_dir(tmp_path_factory):
     from molm_ds.config import ModelConfig
     from molm_ds.model import MoLM
     from molm_ds import checkpoint as ckpt
-    from tests.train.helpers import write_shard
+    from molm_ds.testing import write_shard
 
     d = tmp_path_factory.mktemp("ckpt")
     shard = write_shard(d / "data")

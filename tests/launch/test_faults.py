@@ -8,16 +8,14 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 
 from molm_ds import checkpoint as ckpt
-from tests.launch.test_launchers import BIN, TIMEOUT, deepspeed_cmd, env, job_args, run
-from tests.train.helpers import REPO, read_metrics, write_shard
+from molm_ds.testing import TIMEOUT, deepspeed_cmd, job_args, ranks_of, read_metrics, start, wait_for_steps, wait_gone
+from molm_ds.testing import run_command as run
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -26,48 +24,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 CONST_LR = ["training.warmup_steps=0", "training.min_lr_ratio=1.0"]
 LONG = ["training.steps=400", "checkpoint.interval=0", "training.eval_interval=0", "monitor.tensorboard=false", *CONST_LR]
 EXIT_PREEMPTED = 75
-
-
-@pytest.fixture(scope="module")
-def shard(tmp_path_factory):
-    return write_shard(tmp_path_factory.mktemp("data"))
-
-
-def start(cmd) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-
-
-def wait_for_steps(run_dir, n, proc, timeout=300):
-    """Until metrics.jsonl has a row for step n or later."""
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        try:
-            if max(read_metrics(run_dir), default=0) >= n:
-                return
-        except (FileNotFoundError, ValueError):
-            pass
-        if proc.poll() is not None:
-            raise AssertionError(f"the job ended early: {proc.stdout.read()[-3000:]}")
-        time.sleep(0.2)
-    raise AssertionError("the job did not train")
-
-
-def ranks_of(proc) -> list[psutil.Process]:
-    """The rank processes under a launcher (not DeepSpeed's per-node launch.py)."""
-    out = []
-    for p in psutil.Process(proc.pid).children(recursive=True):
-        cmd = " ".join(p.cmdline())
-        if "pretrain.py" in cmd and "deepspeed.launcher.launch" not in cmd:
-            out.append(p)
-    return out
-
-
-def wait_gone(procs, timeout=120):
-    gone, alive = psutil.wait_procs(procs, timeout=timeout)
-    for p in alive:
-        p.kill()
-    assert not alive, f"orphans left running: {[p.pid for p in alive]}"
 
 
 def assert_stopped_with_checkpoint(run_dir, out) -> int:

@@ -13,15 +13,12 @@ from pathlib import Path
 import pytest
 
 from molm_ds.train.distributed import free_port
-from tests.launch.test_launchers import BIN, TIMEOUT, assert_trained, env, job_args, run
-from tests.train.helpers import REPO, write_shard
+from molm_ds.testing import BIN, TIMEOUT, assert_trained, job_args
+from molm_ds.testing import launch_env as env
+from molm_ds.testing import run_command as run
+from molm_ds.testing import REPO, write_shard
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
-
-
-@pytest.fixture(scope="module")
-def shard(tmp_path_factory):
-    return write_shard(tmp_path_factory.mktemp("data"))
 
 
 def _ssh_answers() -> bool:
@@ -75,7 +72,7 @@ def _tokenizer(tmp_path: Path) -> str:
     """A SentencePiece model with data_prep's special ids (EOS 2), for the synthetic shard's documents."""
     from data_prep.readers import SourceSpec
     from data_prep.train_tokenizer import train_tokenizer
-    from tests.hf.conftest import corpus_lines
+    from molm_ds.testing import corpus_lines
 
     text = tmp_path / "corpus.txt"
     text.write_text("\n".join(corpus_lines()))

@@ -6,66 +6,15 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from molm_ds.train.distributed import free_port
-from tests.train.helpers import REPO, TINY_JOB, read_metrics, tiny_job_overrides, write_shard
+from molm_ds.testing import BIN, REPO, TIMEOUT, TINY_JOB, assert_trained, check, deepspeed_cmd, free_port, job_args, \
+    read_metrics, tiny_job_overrides
+from molm_ds.testing import launch_env as env
+from molm_ds.testing import run_command as run
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
-
-BIN = Path(sys.executable).parent
-TIMEOUT = 600
-
-
-@pytest.fixture(scope="module")
-def shard(tmp_path_factory):
-    return write_shard(tmp_path_factory.mktemp("data"))
-
-
-def env():
-    e = dict(os.environ, DS_ACCELERATOR="cpu", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-             PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    # a private JIT cache for any DeepSpeed op a launch builds (the CPU shm-comm op is skipped unless
-    # MOLM_DS_CPU_SHM_COMM=1), so builds with other flags elsewhere never invalidate it
-    e.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions_molm_ds_tests"))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        e.pop(k, None)  # pytest may run after an in-process test set them
-    return e
-
-
-def job_args(shard, run_dir, *extra):
-    args = ["launch/pretrain.py", "--config", str(TINY_JOB)]
-    for o in tiny_job_overrides(shard, run_dir, **{"parallel.ep_size": 2}) + list(extra):
-        args += ["--set", o]
-    return args
-
-
-def check(proc: subprocess.CompletedProcess) -> str:
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-6000:]
-    return out
-
-
-def run(cmd, **kw) -> str:
-    return check(subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=TIMEOUT, **kw))
-
-
-def assert_trained(run_dir, steps=4):
-    rows = read_metrics(run_dir)
-    assert sorted(rows) == list(range(1, steps + 1))
-    assert all(r["loss"] > 0 for r in rows.values()) and "val_loss" in rows[steps]
-    assert os.path.isfile(os.path.join(run_dir, "checkpoints", f"step_{steps:08d}", "COMPLETE"))
-    # one file per global expert: 2 layers x (attention + MLP) x 4 experts, though each rank holds 2
-    files = list(Path(run_dir, "checkpoints", f"step_{steps:08d}").glob("layer_*_expert_*_mp_rank_00_model_states.pt"))
-    assert len(files) == 16
-    return rows
-
-
-def deepspeed_cmd(n: int) -> list[str]:
-    return [str(BIN / "deepspeed"), "--num_gpus", str(n), "--master_port", str(free_port())]
-
 
 @pytest.fixture(scope="module")
 def ep2_run(shard, tmp_path_factory):

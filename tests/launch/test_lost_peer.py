@@ -11,13 +11,12 @@ import time
 import pytest
 
 from molm_ds import checkpoint as ckpt
-from tests.launch.test_faults import ranks_of, shard, start, wait_for_steps, wait_gone  # noqa: F401 (fixture)
-from tests.launch.test_launchers import TIMEOUT, deepspeed_cmd, job_args
+from molm_ds.testing import TIMEOUT, deepspeed_cmd, job_args, ranks_of, start, wait_for_steps, wait_gone
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
-def test_kill9_of_a_rank_ends_the_other_with_the_lost_peer_line(shard, tmp_path):  # noqa: F811
+def test_kill9_of_a_rank_ends_the_other_with_the_lost_peer_line(shard, tmp_path):
     run_dir = tmp_path / "run"
     p = start(deepspeed_cmd(2) + job_args(shard, run_dir, "training.steps=400", "checkpoint.interval=3",
                                           "training.eval_interval=0", "monitor.tensorboard=false",

@@ -5,58 +5,16 @@ checkpoint stays the resume target."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.launch.test_launchers import TIMEOUT, env
-from tests.train.helpers import REPO, TINY_JOB, tiny_job_overrides, write_shard
+from molm_ds.testing import REPO, TIMEOUT, TINY_JOB, fill, read_only, tiny_job_overrides, tmpfs
+from molm_ds.testing import launch_env as env
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")]
-
-
-@contextlib.contextmanager
-def tmpfs(path, size: str):
-    """A tmpfs of ``size`` at ``path`` (skips the test where mounting is not allowed)."""
-    os.makedirs(path, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
-        yield str(path)
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-@contextlib.contextmanager
-def read_only(path):
-    """``path`` bind-mounted read-only onto itself (root ignores chmod, not a read-only mount)."""
-    r = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True, text=True)
-    if r.returncode:
-        pytest.skip(f"cannot bind-mount here: {r.stderr.strip()}")
-    try:
-        r = subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], capture_output=True, text=True)
-        if r.returncode:
-            pytest.skip(f"cannot remount read-only here: {r.stderr.strip()}")
-        yield str(path)
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def fill(directory, leave: int = 0) -> None:
-    """Write a filler file until the filesystem is full, then give back ``leave`` bytes."""
-    path = os.path.join(directory, "filler")
-    with open(path, "wb", buffering=0) as f:  # unbuffered: nothing left to flush at close
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-        except OSError:
-            pass
-    if leave:
-        os.truncate(path, max(0, os.path.getsize(path) - leave))
 
 
 def one_error(cmd: list[str]) -> str:
@@ -66,11 +24,6 @@ def one_error(cmd: list[str]) -> str:
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, proc.stderr[-3000:]
     return lines[0]
-
-
-@pytest.fixture(scope="module")
-def shard(tmp_path_factory):
-    return write_shard(tmp_path_factory.mktemp("data"))
 
 
 def pretrain(shard, run_dir, *extra) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.train.helpers import REPO, TINY_JOB, tiny_job_overrides, write_ds_config, write_shard
+from molm_ds.testing import REPO, TINY_JOB, tiny_job_overrides, write_ds_config
 
 pytestmark = pytest.mark.slow
 
@@ -22,11 +22,6 @@ def _load(script: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-@pytest.fixture(scope="module")
-def shard(tmp_path_factory):
-    return write_shard(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

@@ -71,7 +71,7 @@ def test_job_option_trains_like_without(tmp_path):
     """training.activation_checkpointing through train(): the loop sets it on the model it builds, and the
     run's losses and gradient norms equal the run without it."""
     from molm_ds.train import load_job, loop
-    from tests.train.helpers import TINY_JOB, read_metrics, tiny_job_overrides, write_shard
+    from molm_ds.testing import TINY_JOB, read_metrics, tiny_job_overrides, write_shard
 
     shard = write_shard(tmp_path / "data")
     seen, rows = [], {}

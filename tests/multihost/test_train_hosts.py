@@ -13,7 +13,7 @@ import pytest
 
 from molm_ds.train.distributed import free_port
 from tests.multihost import doc_commands as doc
-from tests.train.helpers import read_metrics, write_shard
+from molm_ds.testing import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.multihost]
 
@@ -36,11 +36,6 @@ def assert_same_run(run_dir, ref_dir, steps=range(1, STEPS + 1), *, files=True):
             assert got[s][key] == pytest.approx(want[s][key], rel=1e-5, abs=1e-6), (s, key, got[s][key], want[s][key])
     if files:  # written once: the same files of the same sizes as one host writes
         assert ckpt_files(run_dir) == ckpt_files(ref_dir)
-
-
-@pytest.fixture(scope="module")
-def shard(tmp_path_factory):
-    return write_shard(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ atomic-free combine and token gather of molm_ds.model.dispatch, in both dispatch
 from __future__ import annotations
 
 import torch
-from _ep_dispatch_workers import dispatch_worker
+from tests.parallel._ep_dispatch_workers import dispatch_worker
 
 
 def deterministic_dispatch_worker(rank: int, world: int, *args):

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from _ep_model_workers import MICRO_B, batches, fresh_model, loss_fn, tiny_config
+from tests.parallel._ep_model_workers import MICRO_B, batches, fresh_model, loss_fn, tiny_config
 
 TAG = "step1"
 

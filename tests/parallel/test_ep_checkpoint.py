@@ -4,9 +4,9 @@ expert found under its global id, resumed at ep_size 2, and the weights loaded a
 
 import pytest
 import torch
-from _ep_ckpt_workers import TAG, load_worker, save_worker
-from _ep_dist import run_ranks
-from _ep_model_workers import batches, fresh_model, tiny_config
+from tests.parallel._ep_ckpt_workers import TAG, load_worker, save_worker
+from molm_ds.testing import run_ranks
+from tests.parallel._ep_model_workers import batches, fresh_model, tiny_config
 
 STAGE = 2  # ZeRO-2: also checks that loading weights refreshes ZeRO's fp32 master copy
 

@@ -3,7 +3,7 @@ marks, per-expert state-dict keys both ways), param groups, ep_size 1 paralleliz
 
 import pytest
 import torch
-from _ep_dist import run_ranks
+from molm_ds.testing import run_ranks
 
 
 def test_check_expert_parallel_errors():

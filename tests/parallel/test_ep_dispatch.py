@@ -4,8 +4,8 @@ rank that sends none and a rank with an empty batch."""
 
 import pytest
 import torch
-from _ep_dist import run_ranks
-from _ep_dispatch_workers import dispatch_worker
+from molm_ds.testing import run_ranks
+from tests.parallel._ep_dispatch_workers import dispatch_worker
 
 from molm_ds.model.dispatch import permute_by_expert
 from molm_ds.parallel.dispatch import regroup_order

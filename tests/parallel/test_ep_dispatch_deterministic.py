@@ -5,7 +5,7 @@ test_ep_dispatch.py)."""
 import pytest
 import torch
 from _det_dispatch_workers import deterministic_dispatch_worker
-from _ep_dist import run_ranks
+from molm_ds.testing import run_ranks
 
 
 @pytest.mark.slow

@@ -4,8 +4,8 @@ and the same global batch: outputs, loss, aux losses, gradients, grad norm and o
 
 import pytest
 import torch
-from _ep_dist import run_ranks
-from _ep_model_workers import engine_worker
+from molm_ds.testing import run_ranks
+from tests.parallel._ep_model_workers import engine_worker
 
 CONFIGS = [(0, False), (1, False), (2, False), (2, True), (0, True)]
 TOL = dict(rtol=1e-4, atol=1e-6)

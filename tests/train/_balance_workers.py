@@ -1,4 +1,4 @@
-"""Rank workers for tests/train/test_balance.py (spawned by tests/parallel/_ep_dist.run_ranks)."""
+"""Rank workers for tests/train/test_balance.py (spawned by molm_ds.testing.run_ranks)."""
 
 from __future__ import annotations
 

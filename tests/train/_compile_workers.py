@@ -8,7 +8,7 @@ def losses_worker(rank: int, world_size: int, shard: str, run_dir: str, compile_
 
     from molm_ds.train import load_job
     from molm_ds.train.loop import train
-    from tests.train.helpers import TINY_JOB, read_metrics, tiny_job_overrides
+    from molm_ds.testing import TINY_JOB, read_metrics, tiny_job_overrides
 
     torch._dynamo.reset()
     train(load_job(TINY_JOB, tiny_job_overrides(shard, run_dir) + [

@@ -13,7 +13,7 @@ def train_recording(rank: int, world_size: int, overrides: list[str]) -> dict:
     from molm_ds.data.mixture import MixtureLoader
     from molm_ds.jobs import run
     from molm_ds.train import load_job
-    from tests.train.helpers import TINY_JOB, read_metrics
+    from molm_ds.testing import TINY_JOB, read_metrics
 
     torch.set_num_threads(1)
     job = load_job(TINY_JOB, overrides)

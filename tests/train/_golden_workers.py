@@ -1,4 +1,4 @@
-"""Rank workers for the trainer golden traces (spawned by tests/parallel/_ep_dist.run_ranks)."""
+"""Rank workers for the trainer golden traces (spawned by molm_ds.testing.run_ranks)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 def train_worker(rank: int, world_size: int, overrides: list[str]) -> dict:
     from molm_ds.train import load_job
     from molm_ds.train.loop import train
-    from tests.train.helpers import TINY_JOB, read_metrics
+    from molm_ds.testing import TINY_JOB, read_metrics
 
     torch.set_num_threads(1)
     job = load_job(TINY_JOB, overrides)

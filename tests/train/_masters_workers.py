@@ -26,7 +26,7 @@ class CaptureMasters(Recipe):
 def train_and_capture(rank: int, world_size: int, overrides: list[str]) -> dict:
     from molm_ds.train import load_job
     from molm_ds.train.loop import train
-    from tests.train.helpers import TINY_JOB
+    from molm_ds.testing import TINY_JOB
 
     torch.set_num_threads(1)
     job = load_job(TINY_JOB, overrides)

@@ -44,7 +44,7 @@ def counting_step(step: int = 2):
 
 
 def job_overrides(shard: str, run_dir: str, ep_size: int, *extra: str) -> list[str]:
-    from tests.train.helpers import tiny_job_overrides
+    from molm_ds.testing import tiny_job_overrides
 
     return tiny_job_overrides(shard, run_dir) + [
         "training.steps=3", "monitor.log_interval=100", "training.eval_interval=0", "checkpoint.interval=0",
@@ -54,7 +54,7 @@ def job_overrides(shard: str, run_dir: str, ep_size: int, *extra: str) -> list[s
 def count_worker(rank: int, world_size: int, shard: str, run_dir: str) -> dict:
     from molm_ds.train import load_job
     from molm_ds.train.loop import train
-    from tests.train.helpers import TINY_JOB
+    from molm_ds.testing import TINY_JOB
 
     with counting_step() as counts:
         train(load_job(TINY_JOB, job_overrides(shard, run_dir, world_size)))

@@ -11,9 +11,9 @@ from molm_ds.model import MoLM
 from molm_ds import checkpoint as ckpt
 from molm_ds.train import load_job, loop
 from molm_ds.train.balance import bias_routers, update_router_biases
-from tests.parallel._ep_dist import run_ranks
+from molm_ds.testing import run_ranks
 from tests.train._balance_workers import bias_step_worker
-from tests.train.helpers import TINY_JOB, read_metrics, tiny_job_overrides, write_shard
+from molm_ds.testing import TINY_JOB, read_metrics, tiny_job_overrides
 
 BIAS = "model.overrides={router_balance: bias, router_bias_rate: 0.01}"
 
@@ -32,11 +32,6 @@ def test_ranks_equal_one_process(world):
     assert any(float(w.abs().sum()) > 0 for w in want)
     for got in run_ranks(bias_step_worker, world, args=(state, ids, 3)):
         assert all(torch.equal(g, w) for g, w in zip(got, want))
-
-
-@pytest.fixture(scope="module")
-def shard(tmp_path_factory):
-    return write_shard(tmp_path_factory.mktemp("data"))
 
 
 def _run(shard, run_dir, *overrides):

@@ -18,14 +18,9 @@ from molm_ds import checkpoint as ckpt
 from molm_ds.train import load_job
 from molm_ds.train.loop import train
 from molm_ds.checkpoint import LOCK_FILE
-from tests.train.helpers import TINY_JOB, read_metrics, tiny_job_overrides, write_shard
+from molm_ds.testing import TINY_JOB, read_metrics, tiny_job_overrides
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def shard(tmp_path_factory):
-    return write_shard(tmp_path_factory.mktemp("data"))
 
 
 def job(shard, run_dir, *extra):

@@ -17,7 +17,7 @@ from molm_ds.checkpoint.lock import LOCK_FILE, RunLock
 from molm_ds.errors import CheckpointError, ConfigError
 from molm_ds.train import load_job
 from molm_ds.train.loop import train
-from tests.train.helpers import TINY_JOB, tiny_job_overrides, write_shard
+from molm_ds.testing import TINY_JOB, tiny_job_overrides, write_shard
 
 pytestmark = pytest.mark.slow
 

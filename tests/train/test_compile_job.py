@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.train.helpers import TINY_JOB, read_metrics, tiny_job_overrides, write_shard
+from molm_ds.testing import TINY_JOB, read_metrics, tiny_job_overrides, write_shard
 
 pytestmark = pytest.mark.slow
 
@@ -41,11 +41,7 @@ def test_compiled_training_has_the_eager_losses(tmp_path, monkeypatch):
 def test_compiled_training_under_expert_parallelism(tmp_path, monkeypatch):
     """ep_size 2 on 2 gloo ranks: the compiled model (graph broken at each all-to-all's split sizes) gives
     the eager losses."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parallel"))
-    from _ep_dist import run_ranks
+    from molm_ds.testing import run_ranks
 
     from tests.train._compile_workers import losses_worker
 

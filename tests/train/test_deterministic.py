@@ -11,14 +11,9 @@ import pytest
 import torch
 
 from molm_ds.train import load_job, loop
-from tests.train.helpers import TINY_JOB, read_metrics, tiny_job_overrides, write_shard
+from molm_ds.testing import TINY_JOB, read_metrics, tiny_job_overrides
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def shard(tmp_path_factory):
-    return write_shard(tmp_path_factory.mktemp("data"))
 
 
 def _tensors(ckpt_dir, tag):

@@ -15,9 +15,10 @@ LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for k in list(os.environ):
-        if k in LAUNCH_VARS or k.startswith("SLURM_"):
-            monkeypatch.delenv(k)
+    # every variable the code under test may set is recorded here, so the test leaves none behind
+    for k in set(LAUNCH_VARS) | {k for k in os.environ if k.startswith("SLURM_")}:
+        monkeypatch.setenv(k, "")  # recorded (delenv of an absent name is not), so undo removes what the code sets
+        monkeypatch.delenv(k)
     return monkeypatch
 
 
@@ -109,7 +110,7 @@ def test_unresolvable_master_names_the_variable_to_set():
 def test_global_batch_size_derives_grad_accum_at_every_world_size(tmp_path):
     from molm_ds.train import load_job
     from molm_ds.train.job import JobConfigError
-    from tests.train.helpers import TINY_JOB, tiny_job_overrides, write_shard
+    from molm_ds.testing import TINY_JOB, tiny_job_overrides, write_shard
 
     shard = write_shard(tmp_path / "data")
     job = load_job(str(TINY_JOB), tiny_job_overrides(shard, tmp_path / "run") + ["training.global_batch_size=16"])

@@ -5,7 +5,7 @@ import pytest
 from molm_ds.errors import ConfigError
 from molm_ds.train import load_job
 from molm_ds.train.ds_config import build_ds_config, read_ds_config
-from tests.train.helpers import TINY_JOB, write_ds_config
+from molm_ds.testing import TINY_JOB, write_ds_config
 
 
 def test_batch_keys_are_filled_from_the_job(tmp_path):

@@ -6,25 +6,17 @@ every expert group partitioned over both ranks)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.train.helpers import tiny_job_overrides, write_shard
+from molm_ds.testing import tiny_job_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
-@pytest.fixture(scope="module")
-def shard(tmp_path_factory):
-    return write_shard(tmp_path_factory.mktemp("data"))
-
-
 def _run(shard, run_dir, ds_config: str, ep_size: int, elastic: bool):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parallel"))
-    from _ep_dist import run_ranks
+    from molm_ds.testing import run_ranks
 
     from tests.train._masters_workers import train_and_capture
 
@@ -72,7 +64,7 @@ def test_fp32_masters_equal_the_engines(shard, tmp_path, ds_config, ep_size, ela
 
     from safetensors.torch import load_file
 
-    from tests.train.helpers import REPO
+    from molm_ds.testing import REPO
 
     spec = importlib.util.spec_from_file_location("launch_export", REPO / "launch" / "export.py")
     export = importlib.util.module_from_spec(spec)

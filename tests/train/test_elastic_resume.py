@@ -6,12 +6,10 @@ In-process gloo ranks here; tests/launch/test_elastic_cli.py does one of them th
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.train.helpers import tiny_job_overrides, write_shard
+from molm_ds.testing import tiny_job_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -21,15 +19,9 @@ REL = 1e-5
 
 
 def _ranks():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parallel"))
-    from _ep_dist import run_ranks
+    from molm_ds.testing import run_ranks
 
     return run_ranks
-
-
-@pytest.fixture(scope="module")
-def shard(tmp_path_factory):
-    return write_shard(tmp_path_factory.mktemp("data"))
 
 
 def _job(shard, run_dir, *, world, ep, ds, steps, resume=None):
@@ -83,7 +75,7 @@ def test_resume_without_elastic_state_at_another_topology_is_refused(shard, tmp_
     from molm_ds.train.loop import train
     from molm_ds.train.recipe import Recipe
     from tests.train._elastic_workers import train_recording
-    from tests.train.helpers import TINY_JOB
+    from molm_ds.testing import TINY_JOB
 
     a = tmp_path / "a"
     _ranks()(train_recording, world_size=2, args=(_job(shard, a, world=2, ep=2, ds="zero1_fp32", steps=N)

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.train.helpers import tiny_job_overrides, write_shard
+from molm_ds.testing import tiny_job_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -56,15 +55,10 @@ def _compare(name: str, trace: list[dict]) -> None:
     assert trace[-1]["lm_loss"] < trace[0]["lm_loss"], "the tiny run should learn"
 
 
-@pytest.fixture(scope="module")
-def shard(tmp_path_factory):
-    return write_shard(tmp_path_factory.mktemp("data"))
-
-
 def test_trainer_trace_one_process(shard, tmp_path):
     from molm_ds.train import load_job
     from molm_ds.train.loop import train
-    from tests.train.helpers import TINY_JOB, read_metrics
+    from molm_ds.testing import TINY_JOB, read_metrics
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -77,8 +71,7 @@ def test_trainer_trace_one_process(shard, tmp_path):
 
 @pytest.mark.distributed
 def test_trainer_trace_two_ranks_ep2(shard, tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parallel"))
-    from _ep_dist import run_ranks
+    from molm_ds.testing import run_ranks
 
     from tests.train._golden_workers import train_worker
 

@@ -14,14 +14,9 @@ import sys
 import pytest
 import torch
 
-from tests.train.helpers import REPO, TINY_JOB, read_metrics, tiny_job_overrides, write_shard
+from molm_ds.testing import REPO, TINY_JOB, read_metrics, tiny_job_overrides
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-
-
-@pytest.fixture(scope="module")
-def shard(tmp_path_factory):
-    return write_shard(tmp_path_factory.mktemp("data"))
 
 
 @pytest.mark.parametrize("ds", ["zero1_fp32", "zero1_bf16", "zero0_bf16", "zero2_fp32"])

@@ -12,23 +12,16 @@ The budget, documented in docs/training.md ("Host syncs"):
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 
 from tests.train._sync_count import count_worker, counting_step, job_overrides
-from tests.train.helpers import TINY_JOB, write_shard
+from molm_ds.testing import TINY_JOB
 
 pytestmark = pytest.mark.slow
 
 SUBLAYER_FORWARDS = 2 * 2 * 2  # tiny: 2 layers x (attention + MLP) x 2 micro-batches per step
 DEEPSPEED_DECISION = "deepspeed:is_invalid_grad_norm"
-
-
-@pytest.fixture(scope="module")
-def shard(tmp_path_factory):
-    return write_shard(tmp_path_factory.mktemp("data"))
 
 
 def _check(counts: dict, ours_expected: dict) -> None:
@@ -60,8 +53,7 @@ def test_one_process_ep1_zero0(shard, tmp_path):
 
 @pytest.mark.distributed
 def test_two_ranks_ep2(shard, tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parallel"))
-    from _ep_dist import run_ranks
+    from molm_ds.testing import run_ranks
 
     for counts in run_ranks(count_worker, world_size=2, args=(shard, str(tmp_path))):
         _check(counts, {("molm_ds/parallel/dispatch.py:plan", "Tensor.tolist"): SUBLAYER_FORWARDS})

@@ -7,7 +7,7 @@ import yaml
 
 from molm_ds.train import JobConfigError, load_job
 from molm_ds.train.job import apply_overrides, parse_overrides
-from tests.train.helpers import TINY_JOB, write_ds_config, write_yaml
+from molm_ds.testing import TINY_JOB, write_ds_config, write_yaml
 
 
 def test_tiny_job_loads_and_builds_model_config():

@@ -12,14 +12,9 @@ from molm_ds import checkpoint as ckpt
 from molm_ds.train import load_job
 from molm_ds.train import loop, step
 from molm_ds.train.recipe import Recipe
-from tests.train.helpers import TINY_JOB, read_metrics, tiny_job_overrides, write_ds_config, write_shard
+from molm_ds.testing import TINY_JOB, read_metrics, tiny_job_overrides, write_ds_config
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def shard(tmp_path_factory):
-    return write_shard(tmp_path_factory.mktemp("data"))
 
 
 def run(shard, run_dir, *overrides):

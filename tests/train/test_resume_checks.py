@@ -13,14 +13,9 @@ from molm_ds.errors import CheckpointError, ConfigError
 from molm_ds.train import load_job
 from molm_ds.train.loop import train
 from molm_ds.train.recipe import Recipe
-from tests.train.helpers import TINY_JOB, read_metrics, tiny_job_overrides, write_shard
+from molm_ds.testing import TINY_JOB, read_metrics, tiny_job_overrides
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def shard(tmp_path_factory):
-    return write_shard(tmp_path_factory.mktemp("data"))
 
 
 def job(shard, run_dir, *extra):
@@ -67,3 +62,11 @@ def test_resume_auto_without_a_checkpoint_over_an_earlier_run_is_refused(shard, 
     with pytest.raises(ConfigError, match="holds an earlier run.*--resume auto found no complete checkpoint.*--overwrite"):
         train(job(shard, run_copy, "training.steps=2", "resume=auto"))
     assert read_metrics(run_copy), "the earlier run's metrics are kept"
+
+
+def test_other_training_changes_resume_with_a_word(shard, run_copy, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        assert train(job(shard, run_copy, "training.steps=3", "resume=auto", "training.lr=1.0e-3"))["step"] == 3
+    assert "training.lr 0.003 -> 0.001" in caplog.text

@@ -1,0 +1,46 @@
+"""Fixtures the whole suite shares, each expensive artefact built once per session (helpers they use:
+``molm_ds.testing``). Session-scoped artefacts are read-only by convention: a test that changes one
+makes its own copy (``write_shard(tmp_path / ...)``)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+@pytest.fixture(scope="session")
+def shard(tmp_path_factory) -> str:
+    """The synthetic token shard (``molm_ds.testing.write_shard`` defaults) the tiny job trains on."""
+    from molm_ds.testing import write_shard
+
+    return write_shard(tmp_path_factory.mktemp("shard"))
+
+
+@pytest.fixture(scope="session")
+def run_tokenizer(tmp_path_factory) -> str:
+    """A tokenizer as data_prep.train_tokenizer trains them (BPE, byte fallback, identity, 512 pieces) on
+    text that ships with Python; data_prep's special ids (unk 0, <s> 1, </s> 2, <pad> 3)."""
+    from data_prep.readers import SourceSpec
+    from data_prep.train_tokenizer import train_tokenizer
+    from molm_ds.testing import corpus_lines
+
+    d = tmp_path_factory.mktemp("tok")
+    text = d / "corpus.txt"
+    text.write_text("\n".join(corpus_lines()))
+    return train_tokenizer([SourceSpec("lines", str(text))], str(d / "molm"), vocab_size=512, threads=1)
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer(tmp_path_factory) -> str:
+    """SentencePiece's defaults (nmt_nfkc, dummy prefix, extra whitespace removed), as an adopted model has."""
+    import sentencepiece as spm
+
+    from molm_ds.testing import corpus_lines
+
+    d = tmp_path_factory.mktemp("tok_default")
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus_lines()), model_prefix=str(d / "m"), vocab_size=600,
+                                   model_type="bpe", num_threads=1, minloglevel=2)
+    return str(d / "m.model")
