@@ -4,6 +4,7 @@ import os
 import pytest
 
 from data_prep.readers import SourceSpec
+from tests.data_prep.pile_corpus import docs_for, write_pile
 from data_prep.train_tokenizer import train_tokenizer
 
 DOCS = [
@@ -25,3 +26,13 @@ def tokenizer(tmp_path_factory):
         for t in list(pydoc_data.topics.topics.values())[:30] + DOCS:
             f.write(json.dumps({"text": t}) + "\n")
     return train_tokenizer([SourceSpec("jsonl", str(corpus))], os.path.join(d, "tok"), vocab_size=512, threads=1)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    specs = []
+    for i in range(3):
+        p = tmp_path / f"{i:02d}.jsonl.zst"
+        write_pile(p, docs_for(i))
+        specs.append(SourceSpec("pile", str(p)))
+    return specs

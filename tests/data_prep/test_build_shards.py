@@ -6,7 +6,6 @@ import re
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import sentencepiece as spm
 import zstandard
@@ -17,31 +16,10 @@ from data_prep.readers import CorruptInputError, SourceSpec
 from molm_ds import cli
 from molm_ds.data import IndexedShard, shard_prefixes
 from molm_ds.errors import ConfigError, DataError
-
-LONG = "A sentence that repeats to exceed the sentence limit. " * 400  # > SentencePiece's 4192 bytes
-
-
-def docs_for(i):
-    return [f"Document {i}.{j}: ünïcödé 你好 and code `x = {j}`\r\nsecond line" for j in range(7)] + ["", LONG]
-
-
-def write_pile(path, docs, extra=b""):
-    lines = b"".join(json.dumps({"text": t, "meta": {"pile_set_name": "Pile-CC"}}).encode() + b"\n" for t in docs)
-    path.write_bytes(zstandard.ZstdCompressor().compress(lines + extra))
-
+from tests.data_prep.pile_corpus import docs_for, write_pile
 
 def read_all(out_dir):
     return [IndexedShard(p)[i].tolist() for p in shard_prefixes(out_dir) for i in range(len(IndexedShard(p)))]
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    specs = []
-    for i in range(3):
-        p = tmp_path / f"{i:02d}.jsonl.zst"
-        write_pile(p, docs_for(i))
-        specs.append(SourceSpec("pile", str(p)))
-    return specs
 
 
 def test_tokens_equal_sentencepiece_plus_eos(tmp_path, corpus, tokenizer):

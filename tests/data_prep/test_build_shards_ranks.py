@@ -15,8 +15,7 @@ from data_prep import build_shards as bs
 from data_prep import ranks
 from molm_ds.errors import ConfigError
 
-# tests/data_prep is on sys.path; corpus is a fixture
-from test_build_shards import corpus, docs_for, write_pile  # noqa: E402, F401
+from tests.data_prep.pile_corpus import docs_for, write_pile  # noqa: F401  (corpus: a fixture of conftest.py)
 
 MPIRUN = shutil.which("mpirun") or os.path.join(os.path.dirname(sys.executable), "mpirun")
 

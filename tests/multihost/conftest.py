@@ -10,26 +10,9 @@ cannot be made (not root, no iproute2, a container without CAP_SYS_ADMIN) the te
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _load_hosts_module():
-    name = "molm_hosts"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / "hosts.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-hosts_lib = _load_hosts_module()
+from tests.multihost.harness import hosts_lib
 
 
 @pytest.fixture(scope="session")

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.data_prep import doc_across as doc
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "data_prep"))
-import doc_across as doc  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 pytest.importorskip("mpi4py", reason="mpi4py is not installed")

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.multihost.conftest import REPO, hosts_lib
+from tests.multihost.harness import REPO, hosts_lib
 
 PY = sys.executable
 

@@ -4,7 +4,7 @@ loopback (Debian's 127.0.1.1), or stops with one line naming the variable to set
 import subprocess
 import sys
 
-from tests.multihost.conftest import REPO
+from tests.multihost.harness import REPO
 
 PICK = """
 import sys
