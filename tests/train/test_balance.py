@@ -69,7 +69,7 @@ def test_trainer_accumulation_and_resume(shard, tmp_path):
     assert any(not torch.equal(ba[k], mid[k]) for k in ba)
 
     # monitoring: the bias per expert and the load per sub-layer in metrics.jsonl and TensorBoard
-    from tests.monitor.events import scalars
+    from molm_ds.testing import scalars
 
     last = ra[4]
     assert [last[f"balance/L01/mlp/bias/e{e:03d}"] for e in range(4)] == ba["blocks.1.mlpf.router.expert_bias_E"].tolist()
