@@ -39,7 +39,16 @@ class _AllToAll(torch.autograd.Function):
 
 def all_to_all_variable(x_ND: Tensor, *, out_splits: Sequence[int], in_splits: Sequence[int], group=None) -> Tensor:
     """Send `in_splits[q]` consecutive rows of `x_ND` to rank q of `group`; return the rows received,
-    `out_splits[q]` from rank q, in rank order. Differentiable in `x_ND`."""
+    `out_splits[q]` from rank q, in rank order. Differentiable in `x_ND`.
+
+    Under torch.compile the split sizes are symbolic (unbacked) integers read from the device: the
+    exchange is then torch's traceable functional collective (its own autograd runs the reverse
+    exchange), so the graph does not break here."""
+    if torch.compiler.is_compiling():
+        from torch.distributed import _functional_collectives as fc
+
+        torch._check(sum(in_splits) == x_ND.shape[0])
+        return fc.all_to_all_single_autograd(x_ND.contiguous(), list(out_splits), list(in_splits), group)
     if sum(in_splits) != x_ND.shape[0]:
         raise ValueError(f"all_to_all_variable: in_splits sum to {sum(in_splits)} but x has {x_ND.shape[0]} rows")
     return _AllToAll.apply(x_ND, list(map(int, out_splits)), list(map(int, in_splits)), group)

@@ -44,18 +44,22 @@ def build_engine(job: JobConfig, recipe, model: torch.nn.Module, ds_cfg: dict):
 
 
 def compile_model(engine, job: JobConfig) -> None:
-    """``training.compile``: torch.compile the model's ``forward`` in place (the backward is compiled with
-    it by AOTAutograd). Parameter names, DeepSpeed's gradient hooks, the MoE checkpoint layout and the
-    monitor's forward hooks see the same module.
+    """``training.compile``: torch.compile the model's ``forward`` in place, whole (``fullgraph``; the
+    backward is compiled with it by AOTAutograd). Parameter names, DeepSpeed's gradient hooks, the MoE
+    checkpoint layout and the monitor's forward hooks see the same module.
 
     Not through DeepSpeed's ``engine.compile``: it compiles the module's whole call, DeepSpeed's own
     forward pre/post hooks included (its throughput timer reads ``time.time()``), which ``fullgraph``
-    refuses and which would otherwise break the graph. Whole-graph (``fullgraph``) when tokens stay in
-    this process (ep_size 1); under expert parallelism the all-to-all split sizes are host values, so
-    the graph breaks around each all-to-all dispatch (tests/train/test_compile_job.py: same losses)."""
+    refuses. Under expert parallelism the all-to-all split sizes are read from the device once per plan;
+    ``capture_scalar_outputs`` keeps them in the graph as symbolic sizes (the exchange is then torch's
+    traceable functional all-to-all: ``molm_ds.parallel.all_to_all``), so that graph does not break either."""
+    import torch._dynamo
+
     t = job.training
+    if job.parallel.ep_size > 1:
+        torch._dynamo.config.capture_scalar_outputs = True
     model = engine.module
-    model.forward = torch.compile(model.forward, backend=t.compile_backend, fullgraph=job.parallel.ep_size == 1)
+    model.forward = torch.compile(model.forward, backend=t.compile_backend, fullgraph=True)
 
 
 def set_lr(engine, job: JobConfig, step: int) -> float:

@@ -87,3 +87,18 @@ def test_whole_model_compiles_fullgraph_forward_and_backward(preset):
     torch.testing.assert_close(loss_c, loss_e, rtol=0, atol=0)
     for a, b in zip(grads_c, grads_e):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_whole_model_compiles_fullgraph_under_expert_parallelism(preset):
+    """ep_size 2 on 2 gloo ranks: still one graph and no break (the all-to-all split sizes are symbolic
+    sizes read from the device, the exchange a traceable collective), and compiled loss and gradients equal
+    eager's on every rank."""
+    from molm_ds.testing import run_ranks
+
+    from tests.model._compile_workers import ep2_compile_worker
+
+    for graphs, breaks, reasons, same_loss, same_grads in run_ranks(ep2_compile_worker, world_size=2, args=(preset,)):
+        assert (graphs, breaks) == (1, 0), reasons
+        assert same_loss and same_grads

@@ -1,5 +1,5 @@
 """``training.compile: true`` trains with the compiled model (torch.compile of its forward, fullgraph at
-ep_size 1) and gives the losses of the eager run. The aot_eager backend runs the traced graphs op for op,
+every ep_size) and gives the losses of the eager run. The aot_eager backend runs the traced graphs op for op,
 so the losses agree exactly; inductor's generated code agrees to float rounding (benchmarks/train_step.py
 prints its first-step difference)."""
 
@@ -39,7 +39,7 @@ def test_compiled_training_has_the_eager_losses(tmp_path, monkeypatch):
 
 @pytest.mark.distributed
 def test_compiled_training_under_expert_parallelism(tmp_path, monkeypatch):
-    """ep_size 2 on 2 gloo ranks: the compiled model (graph broken at each all-to-all's split sizes) gives
+    """ep_size 2 on 2 gloo ranks: the compiled model (one graph, the all-to-all split sizes symbolic) gives
     the eager losses."""
     from molm_ds.testing import run_ranks
 
