@@ -21,10 +21,11 @@ STEPS = 4
 
 
 def ckpt_files(run_dir) -> dict[str, int]:
-    """Every checkpoint file, with its size where it holds only tensors (job.yaml, the marker and rank 0's
-    optimizer shard also carry the run's paths)."""
+    """Every checkpoint file, with its size where it holds only tensors: the experts' files (job.yaml, the
+    marker, the optimizer shards and mp_rank_00_model_states.pt also carry the run's absolute paths, whose
+    length differs from run to run)."""
     root = Path(run_dir, "checkpoints")
-    return {str(p.relative_to(root)): p.stat().st_size if "model_states" in p.name else None
+    return {str(p.relative_to(root)): p.stat().st_size if p.name.startswith("layer_") else None
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
