@@ -18,6 +18,7 @@ import os
 from typing import Optional, Sequence
 
 from molm_ds.errors import ConfigError, DataError
+from data_prep.identity import file_sha256  # the one full-file checksum (the manifests record it)
 
 __all__ = ["Tokenizer", "load_tokenizer", "find_run_tokenizer", "check_run_tokenizer", "file_sha256"]
 
@@ -91,16 +92,6 @@ def find_run_tokenizer(job: dict) -> Optional[str]:
         if path and os.path.isfile(path):
             return path
     return None
-
-
-def file_sha256(path: str) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _sentencepiece_file(path: str) -> Optional[str]:

@@ -50,7 +50,7 @@ def check_sources(paths, *, model_vocab_size: int | None = None) -> TokenizerInf
                         + " vs " + _describe(p, i) + f"; rebuild {p} with python -m data_prep.build_shards "
                         f"--tokenizer {first.model_path or 'THE_FIRST_SOURCES_TOKENIZER'} (or drop it from the mixture)")
     if first.model_path and os.path.isfile(first.model_path) and first.sha256:
-        from molm_ds.tokenizer import file_sha256
+        from data_prep.identity import file_sha256
 
         have = file_sha256(first.model_path)
         if have != first.sha256:
