@@ -89,6 +89,8 @@ def mpirun_build(n: int, specs, model: str, out: str) -> tuple[float, list[tuple
     mpirun = shutil.which("mpirun") or os.path.join(os.path.dirname(sys.executable), "mpirun")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)  # another launcher's, inherited from the caller: mpirun's ranks have their own
     cmd = [mpirun, "--oversubscribe", "-np", str(n), "-x", "PYTHONPATH", sys.executable, "-m", "data_prep.build_shards",
            "--tokenizer", model, "--out", out, "--docs-per-shard", "500", "--workers", "1", "--no-progress"]
     cmd[1:1] = ["--allow-run-as-root"] if os.geteuid() == 0 else []
@@ -126,7 +128,7 @@ def ranks_section(d: str, specs, model: str, n: int) -> dict:
         print(f"mpirun -np {k}, 1 encode thread per rank: {tokens} tokens, {wall:.2f}s wall, "
               f"{tokens / wall:,.0f} tokens/s")
         for r, t, s in per_rank:
-            print(f"  rank {r}: {t} tokens in {s:.2f}s, {t / s:,.0f} tokens/s")
+            print(f"  rank {r}: {t} tokens in {s:.2f}s, {t / s if s else 0:,.0f} tokens/s")
     def rate(k, wall=False):  # the command's tokens over its wall-clock, or over its slowest rank's tokenising
         return res[k]["tokens"] / (res[k]["wall"] if wall else max(s for _, _, s in res[k]["per_rank"]))
 
@@ -137,7 +139,7 @@ def ranks_section(d: str, specs, model: str, n: int) -> dict:
           + ("byte-identical" if identical else "DIFFER"))
     return {"ranks": n, "ranks_scaling": round(scaling, 3), "ranks_scaling_wall": round(scaling_wall, 3),
             "ranks_identical": identical,
-            "tokens_per_s_per_rank": [round(t / s) for _, t, s in res[n]["per_rank"]],
+            "tokens_per_s_per_rank": [round(t / s) if s else 0 for _, t, s in res[n]["per_rank"]],
             "tokens_per_s_1rank": round(res[1]["per_rank"][0][1] / res[1]["per_rank"][0][2])}
 
 

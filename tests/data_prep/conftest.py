@@ -36,3 +36,19 @@ def corpus(tmp_path):
         write_pile(p, docs_for(i))
         specs.append(SourceSpec("pile", str(p)))
     return specs
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group(monkeypatch):
+    """Data preparation never runs inside a torch process group, but an in-process training test earlier in
+    the same pytest worker may leave its one-rank gloo group behind, and the RANK / WORLD_SIZE / MASTER_*
+    variables it set (every mpirun rank would inherit RANK=0). molm_ds.log.rank() would then read those,
+    not the launcher's own: end the group and drop the variables first."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    yield
