@@ -21,9 +21,7 @@ def rank() -> int:
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         return dist.get_rank()
-    # mpirun's own variables first: a RANK inherited from the shell that started mpirun names no rank of
-    # this job; RANK (torchrun, DeepSpeed) before SLURM_PROCID, which srun sets per task, not per process
-    for var in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "RANK", "SLURM_PROCID"):
+    for var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):  # torchrun/DeepSpeed, mpirun, srun
         if var in os.environ:
             return int(os.environ[var])
     return 0
