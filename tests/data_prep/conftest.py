@@ -39,16 +39,10 @@ def corpus(tmp_path):
 
 
 @pytest.fixture(autouse=True)
-def _no_process_group(monkeypatch):
-    """Data preparation never runs inside a torch process group, but an in-process training test earlier in
-    the same pytest worker may leave its one-rank gloo group behind, and the RANK / WORLD_SIZE / MASTER_*
-    variables it set (every mpirun rank would inherit RANK=0). molm_ds.log.rank() would then read those,
-    not the launcher's own: end the group and drop the variables first."""
-    import sys
-
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def _no_inherited_launcher_env(monkeypatch):
+    """An in-process training test earlier in the same pytest worker leaves RANK / WORLD_SIZE / MASTER_* in
+    the environment; every mpirun rank started from here would inherit RANK=0 and take itself for rank 0.
+    Drop them for the test (monkeypatch puts them back)."""
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
     yield
