@@ -188,18 +188,26 @@ def code_documents(max_chars: int) -> list[str]:
 
 
 def corpus_sha256(out: str) -> str:
-    """sha256 over tokenizer.model and every shards/<domain>/ file (.bin, .idx, manifest.json), in name order,
-    each preceded by its path relative to ``out``: equal hashes mean runs read the same tokens."""
+    """sha256 of what a run reads: the tokenizer (its model without the options that name the build's path
+    and CPU count, ``spm_model.MACHINE_FIELDS``) and every shards/<domain>/ .bin and .idx file, in name
+    order, each preceded by its path relative to ``out``. Equal hashes mean the same tokens whatever the
+    directory or the machine; the shards' manifest.json is left out (it records absolute paths, the build
+    command and the input's mtime)."""
+    from data_prep import spm_model
+
     h = hashlib.sha256()
     files = [os.path.join(out, "tokenizer.model")]
     for d in sorted(glob.glob(os.path.join(out, "shards", "*"))):
-        files += sorted(p for p in glob.glob(os.path.join(d, "*")) if p.endswith((".bin", ".idx", "manifest.json")))
+        files += sorted(p for p in glob.glob(os.path.join(d, "*")) if p.endswith((".bin", ".idx")))
     for p in files:
         if not os.path.isfile(p):
             raise DataError(f"{out}: no {os.path.relpath(p, out)}; build the corpus with python -m data_prep.science "
                             f"--out {out}")
         h.update(os.path.relpath(p, out).encode() + b"\0")
         with open(p, "rb") as f:
+            if p.endswith(".model"):
+                h.update(spm_model.canonical_bytes(f.read()))
+                continue
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()

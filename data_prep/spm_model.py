@@ -64,6 +64,23 @@ def check(sp, path: str) -> None:
         raise DataError(f"tokenizer {path} loads but cannot encode text ({spm_message(e)})") from None
 
 
+# Trainer options SentencePiece records in the model that describe the machine and the command, not the
+# tokenizer: the output path as spelled and the CPU count. Cleared, two builds of the same text at different
+# paths or on different machines give byte-identical models.
+MACHINE_FIELDS = ("model_prefix", "num_threads", "input")
+
+
+def canonical_bytes(data: bytes) -> bytes:
+    """A serialized model with ``MACHINE_FIELDS`` cleared (pieces, normalizer and every other option kept)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    m = sentencepiece_model_pb2.ModelProto()
+    m.ParseFromString(data)
+    for name in MACHINE_FIELDS:
+        m.trainer_spec.ClearField(name)
+    return m.SerializeToString()
+
+
 def tokenizer_record(model_path: str) -> dict:
     """The manifest's ``tokenizer`` entry for a checked model."""
     sp = load(model_path)

@@ -199,6 +199,10 @@ def train_tokenizer(specs: list[SourceSpec], out_prefix: str, *, vocab_size: int
         if sample.sentences == 0:
             raise _nothing_error(sample, subsets) from None
         raise _spm_error(e, vocab_size, character_coverage) from None
+    with open(tmp_prefix + ".model", "rb") as f:
+        raw = f.read()
+    with open(tmp_prefix + ".model", "wb") as f:
+        f.write(spm_model.canonical_bytes(raw))
     got = spm_model.ids(spm_model.load(tmp_prefix + ".model"))
     assert got == SPECIALS, f"SentencePiece gave special ids {got}, expected {SPECIALS}"
     os.replace(tmp_prefix + ".vocab", out_prefix + ".vocab")

@@ -27,7 +27,7 @@ import os
 import time
 
 from experiments.science import common as c
-from molm_ds import cli
+from molm_ds import cli, rundir
 from molm_ds.errors import ConfigError
 
 METHODS = ("none", "switch", "mi")
@@ -101,7 +101,7 @@ def row(s: c.Settings, run: c.Run) -> dict | None:
     r["max_mean_mlp"] = sum(c.sublayer_mean(m, d, "max_over_mean_load", "mlp") for d in DOMAINS) / len(DOMAINS)
     r["pooled_max_mean"], r["pooled_H_m_rel"] = c.pooled_balance(m, DOMAINS)
     r["pooled_max_mean_mlp"], _ = c.pooled_balance(m, DOMAINS, "mlp")
-    r["train_loss"] = c.last_metrics(os.path.join(c.run_dir(s, run), "metrics.jsonl")).get("lm_loss")
+    r["train_loss"] = c.last_metrics(os.path.join(c.run_dir(s, run), rundir.METRICS)).get("lm_loss")
     return r
 
 

@@ -26,7 +26,7 @@ import time
 
 from experiments.s1_balance import DOMAINS
 from experiments.science import common as c
-from molm_ds import cli
+from molm_ds import cli, rundir
 
 # replay_ft: the field's continual-pretraining baseline ("Continual Pre-training of MoEs: How robust is your
 # router?", TMLR 2025): every parameter trains on new-domain data mixed with --replay of old-domain data,
@@ -53,7 +53,7 @@ def grid(s: c.Settings, base_steps: int, base_lr: float, replay: float = 0.25) -
                     sources = [{"path": s.domain("code"), "weight": 1.0 - replay},
                                {"path": s.domain("prose"), "weight": replay}]
                 job = c.base_job(s, sources=sources, seed=seed, lr=lr)
-                job["init_from"] = os.path.join(c.run_dir(s, bases[s.seeds.index(seed)]), "checkpoints")
+                job["init_from"] = rundir.checkpoint_dir(c.run_dir(s, bases[s.seeds.index(seed)]))
                 old = None
                 if method not in ("full_ft", "replay_ft"):
                     old = "4,4"

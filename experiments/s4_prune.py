@@ -27,7 +27,7 @@ import os
 import time
 
 from experiments.science import common as c
-from molm_ds import cli
+from molm_ds import cli, rundir
 
 DOMAINS = ("prose", "code")
 CRITERIA = ("frequency", "reap")
@@ -68,10 +68,10 @@ def grid(s: c.Settings, a) -> tuple[list[c.Run], list[c.Run]]:
         for lr in s.lrs:
             for seed in s.seeds:
                 job = c.base_job(s, sources=[{"path": s.domain("code")}], seed=seed, lr=lr)
-                job["init_from"] = os.path.join(c.run_dir(s, bases[s.seeds.index(seed)]), "checkpoints")
+                job["init_from"] = rundir.checkpoint_dir(c.run_dir(s, bases[s.seeds.index(seed)]))
                 job["training"]["loss_weights"] = {"mi": 0.0}
                 job["finetune"] = {"load_concentration_weight": w}
-                after = [val_cmd(s), prune_cmd(s, a, "{run}/checkpoints", "{run}/prune", "--sweep", a.taus)]
+                after = [val_cmd(s), prune_cmd(s, a, rundir.checkpoint_dir("{run}"), "{run}/prune", "--sweep", a.taus)]
                 runs.append(c.Run(f"{method(w)}_lr{lr:g}_s{seed}", job, after=after,
                                   group={"method": method(w), "lr": lr, "seed": seed}))
     return bases, runs
@@ -109,9 +109,9 @@ def matched_runs(s: c.Settings, a, runs: list[c.Run], best: dict) -> list[c.Run]
         conc_dir = c.run_dir(s, r)
         plain_dir = c.run_dir(s, by[(plain, best[plain], seed)])
         sweep = os.path.join(conc_dir, "prune", "sweep.json")
-        after = [prune_cmd(s, a, os.path.join(plain_dir, "checkpoints"), "{run}/plain_" + crit, "--match", sweep,
+        after = [prune_cmd(s, a, rundir.checkpoint_dir(plain_dir), "{run}/plain_" + crit, "--match", sweep,
                            "--criterion", crit) for crit in CRITERIA]
-        after.append(prune_cmd(s, a, os.path.join(conc_dir, "checkpoints"), "{run}/conc_reap", "--match", sweep,
+        after.append(prune_cmd(s, a, rundir.checkpoint_dir(conc_dir), "{run}/conc_reap", "--match", sweep,
                                "--criterion", "reap"))
         out.append(c.Run(f"match_{m}_s{seed}_{tag}", None, after=after,
                          group={"method": m, "lr": lr, "plain_lr": best[plain], "seed": seed}))

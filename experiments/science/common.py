@@ -31,7 +31,8 @@ from typing import Callable, Optional, Sequence
 
 import yaml
 
-from molm_ds import cli
+from molm_ds import cli, rundir
+from molm_ds.checkpoint import is_complete, tag_for
 from molm_ds.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -134,6 +135,13 @@ def published_dir(claim: str) -> str:
     return os.path.join(PUBLISHED, claim)
 
 
+def same_corpus(sha: str) -> set[str]:
+    """``sha`` and, when it is the committed corpus's hash (docs/science/corpus.json), the hashes its
+    ``earlier_hashes`` records for the same corpus under an earlier definition of the hash."""
+    content = (read_json(os.path.join(PUBLISHED, "corpus.json")) or {}).get("content", {})
+    return {sha} | (set(content.get("earlier_hashes", {})) if content.get("corpus_sha256") == sha else set())
+
+
 def check_corpus(s: Settings) -> None:
     """Record the corpus's content hash; refuse one that differs from the committed results' hash."""
     from data_prep.science import corpus_sha256
@@ -141,7 +149,7 @@ def check_corpus(s: Settings) -> None:
     s.corpus_sha256 = corpus_sha256(s.data)
     pub = read_json(os.path.join(published_dir(s.claim), "results.json"))
     theirs = (pub or {}).get("corpus_sha256")
-    if theirs and theirs != s.corpus_sha256 and not s.extra.get("allow_other_corpus"):
+    if theirs and theirs not in same_corpus(s.corpus_sha256) and not s.extra.get("allow_other_corpus"):
         raise ConfigError(f"--data {s.data}: corpus sha256 {s.corpus_sha256[:16]}... differs from the one the committed "
                           f"results in {os.path.relpath(published_dir(s.claim), REPO)} were measured on "
                           f"({theirs[:16]}...): this machine's man pages or Python stdlib differ, so its numbers will "
@@ -198,7 +206,7 @@ def measure_cmds(s: Settings, domains: Sequence[str], old: Optional[str] = None)
     split (measure_test.json: report it), the runs' own fractions and split."""
     out = []
     for split, name in (("val", "measure.json"), ("test", "measure_test.json")):
-        cmd = ["-m", "experiments.science.measure", "--checkpoint", "{run}/checkpoints", "--out", "{run}/" + name,
+        cmd = ["-m", "experiments.science.measure", "--checkpoint", "{run}/" + rundir.CHECKPOINTS, "--out", "{run}/" + name,
                "--windows", str(s.windows), "--seq-len", str(s.seq_len), "--val-fraction", str(s.val_fraction),
                "--test-fraction", str(s.test_fraction), "--split-by", s.split_by, "--split", split,
                "--data"] + [s.domain(d) for d in domains]
@@ -231,15 +239,15 @@ def _copy_reused(run: Run, job: dict, d: str) -> bool:
     trainer is deterministic on the CPU, so training it again would give the same numbers) and the same
     measurement commands (every argument that changes what is measured: windows, split, fractions...)."""
     src = run.reuse
-    if not (src and os.path.isfile(os.path.join(src, RESULT)) and os.path.isfile(os.path.join(src, "job.yaml"))):
+    if not (src and os.path.isfile(os.path.join(src, RESULT)) and os.path.isfile(os.path.join(src, rundir.JOB))):
         return False
-    with open(os.path.join(src, "job.yaml")) as f:
+    with open(os.path.join(src, rundir.JOB)) as f:
         if not _same_job(yaml.safe_load(f), job):
             return False
     if (read_json(os.path.join(src, RESULT)) or {}).get("after") != run.after:
         return False
     for name in os.listdir(src):
-        if name not in ("checkpoints", RESULT, "job.yaml") and os.path.isfile(os.path.join(src, name)):
+        if name not in (rundir.CHECKPOINTS, RESULT, rundir.JOB) and os.path.isfile(os.path.join(src, name)):
             shutil.copy2(os.path.join(src, name), os.path.join(d, name))
     with open(os.path.join(src, RESULT)) as f:
         res = json.load(f)
@@ -259,13 +267,13 @@ def _remeasure(s: Settings, run: Run, d: str) -> Optional[tuple[str, bool, float
     commands on its final checkpoint (None when the run must train again: another job, or no complete
     final checkpoint)."""
     res = read_json(os.path.join(d, RESULT))
-    if run.job is None or not os.path.isfile(os.path.join(d, "job.yaml")):
+    if run.job is None or not os.path.isfile(os.path.join(d, rundir.JOB)):
         return None
     steps = run.job["training"]["steps"]
-    if not os.path.isfile(os.path.join(d, "checkpoints", f"step_{steps:08d}", "COMPLETE")):
+    if not is_complete(rundir.checkpoint_dir(d), tag_for(steps)):
         return None  # training did not finish (an interrupted grid): train again
     res = res or {"seconds": None, "measured_after_interruption": True}
-    with open(os.path.join(d, "job.yaml")) as f:
+    with open(os.path.join(d, rundir.JOB)) as f:
         if not _same_job(yaml.safe_load(f), dict(run.job, name=run.name, run_dir=d)):
             return None
     t0 = time.time()
@@ -294,13 +302,13 @@ def _execute(s: Settings, run: Run) -> tuple[str, bool, float]:
     cmds = []
     if run.job is not None:
         job = dict(run.job, name=run.name, run_dir=d)
-        with open(os.path.join(d, "job.yaml"), "w") as f:
+        with open(os.path.join(d, rundir.JOB), "w") as f:
             yaml.safe_dump(job, f, sort_keys=False)
         if _copy_reused(run, job, d):
             return run.name, True, 0.0
-        with open(os.path.join(d, "job.yaml"), "w") as f:
+        with open(os.path.join(d, rundir.JOB), "w") as f:
             yaml.safe_dump(job, f, sort_keys=False)
-        cmds = [[sys.executable, os.path.join(REPO, "launch", "pretrain.py"), "--config", os.path.join(d, "job.yaml")]]
+        cmds = [[sys.executable, os.path.join(REPO, "launch", "pretrain.py"), "--config", os.path.join(d, rundir.JOB)]]
     cmds += [[sys.executable] + [a.format(run=d) for a in c] for c in run.after]
     t0 = time.time()
     with open(os.path.join(d, "log.txt"), "w") as log:

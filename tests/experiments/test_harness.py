@@ -1,6 +1,7 @@
 """The science harness (experiments/): a shrunken grid through the real trainer, skip-done, user errors,
 and the pure parts (aggregation, settings checks). The grid test runs 2 trainer runs of 3 steps (~20-40 s)."""
 
+import glob
 import json
 import os
 import subprocess
@@ -173,3 +174,27 @@ def test_other_corpus_is_refused_unless_allowed(corpus, tmp_path, monkeypatch):
     common.check_inputs(s, ("prose", "code"))
     assert s.corpus_sha256 == corpus_sha256(corpus)
     assert json.load(open(tmp_path / "g" / "grid.json"))["corpus_sha256"] == s.corpus_sha256
+
+
+def test_corpus_hash_names_the_tokens_not_the_directory_or_the_machine(corpus, tmp_path, monkeypatch):
+    """The same corpus built in another directory with another CPU count hashes the same, with a
+    byte-identical tokenizer (SentencePiece records the output path and thread count in the model; both are
+    cleared); one changed token changes the hash."""
+    import shutil
+
+    from data_prep.embedded import build_embedded
+    from data_prep.science import corpus_sha256
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 7)
+    other = str(tmp_path / "elsewhere" / "copy")
+    build_embedded(other, vocab_size=512, code_bytes=200_000, workers=1, say=lambda _: None)
+    assert open(os.path.join(other, "tokenizer.model"), "rb").read() == open(os.path.join(corpus, "tokenizer.model"), "rb").read()
+    assert corpus_sha256(other) == corpus_sha256(corpus)
+    changed = str(tmp_path / "changed")
+    shutil.copytree(corpus, changed)
+    bin_file = sorted(glob.glob(os.path.join(changed, "shards", "code", "*.bin")))[0]
+    with open(bin_file, "r+b") as f:
+        first = f.read(2)
+        f.seek(0)
+        f.write(bytes([first[0] ^ 1, first[1]]))
+    assert corpus_sha256(changed) != corpus_sha256(corpus)
