@@ -25,6 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from molm_ds import rundir
+from molm_ds.checkpoint import is_complete, list_expert_files, tag_for
+
 __all__ = [
     "REPO", "TINY_JOB", "BIN", "TIMEOUT", "synthetic_tokenizer_sha256", "write_shard", "tiny_job_overrides",
     "read_metrics", "write_ds_config", "write_yaml", "run_ranks", "free_port", "launch_env", "job_args",
@@ -86,7 +89,7 @@ def tiny_job_overrides(shard: str, run_dir: str | os.PathLike, **extra) -> list[
 
 def read_metrics(run_dir: str | os.PathLike) -> dict[int, dict]:
     """metrics.jsonl of a run as {step: row}."""
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    with open(os.path.join(run_dir, rundir.METRICS)) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     return {r["step"]: r for r in rows}
 
@@ -203,8 +206,8 @@ def assert_trained(run_dir, steps=4):
     rows = read_metrics(run_dir)
     assert sorted(rows) == list(range(1, steps + 1))
     assert all(r["loss"] > 0 for r in rows.values()) and "val_loss" in rows[steps]
-    assert os.path.isfile(os.path.join(run_dir, "checkpoints", f"step_{steps:08d}", "COMPLETE"))
-    files = list(Path(run_dir, "checkpoints", f"step_{steps:08d}").glob("layer_*_expert_*_mp_rank_00_model_states.pt"))
+    assert is_complete(rundir.checkpoint_dir(run_dir), tag_for(steps))
+    files = list(list_expert_files(rundir.checkpoint_dir(run_dir), tag_for(steps)).values())
     assert len(files) == 16
     return rows
 

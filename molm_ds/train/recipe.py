@@ -11,7 +11,7 @@ The loop (``molm_ds.train.loop.train``) is the same for every job; a ``Recipe`` 
                                      extra metrics before the first step, at each evaluation, at the end
 
 ``Recipe`` itself is pretraining, an ``init_from`` warm start and load-concentration fine-tuning (a
-loss weight). Continual learning (``molm_ds.continual.ContinualRecipe``) subclasses it; this module
+loss weight). Continual learning (``molm_ds.continual.recipe.ContinualRecipe``) subclasses it; this module
 never imports it (dependencies point from ``continual`` to ``train``). ``molm_ds.jobs.recipe_for``
 picks the recipe of a job.
 """

@@ -96,3 +96,16 @@ def test_released_presets_keep_the_released_router_init():
     for name in PRESETS:
         want = "released" if name.startswith("molm-") else "fan_in"
         assert ModelConfig.from_preset(name).router_init == want, name
+
+
+def test_surgery_needs_no_trainer():
+    """Expert insertion is checkpoint surgery: importing it (prune, export and the experiments do) must not
+    pull in the trainer or DeepSpeed; only the job runner reaches the continual recipe."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom molm_ds.continual import grow_checkpoint, grow_experts\n"
+            "bad = sorted(n for n in sys.modules if n.startswith(('molm_ds.train', 'deepspeed')))\n"
+            "assert not bad, bad\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
