@@ -25,3 +25,8 @@ def time_interleaved(fns: dict, iters: int, warmup: int, device: str) -> dict:
                 torch.cuda.synchronize()
             ts[name].append(time.perf_counter() - t)
     return {name: statistics.median(v) for name, v in ts.items()}
+
+
+def ratio(x: float, digits: int = 4) -> float:
+    """A ratio to print: ``digits`` significant digits (a fixed number of decimals prints a tiny ratio as 0)."""
+    return float(f"{x:.{digits}g}")

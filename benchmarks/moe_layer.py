@@ -22,7 +22,7 @@ if __name__ == "__main__" and "--omp-wait-policy" in sys.argv:  # must happen be
     os.environ["OMP_WAIT_POLICY"] = sys.argv[sys.argv.index("--omp-wait-policy") + 1].upper()
 
 import torch  # noqa: E402
-from _timing import time_interleaved  # noqa: E402
+from _timing import ratio, time_interleaved  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -115,7 +115,7 @@ def main() -> None:
     print(f"{'layer':<28}{'median ms':>12}")
     for name, t in rows:
         print(f"{name:<28}{t * 1e3:>12.1f}")
-    print(json.dumps({key: round(v, 3) for key, v in res.items()}))
+    print(json.dumps({key: ratio(v) for key, v in res.items()}))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ if __name__ == "__main__" and "--omp-wait-policy" in sys.argv:  # must happen be
     os.environ["OMP_WAIT_POLICY"] = sys.argv[sys.argv.index("--omp-wait-policy") + 1].upper()
 
 import torch  # noqa: E402
-from _timing import time_interleaved  # noqa: E402
+from _timing import ratio, time_interleaved  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from molm_ds.ops import stickbreaking_attention, stickbreaking_reference  # noqa: E402
@@ -97,10 +97,10 @@ def main():
     for name in t:
         m = f"{mem[name] / 2**20:12.1f}" if name in mem else f"{'-':>12}"
         print(f"{name:<18}{t[name] * 1e3:>12.1f}{m}")
-    print(json.dumps({"ours_over_sdpa": round(t["ours"] / t["sdpa"], 3),
-                      "ours_over_sdpa_long_stick": round(t["ours long_stick"] / t["sdpa long_stick"], 3),
-                      "naive_over_ours": round(t["naive"] / t["ours"], 3),
-                      "naive_peak_over_ours_peak": round(mem["naive"] / mem["ours"], 3)}))
+    print(json.dumps({"ours_over_sdpa": ratio(t["ours"] / t["sdpa"]),
+                      "ours_over_sdpa_long_stick": ratio(t["ours long_stick"] / t["sdpa long_stick"]),
+                      "naive_over_ours": ratio(t["naive"] / t["ours"]),
+                      "naive_peak_over_ours_peak": ratio(mem["naive"] / mem["ours"])}))
 
 
 if __name__ == "__main__":
