@@ -28,7 +28,7 @@ kept experts only, k stays (capped at the experts left). The pruned model record
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +57,18 @@ def expert_load_sums(model: nn.Module, batches: Iterable, *, group=None) -> dict
     the per-sub-layer `LoadSums`, SUM-all-reduced over `group` (default world; a no-op without a process
     group). Every rank must call it (collective), even one that has no batches."""
     tracker = ExpertLoadTracker(model, hooks=False)
+    try:
+        for _ in _routed(model, batches):
+            tracker.observe()  # all sub-layers: their last_routing is this forward's
+        return tracker.reduce(group=group)
+    finally:
+        tracker.close()
+
+
+def _routed(model: nn.Module, batches: Iterable) -> Iterator[None]:
+    """Route each batch (LongTensor [B, T], or a dict with "input_ids" and optionally "attention_mask")
+    through ``model`` in eval mode, yielding after each forward (the sub-layers' ``last_routing`` is then
+    that batch's); the model's training mode is restored at the end."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -64,10 +76,8 @@ def expert_load_sums(model: nn.Module, batches: Iterable, *, group=None) -> dict
         for b in batches:
             ids, mask = (b["input_ids"], b.get("attention_mask")) if isinstance(b, dict) else (b, None)
             model(ids.to(device), attention_mask=None if mask is None else mask.to(device))
-            tracker.observe()  # all sub-layers: their last_routing is this forward's
-        return tracker.reduce(group=group)
+            yield
     finally:
-        tracker.close()
         model.train(was_training)
 
 
@@ -145,13 +155,8 @@ def reap_scores(model: nn.Module, batches: Iterable) -> dict[SubLayer, Tensor]:
              for key, m in subs.items()]
     total = {k: torch.zeros(m.num_experts, dtype=torch.float64) for k, m in subs.items()}
     n = {k: torch.zeros(m.num_experts, dtype=torch.float64) for k, m in subs.items()}
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
     try:
-        for b in batches:
-            ids, mask = (b["input_ids"], b.get("attention_mask")) if isinstance(b, dict) else (b, None)
-            model(ids.to(device), attention_mask=None if mask is None else mask.to(device))
+        for _ in _routed(model, batches):
             for key, m in subs.items():
                 rec = m.last_routing
                 g_TE = _gates_TE(m, rec.probs_TE.float(), rec.idx_TK)
@@ -164,7 +169,6 @@ def reap_scores(model: nn.Module, batches: Iterable) -> dict[SubLayer, Tensor]:
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     return {k: torch.where(n[k] > 0, total[k] / n[k].clamp(min=1), torch.zeros_like(total[k])) for k in subs}
 
 
