@@ -10,7 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from test_build_shards import docs_for, write_pile
+from tests.data_prep.pile_corpus import docs_for, write_pile
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
