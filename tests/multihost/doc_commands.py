@@ -45,18 +45,10 @@ def srun_line() -> str:
     raise AssertionError("docs/multinode.md has no sbatch script with an srun line")
 
 
-def mpi_interface() -> dict:
-    """The ``export`` line of docs/multinode.md that puts OpenMPI's own wire-up (before any molm-ds code
-    runs) on the interface between the hosts: left to try every interface where host names resolve to
-    loopback, it waited 50-90 s at start-up in half the runs here."""
-    (_, line), = commands("export OMPI_MCA_btl_tcp_if_include")
-    return dict(a.split("=", 1) for a in line.split()[1:])
-
-
 def env(**extra) -> dict:
     e = dict(os.environ, DS_ACCELERATOR="cpu", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
              PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-             PRTE_MCA_plm_ssh_agent=f"{sys.executable} {REPO / 'scripts' / 'hosts.py'} rsh", **mpi_interface())
+             PRTE_MCA_plm_ssh_agent=f"{sys.executable} {REPO / 'scripts' / 'hosts.py'} rsh")
     e.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions_molm_ds_tests"))
     for k in list(e):
         if k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "GLOO_SOCKET_IFNAME",

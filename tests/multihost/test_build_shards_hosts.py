@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from tests.data_prep import doc_across as doc
-from tests.multihost.doc_commands import mpi_interface
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,7 +34,7 @@ def tokenizer(tmp_path_factory):
 
 
 def on_host(h, i, cmd, cwd, **extra) -> subprocess.CompletedProcess:
-    env = doc.env(PRTE_MCA_plm_ssh_agent=f"{sys.executable} {REPO / 'scripts' / 'hosts.py'} rsh", **mpi_interface(), **extra)
+    env = doc.env(PRTE_MCA_plm_ssh_agent=f"{sys.executable} {REPO / 'scripts' / 'hosts.py'} rsh", **extra)
     del env["PRTE_MCA_rmaps_default_mapping_policy"]  # the hostfile's slots place the ranks
     return h.run(i, ["sh", "-c", cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
