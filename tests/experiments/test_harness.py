@@ -104,8 +104,13 @@ def _fake_trained_run(s, name, after):
     job = common.base_job(s, sources=[{"path": s.domain("code")}], seed=1, lr=1e-3)
     run = common.Run(name, job, after=after, group={"method": "m", "lr": 1e-3, "seed": 1})
     d = common.run_dir(s, run)
-    os.makedirs(os.path.join(d, "checkpoints", f"step_{job['training']['steps']:08d}"))
-    open(os.path.join(d, "checkpoints", f"step_{job['training']['steps']:08d}", "COMPLETE"), "w").close()
+    from molm_ds.checkpoint import marker
+
+    tag_dir = os.path.join(d, "checkpoints", f"step_{job['training']['steps']:08d}")
+    os.makedirs(tag_dir)  # a tag of one file, with its marker as the trainer writes it
+    with open(os.path.join(tag_dir, "job.yaml"), "w") as f:
+        yaml.safe_dump(job, f)
+    marker.mark_complete(tag_dir, {"kind": "train", "step": job["training"]["steps"]}, marker.digests(tag_dir, ["job.yaml"]))
     with open(os.path.join(d, "job.yaml"), "w") as f:
         yaml.safe_dump(dict(job, name=name, run_dir=d), f)
     return run, d
