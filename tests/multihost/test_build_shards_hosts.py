@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.data_prep import doc_across as doc
+from tests.multihost.doc_commands import NO_BINDING
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,7 +35,7 @@ def tokenizer(tmp_path_factory):
 
 
 def on_host(h, i, cmd, cwd, **extra) -> subprocess.CompletedProcess:
-    env = doc.env(PRTE_MCA_plm_ssh_agent=f"{sys.executable} {REPO / 'scripts' / 'hosts.py'} rsh", **extra)
+    env = doc.env(PRTE_MCA_plm_ssh_agent=f"{sys.executable} {REPO / 'scripts' / 'hosts.py'} rsh", **NO_BINDING, **extra)
     del env["PRTE_MCA_rmaps_default_mapping_policy"]  # the hostfile's slots place the ranks
     return h.run(i, ["sh", "-c", cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
