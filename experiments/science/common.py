@@ -206,7 +206,7 @@ def measure_cmds(s: Settings, domains: Sequence[str], old: Optional[str] = None)
     split (measure_test.json: report it), the runs' own fractions and split."""
     out = []
     for split, name in (("val", "measure.json"), ("test", "measure_test.json")):
-        cmd = ["-m", "experiments.science.measure", "--checkpoint", "{run}/" + rundir.CHECKPOINTS, "--out", "{run}/" + name,
+        cmd = ["-m", "experiments.science.measure", "--checkpoint", rundir.checkpoint_dir("{run}"), "--out", "{run}/" + name,
                "--windows", str(s.windows), "--seq-len", str(s.seq_len), "--val-fraction", str(s.val_fraction),
                "--test-fraction", str(s.test_fraction), "--split-by", s.split_by, "--split", split,
                "--data"] + [s.domain(d) for d in domains]
@@ -306,8 +306,6 @@ def _execute(s: Settings, run: Run) -> tuple[str, bool, float]:
             yaml.safe_dump(job, f, sort_keys=False)
         if _copy_reused(run, job, d):
             return run.name, True, 0.0
-        with open(os.path.join(d, rundir.JOB), "w") as f:
-            yaml.safe_dump(job, f, sort_keys=False)
         cmds = [[sys.executable, os.path.join(REPO, "launch", "pretrain.py"), "--config", os.path.join(d, rundir.JOB)]]
     cmds += [[sys.executable] + [a.format(run=d) for a in c] for c in run.after]
     t0 = time.time()
