@@ -12,6 +12,7 @@ and the other hosts' names to their addresses — the setup that makes a process
     python scripts/hosts.py up 2 --names node1,node2   # any names: they exist only inside the namespaces
     python scripts/hosts.py run 1 hostname -I     # a command on host 1 (by index or hostname)
     python scripts/hosts.py rsh molmh-1 CMD...    # the same, as an rsh/ssh agent (mpirun --mca plm_rsh_agent)
+    python scripts/hosts.py ssh                   # an ssh server on every host, root's key authorised (asyncssh)
     python scripts/hosts.py cut 1 / mend 1        # pull / plug host 1's cable
     python scripts/hosts.py down                  # kill everything on the hosts and delete them
     python scripts/hosts.py clean                 # delete sets left behind by dead test runs
@@ -25,9 +26,11 @@ process is gone. Needs root and iproute2 (``ip netns``); :func:`unavailable` say
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import json
 import os
 import secrets
+import select
 import shlex
 import shutil
 import signal
@@ -184,6 +187,7 @@ class Hosts:
         for ns in [self.ns(i) for i in range(self.n)] + [self.switch]:
             _ip("netns", "del", ns, check=False)
             shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
+        shutil.rmtree(self.ssh_dir(), ignore_errors=True)
         (STATE_DIR / f"{self.prefix}.json").unlink(missing_ok=True)
         _LIVE.pop(self.prefix, None)
         self.up_ = False
@@ -201,6 +205,43 @@ class Hosts:
 
     def mend(self, i: int) -> None:
         _ip("link", "set", f"h{self.index(i)}", "up", ns=self.switch)
+
+    # passwordless ssh, as on a cluster
+    def ssh_dir(self) -> Path:
+        return STATE_DIR / f"{self.prefix}-ssh"
+
+    def start_ssh(self, timeout: float = 60.0) -> None:
+        """An ssh server on port 22 of every host (``sshd`` below; needs asyncssh) and, inside each host, an
+        ssh client config (``/etc/netns/<ns>/ssh``, bound over ``/etc/ssh`` by ``ip netns exec``) that logs in
+        with a key made for this set and trusts any host key. Commands started on a host afterwards reach
+        every host with plain ``ssh node2 CMD``, so pdsh-style launchers run unchanged."""
+        d = self.ssh_dir()
+        d.mkdir(parents=True, exist_ok=True)
+        os.chmod(d, 0o700)
+        key = d / "id_ed25519"
+        if not key.exists():
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", self.prefix, "-f", str(key)],
+                           check=True, capture_output=True)
+        config = (f"Host *\n    IdentityFile {key}\n    StrictHostKeyChecking no\n    UserKnownHostsFile /dev/null\n"
+                  "    BatchMode yes\n    LogLevel ERROR\n")
+        servers = []
+        for i in range(self.n):
+            etc = Path("/etc/netns") / self.ns(i) / "ssh"
+            etc.mkdir(parents=True, exist_ok=True)
+            (etc / "ssh_config").write_text(config)
+            log = open(d / f"sshd-{i}.log", "w")
+            servers.append(self.popen(i, [sys.executable, str(Path(__file__).resolve()), "sshd", f"{key}.pub"],
+                                      stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL))
+            log.close()
+        deadline = time.monotonic() + timeout
+        for i, p in enumerate(servers):
+            ready = select.select([p.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]
+            line = p.stdout.readline() if ready else b""
+            p.stdout.close()
+            if line.strip() != b"ready":
+                p.kill()
+                why = (d / f"sshd-{i}.log").read_text().strip().splitlines()[-1:] or ["no answer"]
+                raise RuntimeError(f"the ssh server on {self.hostname(i)} did not start: {why[0]}")
 
     # commands
     def argv(self, i: int, argv: list[str]) -> list[str]:
@@ -290,6 +331,51 @@ def clean_stale() -> list[str]:
     return removed
 
 
+def _sshd(authorized_keys: str) -> int:
+    """An ssh server on port 22 of the host it runs on (asyncssh): the keys in ``authorized_keys`` log in
+    as this user; each command runs under ``/bin/sh -c`` in a login environment (the login PATH, HOME,
+    USER, no variables of the caller), as sshd gives it. A session whose client goes away takes its
+    command's process group with it (SIGHUP), as with sshd. Prints ``ready`` once listening."""
+    import asyncio
+    import pwd
+
+    import asyncssh
+
+    pw = pwd.getpwuid(os.getuid())
+    login = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": pw.pw_dir,
+             "USER": pw.pw_name, "LOGNAME": pw.pw_name, "SHELL": "/bin/sh"}
+
+    async def session(process) -> None:
+        child = await asyncio.create_subprocess_exec(
+            "/bin/sh", "-c", process.command or "exec /bin/sh", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env=login, cwd=pw.pw_dir, start_new_session=True)
+        await process.redirect(stdin=child.stdin, stdout=child.stdout, stderr=child.stderr)
+        exited = asyncio.ensure_future(child.wait())
+        gone = asyncio.ensure_future(process.channel.wait_closed())
+        await asyncio.wait({exited, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not exited.done():
+            try:
+                os.killpg(child.pid, signal.SIGHUP)
+            except ProcessLookupError:
+                pass
+            return
+        await process.stdout.drain()
+        await process.stderr.drain()
+        rc = exited.result()
+        process.exit(rc if rc >= 0 else 128 - rc)
+
+    async def serve() -> None:
+        key = asyncssh.generate_private_key("ssh-ed25519")
+        await asyncssh.create_server(asyncssh.SSHServer, "", 22, server_host_keys=[key],
+                                     authorized_client_keys=authorized_keys, process_factory=session,
+                                     encoding=None)
+        print("ready", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(serve())
+    return 0
+
+
 def _cli_set() -> Hosts:
     for st in _known_sets():
         if st["prefix"] == CLI_PREFIX:
@@ -316,6 +402,10 @@ def _find(host: str) -> tuple[Hosts, int]:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sshd"] and len(argv) == 2:  # internal: one host's server, started by Hosts.start_ssh
+        return _sshd(argv[1])
+
     p = argparse.ArgumentParser(prog="scripts/hosts.py", description=__doc__.split("\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -328,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("command", nargs=argparse.REMAINDER)
     for name in ("cut", "mend"):
         sub.add_parser(name, help=f"{name} a host's link").add_argument("host")
+    sub.add_parser("ssh", help="start an ssh server on every host (passwordless ssh between them; asyncssh)")
     sub.add_parser("down", help="kill everything on the hosts and delete them")
     sub.add_parser("list", help="print the hosts")
     sub.add_parser("clean", help="delete sets left behind by dead test runs")
@@ -361,6 +452,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.cmd in ("cut", "mend"):
         getattr(h, a.cmd)(a.host)
+        return 0
+    if a.cmd == "ssh":
+        if importlib.util.find_spec("asyncssh") is None or not shutil.which("ssh-keygen"):
+            print("error: the ssh servers need asyncssh and OpenSSH's client: `pip install asyncssh` and an "
+                  "installed `ssh`", file=sys.stderr)
+            return 2
+        h.start_ssh()
+        print(f"ssh servers up: `python scripts/hosts.py run {h.hostname(0)} ssh {h.hostname(h.n - 1)} hostname`")
         return 0
     cmd = a.command
     if a.cmd == "rsh":

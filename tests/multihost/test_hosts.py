@@ -1,7 +1,10 @@
 """The hosts harness itself: separate network stacks that reach each other only over eth0, hostnames
 that resolve to loopback on their own host, a cable that can be cut, and nothing left behind."""
 
+import importlib.util
 import json
+import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -116,8 +119,14 @@ def test_cli_up_run_rsh_down(_hosts_available):
         assert subprocess.run(cli + ["run", "1", "hostname"], capture_output=True, text=True).stdout.strip() == "molmh-1"
         out = subprocess.run(cli + ["rsh", "molmh-0", "echo", "on", "$(hostname)"], capture_output=True, text=True)
         assert out.stdout.strip() == "on molmh-0"
+        if importlib.util.find_spec("asyncssh") and shutil.which("ssh"):  # passwordless ssh between the hosts
+            subprocess.run(cli + ["ssh"], capture_output=True, text=True, check=True, timeout=120)
+            out = subprocess.run(cli + ["run", "0", "ssh", "molmh-1", "hostname"], capture_output=True, text=True,
+                                 timeout=60)
+            assert out.stdout.strip() == "molmh-1", out.stderr
         bad = subprocess.run(cli + ["run", "7", "true"], capture_output=True, text=True)
         assert bad.returncode == 2 and bad.stderr.startswith("error: no host '7'")
     finally:
         subprocess.run(cli + ["down"], capture_output=True)
     assert "molmh-h0" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not pathlib.Path("/etc/netns/molmh-h0").exists() and not list(hosts_lib.STATE_DIR.glob("molmh-*"))

@@ -6,6 +6,9 @@ equal a one-host run of the same job, its checkpoint holds the one-host run's fi
 once per host), and a resume across hosts continues exactly. Each host's own name resolves to
 127.0.1.1 there, so these fail unless every rank finds the interface that reaches the master itself."""
 
+import importlib.util
+import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from molm_ds.testing import read_metrics
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.multihost]
 
 STEPS = 4
+PDSH_STAND_IN = Path(__file__).resolve().parent / "bin"
 
 
 def ckpt_files(run_dir) -> dict[str, int]:
@@ -98,4 +102,24 @@ def test_slurm_srun_tasks_across_hosts(nodes, shard, one_host, tmp_path):
             procs += doc.start(nodes, [(node, cmd)], ws, {node: e})
     outs = doc.wait(procs)
     assert "launcher: slurm" in outs[0] and "master node1:24242" in outs[0]
+    assert_same_run(ws / "run", one_host)
+
+
+def test_deepspeed_hostfile_over_ssh(nodes, shard, one_host, tmp_path):
+    """The hostfile line as printed, on node1: DeepSpeed's pdsh runner checks ssh to node1, takes the master
+    address from `ssh node1 hostname -I`, and starts each node's launcher over ssh (OpenSSH's client, the
+    hosts' ssh servers, a login environment plus .deepspeed_env). pdsh itself is the test's stand-in."""
+    if shutil.which("ssh") is None or shutil.which("ssh-keygen") is None:
+        pytest.skip("needs OpenSSH's client (ssh, ssh-keygen)")
+    if importlib.util.find_spec("asyncssh") is None:
+        pytest.skip("the hosts' ssh servers need asyncssh (the dev extra)")
+    nodes.start_ssh()
+    ws = doc.workspace(tmp_path / "ssh", shard)
+    (ws / ".deepspeed_env").write_text(
+        "".join(f"{k}={doc.env()[k]}\n" for k in ("DS_ACCELERATOR", "OMP_NUM_THREADS", "TORCH_EXTENSIONS_DIR")))
+    path = f"{PDSH_STAND_IN}{os.pathsep}{doc.env()['PATH']}"
+    out = doc.wait(doc.start(nodes, doc.commands("deepspeed --hostfile hostfile launch/pretrain.py"), ws,
+                             {0: {"PATH": path}}))[0]
+    assert "node1: " in out and "node2: " in out, out[-3000:]  # each node's launcher ran, over ssh
+    assert f"master_addr={nodes.addr(0)}" in out and "rank 3 of 4" in out, out[-3000:]
     assert_same_run(ws / "run", one_host)
