@@ -42,6 +42,7 @@ import json
 import multiprocessing as mp
 import os
 import shlex
+import signal
 import socket
 import sys
 import time
@@ -80,6 +81,16 @@ def _init_worker(model_path: str, threads: int = -1) -> None:
     _sp = spm.SentencePieceProcessor(model_file=model_path)
     _eos = _sp.eos_id()
     _threads = threads
+
+
+def _init_pool_worker(model_path: str) -> None:
+    """A pool worker: one SentencePiece thread, and the default signal handling. A forked worker inherits
+    its parent's Python signal handlers, and one that only records SIGTERM (a trainer's preemption handler,
+    say) kept the worker alive through ``Pool.terminate`` and the parent waiting for it forever."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent too, which terminates the pool
+    _init_worker(model_path, 1)
 
 
 def encode_batch(task: tuple[str, list[str]]) -> tuple[str, np.ndarray, np.ndarray, int]:
@@ -463,7 +474,7 @@ def _tokenise(specs, tokenizer_path, out_dir, prog, prog_path, owners, ranks, *,
         _atomic_json(prog_path, prog)
 
     pool = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(
-        workers, _init_worker, (tokenizer_path, 1)) if workers > 1 else None
+        workers, _init_pool_worker, (tokenizer_path,)) if workers > 1 else None
     if pool is None:
         _init_worker(tokenizer_path)
     n_tokens = 0
@@ -514,6 +525,10 @@ def _tokenise(specs, tokenizer_path, out_dir, prog, prog_path, owners, ranks, *,
             n_tokens += len(tokens)
         finish_current()
         writer = None
+        if pool is not None:  # done: the workers leave on the pool's own sentinels, no signal involved
+            pool.close()
+            pool.join()
+            pool = None
     except BaseException:
         if writer is not None:
             writer.abort()

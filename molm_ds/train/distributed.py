@@ -50,7 +50,7 @@ log = get_logger("train.distributed")
 
 __all__ = ["init_distributed", "launcher_kind", "rank_env", "free_port", "skip_cpu_shm_comm", "NetworkError",
            "interfaces", "interface_for", "first_host", "apply_collective_timeout", "DEFAULT_COLLECTIVE_TIMEOUT_S",
-           "STARTUP_TIMEOUT_S"]
+           "STARTUP_TIMEOUT_S", "elastic_store_warning"]
 
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0  # a large model's step plus a checkpoint save's skew between ranks, on GPUs
@@ -136,6 +136,19 @@ def rank_env() -> str:
     return kind
 
 
+def elastic_store_warning() -> Optional[str]:
+    """Why a restart of this elastic torchrun job may hang, or None. torchrun's agent shares its rendezvous
+    store with the workers and keeps it across restarts, so a restarted world reads the addresses of the
+    world before (pytorch#135712)."""
+    env = os.environ
+    restarts = env.get("TORCHELASTIC_MAX_RESTARTS", "0")
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not restarts.isdigit() or int(restarts) == 0:
+        return None
+    return ("torchrun shares one store with every world it restarts: a restarted world can wait in gloo/NCCL "
+            "start-up for the ranks of the world before; export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun "
+            "(docs/multinode.md, torchrun)")
+
+
 def _default_timeout(timeout: timedelta) -> None:
     """Groups made from now on (DeepSpeed's expert-parallel groups, the control group) take ``timeout``."""
     import torch.distributed.distributed_c10d as c10d
@@ -172,6 +185,9 @@ def init_distributed(collective_timeout_s: Optional[float] = None) -> tuple[int,
     timeout_s = DEFAULT_COLLECTIVE_TIMEOUT_S if collective_timeout_s is None else float(collective_timeout_s)
     if not dist.is_initialized():
         kind = rank_env()
+        warning = elastic_store_warning()
+        if warning and os.environ["RANK"] == "0":
+            log.warning(warning)
         ifname = set_socket_ifname() if int(os.environ["WORLD_SIZE"]) > 1 else None
         acc = get_accelerator()
         if acc.device_name() != "cpu":

@@ -1,8 +1,10 @@
 """Tokenisation to shards: token counts vs SentencePiece, corrupt input, resume, parallel == serial."""
 
 import json
+import multiprocessing
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -77,6 +79,27 @@ def test_resume_after_interruption(tmp_path, corpus, tokenizer, monkeypatch, die
     encoded.clear()
     build_shards(corpus, tokenizer, str(out), docs_per_shard=4, progress=False)  # finished: nothing to do
     assert encoded == []
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("interrupted", [False, True])
+def test_pool_workers_end_under_a_parent_whose_sigterm_handler_only_records(tmp_path, corpus, tokenizer, monkeypatch,
+                                                                            interrupted):
+    """A process that only records SIGTERM (a trainer's preemption handler does) and then tokenises with a
+    pool: the finished build and an interrupted one both return, and no worker is left."""
+    recorded = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: recorded.append(signum))
+    try:
+        if interrupted:
+            monkeypatch.setattr(bs.IndexedShardWriter, "finish", lambda self: (_ for _ in ()).throw(KeyboardInterrupt()))
+            with pytest.raises(KeyboardInterrupt):
+                build_shards(corpus, tokenizer, str(tmp_path / "o"), workers=2, docs_per_shard=4, progress=False)
+        else:
+            build_shards(corpus, tokenizer, str(tmp_path / "o"), workers=2, docs_per_shard=4, progress=False)
+            assert (tmp_path / "o" / "manifest.json").exists()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert multiprocessing.active_children() == [] and recorded == []
 
 
 def test_changed_settings_refused(tmp_path, corpus, tokenizer):

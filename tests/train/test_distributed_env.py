@@ -121,3 +121,20 @@ def test_global_batch_size_derives_grad_accum_at_every_world_size(tmp_path):
         job.at_world_size(3)
     plain = load_job(str(TINY_JOB), tiny_job_overrides(shard, tmp_path / "run"))
     assert plain.at_world_size(4) is plain  # without it, grad_accum_steps is the job's
+
+
+@pytest.mark.parametrize("env,warns", [
+    ({"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "3"}, True),
+    ({"TORCHELASTIC_USE_AGENT_STORE": "False", "TORCHELASTIC_MAX_RESTARTS": "3"}, False),  # the variable is set
+    ({"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "0"}, False),  # nothing restarts
+    ({}, False),
+])
+def test_elastic_torchrun_with_restarts_and_a_shared_store_is_warned(clean_env, monkeypatch, env, warns):
+    for k in ("TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_MAX_RESTARTS"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    got = d.elastic_store_warning()
+    assert (got is not None) == warns
+    if warns:
+        assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in got
