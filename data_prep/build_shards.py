@@ -84,12 +84,9 @@ def _init_worker(model_path: str, threads: int = -1) -> None:
 
 
 def _init_pool_worker(model_path: str) -> None:
-    """A pool worker: one SentencePiece thread, and the default signal handling. A forked worker inherits
-    its parent's Python signal handlers, and one that only records SIGTERM (a trainer's preemption handler,
-    say) kept the worker alive through ``Pool.terminate`` and the parent waiting for it forever."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGHUP, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent too, which terminates the pool
+    """A pool worker: one SentencePiece thread. Ctrl-C reaches the whole process group: the parent stops
+    the pool, so the workers ignore it rather than each print a KeyboardInterrupt traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _init_worker(model_path, 1)
 
 
@@ -473,8 +470,10 @@ def _tokenise(specs, tokenizer_path, out_dir, prog, prog_path, owners, ranks, *,
                                        "idx_sample_sha256": identity(p + ".idx")["sample_sha256"]}
         _atomic_json(prog_path, prog)
 
-    pool = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(
-        workers, _init_pool_worker, (tokenizer_path,)) if workers > 1 else None
+    # spawned, not forked: a forked worker starts with a copy of whatever this process holds (its Python
+    # signal handlers, locks other threads held at the fork), and under a test runner or a trainer that
+    # left one worker deaf to Pool.terminate and the build waiting for it forever
+    pool = mp.get_context("spawn").Pool(workers, _init_pool_worker, (tokenizer_path,)) if workers > 1 else None
     if pool is None:
         _init_worker(tokenizer_path)
     n_tokens = 0
