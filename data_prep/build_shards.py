@@ -471,8 +471,8 @@ def _tokenise(specs, tokenizer_path, out_dir, prog, prog_path, owners, ranks, *,
         _atomic_json(prog_path, prog)
 
     # spawned, not forked: a forked worker starts with a copy of whatever this process holds (its Python
-    # signal handlers, locks other threads held at the fork), and under a test runner or a trainer that
-    # left one worker deaf to Pool.terminate and the build waiting for it forever
+    # signal handlers, locks that other threads held at the fork), so a parent with a SIGTERM handler of
+    # its own (a test runner, a trainer) can get a worker deaf to Pool.terminate and wait for it forever
     pool = mp.get_context("spawn").Pool(workers, _init_pool_worker, (tokenizer_path,)) if workers > 1 else None
     if pool is None:
         _init_worker(tokenizer_path)

@@ -327,6 +327,7 @@ def clean_stale() -> list[str]:
                 pass
         _ip("netns", "del", name, check=False)
         shutil.rmtree(Path("/etc/netns") / name, ignore_errors=True)
+        shutil.rmtree(STATE_DIR / f"{prefix}-ssh", ignore_errors=True)
         removed.append(name)
     return removed
 
