@@ -27,6 +27,7 @@ import faulthandler
 import os
 import re
 import socket
+import stat
 import sys
 import threading
 import time
@@ -182,9 +183,42 @@ class PeerWatch:
         where = f"last complete checkpoint: {last_checkpoint}; continue with --resume auto (any world size)" \
             if last_checkpoint else "no complete checkpoint yet: start again (--overwrite)"
         log.debug("collective failure: %s", exc)
+        _release_peers(keep=self._sock)
         time.sleep(max(0.0, LINGER_S - (time.monotonic() - t0)))  # let later survivors see this one alive
         me = f"rank {comm.rank()} on {socket.gethostname()}"
         return PeerLostError(f"{me}: {what} at step {self.step} (collective timeout {self.timeout_s:g} s); {where}")
+
+
+def _release_peers(keep: Optional[socket.socket]) -> int:
+    """Shut down this process's connected TCP sockets (its collectives' connections) except ``keep``, the
+    listener. A survivor that waits in a collective on this rank, not on the lost one, then fails now and
+    finds this rank still answering; otherwise it would fail only when this process exits, knock too late
+    and name this survivor a lost peer. Returns how many were shut down."""
+    keep_fd = keep.fileno() if keep is not None else -1
+    try:
+        fds = [int(f) for f in os.listdir("/proc/self/fd")]
+    except OSError:  # no /proc: peers find out when this process exits
+        return 0
+    done = 0
+    for fd in fds:
+        if fd == keep_fd:
+            continue
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            s = socket.socket(fileno=fd)
+        except OSError:
+            continue
+        try:
+            if s.family in (socket.AF_INET, socket.AF_INET6) and s.type == socket.SOCK_STREAM:
+                s.getpeername()  # connected (a listening socket raises)
+                s.shutdown(socket.SHUT_RDWR)
+                done += 1
+        except OSError:
+            pass
+        finally:
+            s.detach()  # the fd stays its owner's
+    return done
 
 
 def _own_address() -> str:
