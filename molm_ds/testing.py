@@ -9,7 +9,7 @@ each other.
     out = run_command(deepspeed_cmd(2) + job_args(shard, run_dir))   # a launch from the checkout
 
 Workers for ``run_ranks`` live in an importable module (``tests/<dir>/_*_workers.py``, imported as
-``tests.<dir>._..._workers``): spawned ranks import them by that name, with the parent's ``sys.path``.
+``tests.<dir>._..._workers``): ranks (forked from a preloaded forkserver) import them by that name, with the parent's ``sys.path``.
 """
 
 from __future__ import annotations
@@ -127,10 +127,20 @@ def free_port() -> int:
     return _free_port()
 
 
-def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> None:
+# Ranks are forked from a server that imported these once per test process: a spawned rank spent ~5 s of
+# CPU importing torch, DeepSpeed and torch's compiler stack (DeepSpeed's ZeRO optimizer check imports its Muon
+# optimizer, which compiles at import) before any work, and the suite starts hundreds of ranks.
+RANK_PRELOAD = ["torch", "torch._dynamo", "deepspeed", "deepspeed.runtime.zero.muon.muon_optimizer", "molm_ds.train",
+                "molm_ds.parallel"]
+
+
+def _entry(rank: int, world_size: int, port: int, out_dir: str, env: dict, fn, args) -> None:
     import torch
     import torch.distributed as dist
 
+    # as a spawned rank: the caller's environment now, not the server's when it started
+    os.environ.clear()
+    os.environ.update(env)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank), LOCAL_SIZE=str(world_size), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
@@ -148,13 +158,19 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> Non
 
 
 def run_ranks(fn, world_size: int, args: tuple = ()) -> list:
-    """``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo ranks; each rank's (picklable) return
-    value, in rank order. A failing rank raises here with its traceback."""
+    """``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; each rank's (picklable) return value, in
+    rank order. A failing rank raises here with its traceback. Ranks are forked from a forkserver that has
+    imported ``RANK_PRELOAD`` (started by the first call, then shared by every later one in this process);
+    each gets this process's environment at the call, and nothing else of its state, as a spawned rank would."""
+    import multiprocessing
+
     import torch
     import torch.multiprocessing as mp
 
+    multiprocessing.set_forkserver_preload(RANK_PRELOAD)  # read when the server starts (the first call)
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_entry, args=(world_size, free_port(), out_dir, fn, args), nprocs=world_size, join=True)
+        mp.start_processes(_entry, args=(world_size, free_port(), out_dir, dict(os.environ), fn, args),
+                           nprocs=world_size, join=True, start_method="forkserver")
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
 
 
