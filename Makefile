@@ -6,10 +6,11 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 # Two pytest workers (pytest-xdist) for two cores; whole modules go to one worker, so a module's fixtures
-# are built once. PYTEST_WORKERS=0 runs in one process.
+# are built once, in the order tests/conftest.py collects them (the longest files first, by
+# tests/durations.json; `make durations` rewrites it). PYTEST_WORKERS=0 runs in one process.
 PYTEST_WORKERS ?= 2
 
-.PHONY: venv test demo clean
+.PHONY: venv test durations demo clean
 
 # The venv is refreshed when pyproject.toml changes. torch goes in first (the CPU wheel here), so
 # no dependency can pull the CUDA build; then the project with its dev extra.
@@ -23,7 +24,11 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 test: venv
-	DS_ACCELERATOR=cpu $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+
+durations: venv
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder \
+		--record-durations tests/durations.json $(PYTEST_ARGS)
 
 demo: venv
 	DS_ACCELERATOR=cpu PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh

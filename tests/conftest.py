@@ -44,3 +44,48 @@ def default_tokenizer(tmp_path_factory) -> str:
     spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus_lines()), model_prefix=str(d / "m"), vocab_size=600,
                                    model_type="bpe", num_threads=1, minloglevel=2)
     return str(d / "m.model")
+
+
+# ---- scheduling: the longest files first -----------------------------------------------------------------
+# `make test` hands whole files to two pytest-xdist workers in collection order (--no-loadscope-reorder): a
+# long file started last leaves the other worker idle, so files are collected longest first, by the wall
+# seconds a full run recorded (tests/durations.json; files not in it keep their order, after the others).
+# `make durations` rewrites the file from a full run. Only the order depends on it, never a result.
+DURATIONS = os.path.join(os.path.dirname(__file__), "durations.json")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--record-durations", metavar="FILE", default=None,
+                     help="write each test file's wall seconds (setup + call + teardown) to FILE as JSON")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    import json
+
+    try:
+        with open(DURATIONS) as f:
+            seconds = json.load(f)
+    except (OSError, ValueError):
+        return
+    first = {}
+    for i, item in enumerate(items):
+        first.setdefault(item.location[0], i)
+    items.sort(key=lambda it: (-seconds.get(it.location[0], 0.0), first[it.location[0]]))
+
+
+_file_seconds: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    path = report.nodeid.split("::", 1)[0]
+    _file_seconds[path] = _file_seconds.get(path, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session, exitstatus):
+    out = session.config.getoption("--record-durations")
+    if out and not hasattr(session.config, "workerinput"):  # the controller, which sees every worker's reports
+        import json
+
+        with open(out, "w") as f:
+            json.dump({k: round(v, 1) for k, v in sorted(_file_seconds.items(), key=lambda kv: -kv[1])}, f, indent=0)
+            f.write("\n")
