@@ -49,7 +49,10 @@ def fail(message: str, *, every_rank: bool = False, code: int = EXIT_USER_ERROR,
     r = _rank()
     if r == 0 or every_rank:
         named = r == 0 or message.startswith(f"rank {r} ")  # a lost-peer line names its rank and host itself
-        print(f"error: {'' if named else f'rank {r}: '}{message}", file=sys.stderr, flush=True)
+        # one write, newline included: ranks of a host share the launcher's stream, and print()'s separate
+        # write of the newline let another rank's line start in the middle of this one
+        sys.stderr.write(f"error: {'' if named else f'rank {r}: '}{message}\n")
+        sys.stderr.flush()
     if hard:
         import logging
 

@@ -20,6 +20,24 @@ def test_user_error_is_one_line_exit_2(capsys):
     assert err == "error: bad thing; detail one; detail two\n"
 
 
+def test_the_error_line_is_one_write(monkeypatch):
+    """Ranks of one host write to the launcher's one stream: a line written in pieces (print writes the
+    newline apart) can be split by another rank's line, so the line and its newline go in one write."""
+    writes = []
+
+    class Stream:
+        def write(self, s):
+            writes.append(s)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr("sys.stderr", Stream())
+    with pytest.raises(SystemExit):
+        cli.fail("rank 1 on node1: lost peer", every_rank=True)
+    assert writes == ["error: rank 1 on node1: lost peer\n"]
+
+
 def test_debug_reraises(monkeypatch):
     monkeypatch.setenv("MOLM_DS_DEBUG", "1")
     with pytest.raises(ConfigError):
