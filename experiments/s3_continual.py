@@ -17,6 +17,7 @@ method's lr is chosen by its code loss on the validation split; reported on the 
 after, and the mean router probability mass on the new experts for prose and for code tokens
 (measure.py on the test windows; continual_report.json holds the trainer's own before/after), the base's
 router specialisation, and the learning-vs-forgetting frontier (s3_tradeoff.png, every method and lr).
+--bases-only trains and measures the bases alone: how their routers specialise, by domain and by token.
 """
 
 from __future__ import annotations
@@ -38,14 +39,17 @@ def extra(p):
     p.add_argument("--base-steps", type=int, default=400, help="prose pretraining steps of the base models")
     p.add_argument("--base-lr", type=float, default=1e-2, help="lr of the base models (tiny's demo lr)")
     p.add_argument("--replay", type=float, default=0.25, help="share of old-domain (prose) windows in replay_ft")
+    p.add_argument("--bases-only", action="store_true",
+                   help="train and measure the base models only (router specialisation by domain and by token)")
 
 
-def grid(s: c.Settings, base_steps: int, base_lr: float, replay: float = 0.25) -> tuple[list[c.Run], list[c.Run]]:
+def grid(s: c.Settings, base_steps: int, base_lr: float, replay: float = 0.25,
+         bases_only: bool = False) -> tuple[list[c.Run], list[c.Run]]:
     bases, runs = [], []
     for seed in s.seeds:
         job = c.base_job(s, sources=[{"path": s.domain("prose")}], seed=seed, lr=base_lr, steps=base_steps)
         bases.append(c.Run(f"base_s{seed}", job, after=c.measure_cmds(s, DOMAINS), group={"seed": seed}))
-    for method in METHODS:
+    for method in () if bases_only else METHODS:
         for lr in s.lrs:
             for seed in s.seeds:
                 sources = [{"path": s.domain("code")}]
@@ -74,6 +78,47 @@ def specialisation(m: dict) -> float:
     tv = [0.5 * sum(abs(a - b) for a, b in zip(m["domains"]["prose"]["sublayers"][t]["p_mean"],
                                                 m["domains"]["code"]["sublayers"][t]["p_mean"])) for t in tags]
     return sum(tv) / len(tv)
+
+
+def token_routing(m: dict) -> tuple[float, float]:
+    """How the router treats single tokens, over both domains and every sub-layer: (H(m|x) / log E, the mean
+    entropy of a token's routing: 0 = each token to one expert; H(m) / log E, the entropy of the mean
+    routing: 1 = every expert used evenly). Low and high together: the experts split the tokens between
+    them, each token to its own few (their difference is the mutual information I(x; m) / log E)."""
+    h_x = [c.sublayer_mean(m, d, "H_m_given_x_rel") for d in DOMAINS]
+    h = [c.sublayer_mean(m, d, "H_m_rel") for d in DOMAINS]
+    return sum(h_x) / len(h_x), sum(h) / len(h)
+
+
+def base_summary(bases: list[dict], base_steps: int, base_lr: float) -> str:
+    pm = c.mean_std([b["domains"]["prose"]["loss"] for b in bases])
+    cm = c.mean_std([b["domains"]["code"]["loss"] for b in bases])
+    sp = c.mean_std([specialisation(b) for b in bases])
+    hx = c.mean_std([token_routing(b)[0] for b in bases])
+    h = c.mean_std([token_routing(b)[1] for b in bases])
+    mi = c.mean_std([token_routing(b)[1] - token_routing(b)[0] for b in bases])
+    return (f"Base models ({len(bases)} seeds, {base_steps} prose steps at lr {base_lr:g}; test split): prose "
+            f"loss {c.fmt(pm)}, code loss {c.fmt(cm)}; router specialisation (total variation between the "
+            f"mean routing on prose and on code, 0 = none) {c.fmt(sp)}. Per token: routing entropy "
+            f"H(m|x)/log E {c.fmt(hx)} (0 = each token to one expert), entropy of the mean routing H(m)/log E "
+            f"{c.fmt(h)} (1 = every expert used evenly), mutual information I(x; m)/log E {c.fmt(mi)}.\n\n")
+
+
+def base_table(bases: list[dict]) -> str:
+    """Per sub-layer and domain, mean ± std over the bases: H(m|x)/log E, H(m)/log E, and the total variation
+    between the domains' mean routing."""
+    tags = list(bases[0]["domains"]["prose"]["sublayers"])
+    lines = ["| sub-layer | H(m|x)/log E, prose | code | H(m)/log E, prose | code | total variation prose vs code |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for t in tags:
+        cell = {(d, k): c.fmt(c.mean_std([b["domains"][d]["sublayers"][t][k] for b in bases]))
+                for d in DOMAINS for k in ("H_m_given_x_rel", "H_m_rel")}
+        tv = c.fmt(c.mean_std([0.5 * sum(abs(x - y) for x, y in zip(b["domains"]["prose"]["sublayers"][t]["p_mean"],
+                                                                     b["domains"]["code"]["sublayers"][t]["p_mean"]))
+                               for b in bases]))
+        lines.append(f"| {t} | {cell['prose', 'H_m_given_x_rel']} | {cell['code', 'H_m_given_x_rel']} | "
+                     f"{cell['prose', 'H_m_rel']} | {cell['code', 'H_m_rel']} | {tv} |")
+    return "\n".join(lines)
 
 
 def row(s: c.Settings, run: c.Run, base: dict) -> dict | None:
@@ -145,9 +190,16 @@ def main(argv=None) -> int:
         raise c.ConfigError(f"--replay {a.replay}: give the old-domain share in (0, 1), e.g. 0.25")
     c.check_inputs(s, DOMAINS)
     t0 = time.time()
-    bases, runs = grid(s, a.base_steps, a.base_lr, a.replay)
+    bases, runs = grid(s, a.base_steps, a.base_lr, a.replay, bases_only=a.bases_only)
     c.execute(s, [bases, runs], report_only=a.report_only)
     base_m = {b.group["seed"]: c.read_json(os.path.join(c.run_dir(s, b), "measure_test.json")) for b in bases}
+    if a.bases_only:
+        bl = [b for b in base_m.values() if b]
+        body = f"{len(bl)}/{len(bases)} base models finished. "
+        if bl:
+            body += base_summary(bl, a.base_steps, a.base_lr) + "Per sub-layer (mean ± std over seeds):\n\n" + base_table(bl)
+        c.write_report(s, "S3: the base models' routers", body, {"bases": base_m}, c.add_wall(s, time.time() - t0))
+        return 0 if len(bl) == len(bases) else 1
     rows = [r for r in (row(s, run, base_m[run.group["seed"]]) for run in runs
                         if base_m.get(run.group["seed"]) is not None) if r is not None]
     trainer_keys = sorted({k for r in rows for k in r if k.startswith("trainer_")})
@@ -156,12 +208,7 @@ def main(argv=None) -> int:
     bl = [b for b in base_m.values() if b]
     base_line = ""
     if bl:
-        pm = c.mean_std([b["domains"]["prose"]["loss"] for b in bl])
-        cm = c.mean_std([b["domains"]["code"]["loss"] for b in bl])
-        sp = c.mean_std([specialisation(b) for b in bl])
-        base_line = (f"Base models ({len(bl)} seeds, {a.base_steps} prose steps at lr {a.base_lr:g}; test split): prose "
-                     f"loss {c.fmt(pm)}, code loss {c.fmt(cm)}; router specialisation (total variation between the "
-                     f"mean routing on prose and on code, 0 = none) {c.fmt(sp)}.\n\n")
+        base_line = base_summary(bl, a.base_steps, a.base_lr)
         edges = [m for m, v in agg.items() if len(v["per_lr"]) > 1 and v["best_lr"] in (min(v["per_lr"]), max(v["per_lr"]))]
         if edges:
             base_line += f"Best lr at an edge of the sweep (widen --lrs): {', '.join(edges)}.\n\n"

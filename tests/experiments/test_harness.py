@@ -203,3 +203,35 @@ def test_corpus_hash_names_the_tokens_not_the_directory_or_the_machine(corpus, t
         f.seek(0)
         f.write(bytes([first[0] ^ 1, first[1]]))
     assert corpus_sha256(changed) != corpus_sha256(corpus)
+
+
+def _measure(p_prose, p_code, h_x, h):
+    subs = lambda p: {"L00/attn": {"p_mean": p, "H_m_given_x_rel": h_x, "H_m_rel": h},
+                      "L00/mlp": {"p_mean": p, "H_m_given_x_rel": h_x / 2, "H_m_rel": h / 2}}
+    return {"domains": {"prose": {"loss": 3.0, "sublayers": subs(p_prose)}, "code": {"loss": 5.0, "sublayers": subs(p_code)}}}
+
+
+def test_base_specialisation_by_domain_and_by_token():
+    from experiments.s3_continual import specialisation, token_routing
+
+    apart = _measure([1.0, 0.0], [0.0, 1.0], 0.1, 0.9)  # each domain to its own expert
+    same = _measure([0.5, 0.5], [0.5, 0.5], 0.1, 0.9)
+    assert specialisation(apart) == 1.0 and specialisation(same) == 0.0
+    assert token_routing(apart) == pytest.approx((0.075, 0.675))  # mean over sub-layers and domains
+
+
+def test_s3_bases_only_reports_the_bases_routing(corpus, tmp_path):
+    from experiments import s3_continual
+
+    out = str(tmp_path / "s3b")
+    args = ["--out", out, "--data", corpus, "--seeds", "1", "--base-steps", "3", "--windows", "16", "--bases-only"]
+    assert s3_continual.main(args) == 0
+    assert sorted(os.listdir(os.path.join(out, "runs"))) == ["base_s1"]  # no continual run
+    m = json.load(open(os.path.join(out, "runs", "base_s1", "measure_test.json")))
+    md = open(os.path.join(out, "results.md")).read()
+    h_x, h = s3_continual.token_routing(m)
+    assert "1/1 base models finished" in md
+    assert f"H(m|x)/log E {h_x:.3f} ± 0.000" in md and f"H(m)/log E {h:.3f} ± 0.000" in md
+    assert f"0 = none) {s3_continual.specialisation(m):.3f} ± 0.000" in md
+    sub = m["domains"]["code"]["sublayers"]["L01/mlp"]
+    assert f"| L01/mlp |" in md and f"{sub['H_m_given_x_rel']:.3f} ± 0.000" in md
