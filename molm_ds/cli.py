@@ -124,4 +124,8 @@ def run(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Optional
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
+    if "torch.distributed" in sys.modules:  # a script that started a process group ends it before teardown
+        from molm_ds.parallel import comm
+
+        comm.shutdown()
     sys.exit(0 if code is None else int(code))

@@ -30,7 +30,7 @@ from molm_ds.checkpoint import is_complete, list_expert_files, tag_for
 
 __all__ = [
     "REPO", "TINY_JOB", "BIN", "TIMEOUT", "synthetic_tokenizer_sha256", "write_shard", "tiny_job_overrides",
-    "read_metrics", "write_ds_config", "write_yaml", "run_ranks", "free_port", "launch_env", "job_args",
+    "read_metrics", "write_ds_config", "write_yaml", "run_ranks", "train_in_ranks", "free_port", "launch_env", "job_args",
     "check", "run_command", "deepspeed_cmd", "assert_trained", "start", "wait_for_steps", "ranks_of", "wait_gone", "corpus_lines", "event_dirs", "load_events",
     "scalars", "perturbed", "EXPORT_MODELS", "tmpfs", "read_only", "fill",
 ]
@@ -172,6 +172,20 @@ def run_ranks(fn, world_size: int, args: tuple = ()) -> list:
         mp.start_processes(_entry, args=(world_size, free_port(), out_dir, dict(os.environ), fn, args),
                            nprocs=world_size, join=True, start_method="forkserver")
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+
+
+def _train_job(rank: int, world_size: int, config: str, overrides: list[str]) -> None:
+    from molm_ds.jobs import run
+    from molm_ds.train import load_job
+
+    run(load_job(config, overrides))
+
+
+def train_in_ranks(config, overrides=(), world_size: int = 2) -> None:
+    """The job ``config`` (with ``--set`` overrides) trained by ``world_size`` gloo ranks of :func:`run_ranks`:
+    a reference run for a launched one, without a launcher's processes (the launch itself is what such a
+    test checks; the reference only has to train the same job)."""
+    run_ranks(_train_job, world_size, args=(str(config), list(overrides)))
 
 
 # ---- launched commands ---------------------------------------------------------------------------------

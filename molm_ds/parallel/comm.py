@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 __all__ = [
     "ReduceOp", "initialized", "world_size", "rank", "comm_device", "all_reduce", "reduce_metrics",
-    "barrier", "broadcast_object", "all_gather_object", "init_control_group", "any_rank",
+    "barrier", "broadcast_object", "all_gather_object", "init_control_group", "any_rank", "shutdown",
 ]
 
 
@@ -139,3 +139,14 @@ def any_rank(flag: bool) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int32)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_CONTROL["group"])
     return bool(t.item())
+
+
+def shutdown() -> None:
+    """End the process group (every rank, after its last collective), at a script's normal exit. Left to
+    the interpreter's teardown, gloo's worker threads can still hold tensors whose release needs an
+    interpreter that is already gone, and the process aborts (SIGABRT, exit status -6) although its job
+    succeeded: in a CI run one rank of a coordinated stop did (pytorch PR 179291 describes the crash).
+    NCCL asks for the same call before exit."""
+    if initialized():
+        dist.destroy_process_group()
+    _CONTROL.update(group=None, ready=False)

@@ -14,7 +14,8 @@ import time
 import pytest
 
 from molm_ds import checkpoint as ckpt
-from molm_ds.testing import TIMEOUT, deepspeed_cmd, job_args, ranks_of, read_metrics, start, wait_for_steps, wait_gone
+from molm_ds.testing import TIMEOUT, TINY_JOB, deepspeed_cmd, job_args, ranks_of, read_metrics, start, \
+    tiny_job_overrides, train_in_ranks, wait_for_steps, wait_gone
 from molm_ds.testing import run_command as run
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -35,11 +36,12 @@ def assert_stopped_with_checkpoint(run_dir, out) -> int:
 
 
 def resume_equals_straight(shard, run_dir, tmp_path, stop_step, launcher):
-    """--resume auto continues bit-identically: the next 2 steps equal an uninterrupted run's."""
+    """--resume auto continues bit-identically: the next 2 steps equal an uninterrupted run's (the same job
+    on as many gloo ranks, ep_size 2)."""
     steps = [f"training.steps={stop_step + 2}", "checkpoint.interval=0", "training.eval_interval=0",
              "monitor.tensorboard=false", *CONST_LR]
     run(launcher + job_args(shard, run_dir, *steps) + ["--resume", "auto"])
-    run(launcher + job_args(shard, tmp_path / "straight", *steps))
+    train_in_ranks(TINY_JOB, tiny_job_overrides(shard, tmp_path / "straight", **{"parallel.ep_size": 2}) + steps)
     got, want = read_metrics(run_dir), read_metrics(tmp_path / "straight")
     for s in (stop_step + 1, stop_step + 2):
         assert (got[s]["loss"], got[s]["grad_norm"]) == (want[s]["loss"], want[s]["grad_norm"]), s

@@ -9,14 +9,12 @@ once per host), and a resume across hosts continues exactly. Each host's own nam
 import importlib.util
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from molm_ds.train.distributed import free_port
 from tests.multihost import doc_commands as doc
-from molm_ds.testing import read_metrics
+from molm_ds.testing import read_metrics, train_in_ranks
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.multihost]
 
@@ -45,12 +43,9 @@ def assert_same_run(run_dir, ref_dir, steps=range(1, STEPS + 1), *, files=True):
 
 @pytest.fixture(scope="module")
 def one_host(shard, tmp_path_factory):
-    """The reference: the same job on one host, 4 ranks, ep_size 4 (checkpoints at steps 2 and 4)."""
+    """The reference: the same job on one host, 4 gloo ranks, ep_size 4 (checkpoints at steps 2 and 4)."""
     ws = doc.workspace(tmp_path_factory.mktemp("one_host") / "ws", shard)
-    cmd = [str(doc.BIN / "deepspeed"), "--num_gpus", "4", "--master_port", str(free_port()), "launch/pretrain.py",
-           "--config", "job.yaml"]
-    p = subprocess.run(cmd, cwd=ws, env=doc.env(), capture_output=True, text=True, timeout=doc.TIMEOUT)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-6000:]
+    train_in_ranks(ws / "job.yaml", world_size=4)
     return ws / "run"
 
 
