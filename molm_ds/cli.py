@@ -104,7 +104,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Optional[Sequence[str]] = None) -> NoReturn:
-    """Call ``main(argv)`` and exit with its return code; a ``UserError`` becomes the one-line error."""
+    """Call ``main(argv)`` and exit with its return code; a ``UserError`` becomes the one-line error. For a
+    command line (``argv`` None) a process group the command started is ended first."""
     from molm_ds.storage import StorageError, as_storage_error, quiet_storage_errors_in_threads
 
     quiet_storage_errors_in_threads()
@@ -124,7 +125,9 @@ def run(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Optional
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
-    if "torch.distributed" in sys.modules:  # a script that started a process group ends it before teardown
+    # A command (argv from the command line) that started a process group ends it before the teardown. Not
+    # when called in-process with its arguments (tests): DeepSpeed keeps the groups it made for later use.
+    if argv is None and "torch.distributed" in sys.modules:
         from molm_ds.parallel import comm
 
         comm.shutdown()

@@ -97,7 +97,8 @@ def test_an_unknown_flag_with_nothing_near_gets_no_guess(capsys):
 
 def test_a_script_that_ends_normally_ends_its_process_group(tmp_path):
     """Teardown with a live gloo group can abort the process (SIGABRT) after a successful job: cli.run ends
-    the group first. In a fresh process: a one-rank group, a main that returns 75 (a coordinated stop)."""
+    the group first when it runs a command line. In a fresh process: a one-rank group, a main that returns 75
+    (a coordinated stop)."""
     import subprocess
     import sys
 
@@ -107,7 +108,7 @@ def test_a_script_that_ends_normally_ends_its_process_group(tmp_path):
             "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port()))\n"
             "dist.init_process_group('gloo', rank=0, world_size=1)\n"
             "try:\n"
-            "    cli.run(lambda argv: 75, [])\n"
+            "    cli.run(lambda argv: 75)\n"
             "except SystemExit as e:\n"
             "    print('exit', e.code, 'group left', dist.is_initialized())\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
