@@ -115,6 +115,10 @@ def readme(tmp_path_factory):
     if shutil.which("git") is None or not (REPO / ".git").exists():
         pytest.skip("needs a git checkout to clone from")
     clone = fresh_clone(tmp_path_factory.mktemp("readme") / "clone")
+    # what a user's first commands leave behind, which PYTHONDONTWRITEBYTECODE (set on the build machine)
+    # would have every command compile again
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", "molm_ds", "launch", "data_prep"], cwd=clone,
+                   check=True, capture_output=True, timeout=300)
     env = _env(clone)
     # "`make demo` has already built the embedded corpus; otherwise <this command> does"
     subprocess.run([sys.executable, "-m", "data_prep.embedded", "--out", "data/embedded"], cwd=clone, env=env,

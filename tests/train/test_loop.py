@@ -4,6 +4,8 @@ steps, config errors before any work. Multi-rank launches are in tests/launch.""
 import glob
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from molm_ds import checkpoint as ckpt
 from molm_ds.train import load_job
 from molm_ds.train import loop, step
 from molm_ds.train.recipe import Recipe
-from molm_ds.testing import TINY_JOB, read_metrics, tiny_job_overrides, write_ds_config
+from molm_ds.testing import REPO, TINY_JOB, read_metrics, tiny_job_overrides, write_ds_config
 
 pytestmark = pytest.mark.slow
 
@@ -62,6 +64,15 @@ def test_optimizer_offload_matches_zero2(shard, tmp_path, dtype, rel):
         for key in ("loss", "grad_norm"):
             assert off[step][key] == pytest.approx(ref[step][key], rel=rel), (step, key)
     assert off[3]["loss"] < off[1]["loss"]
+
+
+@pytest.mark.slow
+def test_the_cpu_adam_build_script_readies_the_op_offload_loads():
+    """scripts/build_cpu_adam.py (`make test` runs it in the background while the venv installs): the op the
+    offload tests load, built or found in torch's extension cache."""
+    p = subprocess.run([sys.executable, "scripts/build_cpu_adam.py"], cwd=REPO, capture_output=True, text=True,
+                       timeout=900, env=dict(os.environ, DS_ACCELERATOR="cpu"))
+    assert p.returncode == 0 and "cpu_adam ready after" in p.stdout, (p.stdout + p.stderr)[-3000:]
 
 
 def test_loss_falls_on_learnable_data(shard, tmp_path):
