@@ -7,17 +7,28 @@ while it finishes.
     DS_ACCELERATOR=cpu python scripts/build_cpu_adam.py
 """
 
+import argparse
 import time
 
+from molm_ds import cli
+from molm_ds.errors import UserError, one_line
 
-def main() -> None:
+
+def main(argv=None) -> int:
+    cli.ArgumentParser(prog="scripts/build_cpu_adam.py", description=__doc__.split("\n")[0], epilog=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     t0 = time.time()
     import torch
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-    DeepSpeedCPUAdam([torch.nn.Parameter(torch.zeros(1))])  # the constructor loads the op, building it if needed
+    try:
+        DeepSpeedCPUAdam([torch.nn.Parameter(torch.zeros(1))])  # the constructor loads the op, building it if needed
+    except Exception as exc:  # no C++ compiler, no ninja, a failed compile: torch's message says which
+        raise UserError(f"building cpu_adam failed: {one_line(exc)}: install a C++ compiler and ninja, "
+                        "or set MOLM_DS_DEBUG=1 for the traceback") from exc
     print(f"cpu_adam ready after {time.time() - t0:.0f} s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -66,13 +66,16 @@ def test_optimizer_offload_matches_zero2(shard, tmp_path, dtype, rel):
     assert off[3]["loss"] < off[1]["loss"]
 
 
-@pytest.mark.slow
 def test_the_cpu_adam_build_script_readies_the_op_offload_loads():
     """scripts/build_cpu_adam.py (`make test` runs it in the background while the venv installs): the op the
     offload tests load, built or found in torch's extension cache."""
     p = subprocess.run([sys.executable, "scripts/build_cpu_adam.py"], cwd=REPO, capture_output=True, text=True,
                        timeout=900, env=dict(os.environ, DS_ACCELERATOR="cpu"))
     assert p.returncode == 0 and "cpu_adam ready after" in p.stdout, (p.stdout + p.stderr)[-3000:]
+    # a flag it does not take: the project's one error line, before any build
+    p = subprocess.run([sys.executable, "scripts/build_cpu_adam.py", "--jobs", "4"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr, p.stderr
 
 
 def test_loss_falls_on_learnable_data(shard, tmp_path):
