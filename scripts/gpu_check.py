@@ -793,4 +793,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from molm_ds import cli
+
+    cli.run(main)  # exits without the interpreter's teardown (about 1 s of CPU for a process that imported torch)
