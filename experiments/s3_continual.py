@@ -94,9 +94,10 @@ def base_summary(bases: list[dict], base_steps: int, base_lr: float) -> str:
     pm = c.mean_std([b["domains"]["prose"]["loss"] for b in bases])
     cm = c.mean_std([b["domains"]["code"]["loss"] for b in bases])
     sp = c.mean_std([specialisation(b) for b in bases])
-    hx = c.mean_std([token_routing(b)[0] for b in bases])
-    h = c.mean_std([token_routing(b)[1] for b in bases])
-    mi = c.mean_std([token_routing(b)[1] - token_routing(b)[0] for b in bases])
+    routing = [token_routing(b) for b in bases]  # (H(m|x)/log E, H(m)/log E) per base
+    hx = c.mean_std([r[0] for r in routing])
+    h = c.mean_std([r[1] for r in routing])
+    mi = c.mean_std([r[1] - r[0] for r in routing])
     return (f"Base models ({len(bases)} seeds, {base_steps} prose steps at lr {base_lr:g}; test split): prose "
             f"loss {c.fmt(pm)}, code loss {c.fmt(cm)}; router specialisation (total variation between the "
             f"mean routing on prose and on code, 0 = none) {c.fmt(sp)}. Per token: routing entropy "

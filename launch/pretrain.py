@@ -57,6 +57,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    from molm_ds import heap
+
+    heap.hold()  # no collections while torch, DeepSpeed and the engine are built: the trainer releases it
     args = parse_args(argv)
     from molm_ds.jobs import run
     from molm_ds.log import print0, setup_logging

@@ -29,10 +29,14 @@ from molm_ds import rundir
 from molm_ds.checkpoint import is_complete, list_expert_files, tag_for
 
 __all__ = [
+    # data and job files
     "REPO", "TINY_JOB", "BIN", "TIMEOUT", "synthetic_tokenizer_sha256", "write_shard", "tiny_job_overrides",
-    "read_metrics", "write_ds_config", "write_yaml", "run_ranks", "train_in_ranks", "free_port", "launch_env", "job_args",
-    "check", "run_command", "deepspeed_cmd", "assert_trained", "start", "wait_for_steps", "ranks_of", "wait_gone", "corpus_lines", "event_dirs", "load_events",
-    "scalars", "perturbed", "EXPORT_MODELS", "tmpfs", "read_only", "fill",
+    "read_metrics", "write_ds_config", "write_yaml", "corpus_lines",
+    # ranks and launched commands
+    "run_ranks", "train_in_ranks", "free_port", "launch_env", "job_args", "check", "run_command", "deepspeed_cmd",
+    "assert_trained", "start", "wait_for_steps", "ranks_of", "wait_gone",
+    # TensorBoard, models, disks
+    "event_dirs", "load_events", "scalars", "perturbed", "EXPORT_MODELS", "tmpfs", "read_only", "fill",
 ]
 
 REPO = Path(__file__).resolve().parents[1]

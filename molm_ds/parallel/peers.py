@@ -13,8 +13,10 @@ small TCP listener (a thread that accepts and closes) and all ranks exchange (ra
 port); after a failed collective each survivor knocks on every peer's listener (in parallel, 2 s each,
 twice, 1 s apart: the processes of a lost host do not all die at the same instant; the second knock
 only adds ranks on hosts the first found gone, since a survivor that noticed earlier may have exited) and
-names the ranks that do not answer. It then keeps its own listener open a few seconds more, so a
-survivor that fails a little later still sees it alive.
+names the ranks that do not answer. It then shuts down its own collectives' connections, so a survivor
+waiting in a collective on this rank (not on the lost one) fails now, while this rank still answers, rather
+than at this process's exit, when it would knock too late and name this rank lost; and it keeps its own
+listener open a few seconds more, so a survivor that fails a little later still sees it alive.
 
 A rank that makes no progress at all (stuck outside a collective, or in a backend that never times out)
 is ended by :meth:`PeerWatch.beat`'s watchdog: ``faulthandler`` dumps every thread's Python stack to

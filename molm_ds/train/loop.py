@@ -27,7 +27,7 @@ import torch
 from molm_ds.errors import UserError
 from molm_ds.storage import StorageError, as_storage_error, atomic_write_text
 from molm_ds.log import get_logger, info0
-from molm_ds import checkpoint as ckpt, rundir
+from molm_ds import checkpoint as ckpt, heap, rundir
 from molm_ds.parallel import comm
 from molm_ds.parallel.peers import PeerWatch
 from molm_ds.train.determinism import deterministic_mode
@@ -151,6 +151,7 @@ def train(job: JobConfig, *, recipe: Optional[Recipe] = None, hooks: Iterable[Me
                 raise
             raise StorageError(f"{err}; {_resume_hint(job)}") from None
         finally:
+            heap.release()
             peers.close()
             stops.close()
             if pre.lock is not None:
@@ -180,6 +181,7 @@ def _train(job: JobConfig, recipe: Recipe, rank: int, world: int, pre, stops: St
     if state.step >= t.steps:
         log.warning("checkpoint step %d >= training.steps %d: nothing to train", state.step, t.steps)
     steplog = StepLog(job, engine, hooks, resume_step=state.step, world=world)
+    heap.release()  # start-up is over: what it built is frozen, the collector runs again (molm_ds.heap)
     steplog.write(0, recipe.start(run, resumed=pre.resume_from is not None))
     if rank == 0:
         atomic_write_text(os.path.join(job.run_dir, rundir.JOB), job.to_yaml(), what=rundir.JOB)
