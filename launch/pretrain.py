@@ -57,9 +57,6 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    from molm_ds import heap
-
-    heap.hold()  # no collections while torch, DeepSpeed and the engine are built: the trainer releases it
     args = parse_args(argv)
     from molm_ds.jobs import run
     from molm_ds.log import print0, setup_logging
@@ -76,6 +73,11 @@ def main(argv=None) -> int:
 
 
 def entry() -> None:
+    from molm_ds import heap
+
+    # a command line only (a caller of main() keeps its own collector): no collections while torch,
+    # DeepSpeed and the engine are built; the trainer releases it once start-up is over
+    heap.hold()
     cli.run(main)
 
 

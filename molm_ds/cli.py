@@ -110,7 +110,7 @@ def run(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Optional
     from molm_ds.storage import quiet_storage_errors_in_threads
 
     quiet_storage_errors_in_threads()
-    if argv is not None:  # called in-process (tests): SystemExit, as ever
+    if argv is not None:  # called in-process (tests): a SystemExit for the caller to catch
         sys.exit(_code_of(main, argv))
     try:
         code = _code_of(main, argv)
@@ -151,11 +151,11 @@ def _code_of(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Opt
 
 
 def _exit(code: int) -> NoReturn:
-    """End a command with ``code`` without tearing the interpreter down, as multiprocessing's children do:
-    the atexit handlers run, MPI is finalised if mpi4py started it, the standard streams are flushed, and
-    then ``os._exit``. The teardown it skips freed every object one by one, and the collector's walk over
-    the heap that torch's compiler stack builds cost a rank 1.3 s of CPU at every exit (measured with perf;
-    docs/training.md "Tests"). A running non-daemon thread, which the teardown would wait for, or
+    """End a command with ``code`` without tearing the interpreter down: the atexit handlers run, MPI is
+    finalised if it is initialised (under mpirun), Python's and the C library's output buffers are flushed,
+    and then ``os._exit``. The teardown it skips freed every object one by one, and the collector's walk
+    over the heap that torch's compiler stack builds cost a rank 1.3 s of CPU at every exit (measured with
+    perf; docs/training.md "Tests"). A running non-daemon thread, which the teardown would wait for, or
     ``MOLM_DS_DEBUG=1`` keeps the ordinary exit."""
     import atexit
     import threading
@@ -169,4 +169,16 @@ def _exit(code: int) -> NoReturn:
         mpi.Finalize()  # registered by mpi4py below the atexit level, which os._exit skips
     sys.stdout.flush()
     sys.stderr.flush()
+    _flush_c_stdio()
     os._exit(code)
+
+
+def _flush_c_stdio() -> None:
+    """fflush(NULL): what C extensions printf'd into a pipe (DeepSpeed's cpu_adam announces itself so) is
+    still in the C library's buffer, which only exit(3) would write out."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):  # no C library to load by that name: nothing buffered there to lose
+        pass

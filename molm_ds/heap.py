@@ -1,25 +1,26 @@
 """The cyclic garbage collector around a process's start-up.
 
-    heap.hold()       # first thing in a command's main: no collections while it imports and builds
+    heap.hold()       # first thing a command line does: no collections while it imports and builds
     ...               # imports, model, engine, resume
     heap.release()    # what exists now is frozen (never walked again), collection resumes
 
 Start-up creates hundreds of thousands of long-lived objects (torch, torch._dynamo, which every torch
 optimizer imports, Inductor, which DeepSpeed imports through its Muon optimizer, the model) and almost no
-garbage, yet the collector runs a full collection again and again while the heap grows: measured on a
-launched 2-rank tiny job, turning it off until the engine was built and resumed cut the job's CPU from
-11.3 s to 9.1 s (about 1 s per rank). ``gc.freeze()`` at the end of start-up moves those objects to the
-permanent generation, so a full collection during training walks only what training allocates: shorter
-collector pauses on every rank (as Megatron-LM's manual GC and torchtitan's GC handler aim at), and
-collection of cycles made during training carries on as usual. The little garbage made during start-up
-is frozen with the rest and never freed.
+garbage, yet the collector runs a full collection again and again while the heap grows (docs/training.md,
+"User errors" and "Tests", has the measurement). At the end of start-up one collection frees what
+garbage there is, and ``gc.freeze()`` moves the rest to the permanent generation, so a full collection
+during training walks only what training allocates: shorter collector pauses on every rank (as Megatron-LM's
+manual GC and torchtitan's GC handler aim at), and cycles made during training are collected as usual.
+An ordinary interpreter exit unfreezes first, so the teardown frees those objects as it always did.
 
-``release()`` does nothing unless ``hold()`` turned the collector off, so a library call (a test training
-in-process, with its own collector settings) is left alone.
+Only a command line calls ``hold()`` (``launch/pretrain.py``'s entry point); ``release()`` does nothing
+unless ``hold()`` turned the collector off, so a library call (a test training in-process, with its own
+collector settings) is left alone.
 """
 
 from __future__ import annotations
 
+import atexit
 import gc
 
 __all__ = ["hold", "release"]
@@ -36,10 +37,12 @@ def hold() -> None:
 
 
 def release() -> None:
-    """Freeze every object that exists now and turn the collector back on, if :func:`hold` turned it off.
-    Safe to call more than once."""
+    """Collect once, freeze every object that is left and turn the collector back on, if :func:`hold` turned
+    it off. Safe to call more than once."""
     global _held
     if _held:
         _held = False
+        gc.collect()
         gc.freeze()
+        atexit.register(gc.unfreeze)  # a teardown (MOLM_DS_DEBUG=1, a traceback) frees them as usual
         gc.enable()

@@ -130,25 +130,36 @@ def main(argv):
         threading.Thread(target=lambda: (time.sleep(0.5), print("thread finished"))).start()
     if "fail" in sys.argv:
         cli.fail("bad input")
+    if "interrupt" in sys.argv:
+        raise KeyboardInterrupt
+    if "message" in sys.argv:
+        sys.exit("stopped: a message")
+    if "c_stdio" in sys.argv:  # printf into the C library's buffer (a pipe: block-buffered)
+        import ctypes
+        ctypes.CDLL(None).printf(b"from C\\n")
     return 3
 
 cli.run(main)
 """
 
 
-@pytest.mark.parametrize("case", ["plain", "fail", "thread", "debug"])
+@pytest.mark.parametrize("case", ["plain", "fail", "thread", "debug", "interrupt", "message", "c_stdio"])
 def test_a_command_exits_without_the_interpreter_teardown_yet_loses_nothing(case):
     """A command line ends through os._exit: module globals are not torn down (the collector's walk over
-    torch's heap cost a rank 1.3 s), yet the exit code, buffered output and atexit handlers all come
-    through. A running non-daemon thread, or MOLM_DS_DEBUG=1, keeps the ordinary teardown."""
+    torch's heap cost a rank 1.3 s), yet the exit code, buffered output (Python's and the C library's) and
+    atexit handlers all come through. A running non-daemon thread, MOLM_DS_DEBUG=1 or sys.exit("message")
+    keeps the ordinary teardown."""
     import os
     import subprocess
     import sys
 
     env = dict(os.environ, MOLM_DS_DEBUG="1" if case == "debug" else "0")
+    env.pop("PYTHONUNBUFFERED", None)  # which would make the C library's stdout unbuffered too
     p = subprocess.run([sys.executable, "-c", _EXITING, case], capture_output=True, text=True, timeout=60, env=env)
-    assert p.returncode == (2 if case == "fail" else 3), p.stderr
+    assert p.returncode == {"fail": 2, "interrupt": 130, "message": 1}.get(case, 3), p.stderr
     assert "buffered line" in p.stdout and "atexit ran" in p.stdout, p.stdout
-    assert (p.stderr == "error: bad input\n") == (case == "fail"), p.stderr
+    assert p.stderr == {"fail": "error: bad input\n", "interrupt": "interrupted\n",
+                        "message": "stopped: a message\n"}.get(case, ""), p.stderr
     assert ("thread finished" in p.stdout) == (case == "thread"), p.stdout
-    assert ("torn down" in p.stdout) == (case in ("thread", "debug")), p.stdout
+    assert ("from C" in p.stdout) == (case == "c_stdio"), p.stdout
+    assert ("torn down" in p.stdout) == (case in ("thread", "debug", "message")), p.stdout
