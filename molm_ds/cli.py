@@ -57,7 +57,7 @@ def fail(message: str, *, every_rank: bool = False, code: int = EXIT_USER_ERROR,
         import logging
 
         logging.shutdown()
-        sys.stdout.flush()
+        _flush_output()
         os._exit(code)
     sys.exit(code)
 
@@ -167,15 +167,16 @@ def _exit(code: int) -> NoReturn:
     mpi = sys.modules.get("mpi4py.MPI")
     if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
         mpi.Finalize()  # registered by mpi4py below the atexit level, which os._exit skips
-    sys.stdout.flush()
-    sys.stderr.flush()
-    _flush_c_stdio()
+    _flush_output()
     os._exit(code)
 
 
-def _flush_c_stdio() -> None:
-    """fflush(NULL): what C extensions printf'd into a pipe (DeepSpeed's cpu_adam announces itself so) is
-    still in the C library's buffer, which only exit(3) would write out."""
+def _flush_output() -> None:
+    """Before an ``os._exit``: Python's standard streams, then the C library's (fflush(NULL): what C
+    extensions printf'd into a pipe, as DeepSpeed's cpu_adam does, is still in its buffer, which only
+    exit(3) would write out)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
     try:
         import ctypes
 
