@@ -739,7 +739,10 @@ def merge(parts_dir: str, out: str, selected: list | None = None) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from molm_ds import cli  # the checkout's (REPO is on sys.path): the project's one-line argument errors
+
+    p = cli.ArgumentParser(prog="scripts/gpu_check.py", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("part", choices=[*PARTS, "mark", "merge"])
     p.add_argument("--out", required=True, help="JSON file to write")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (Triton under the interpreter)")
